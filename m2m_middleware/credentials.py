@@ -1,0 +1,45 @@
+"""Finding the one credential a request carries: a Bearer token or an API-key header.
+
+Never the query string: URLs end up in access logs, browser history and
+``Referer`` headers, so a credential there is a leaked credential.
+"""
+
+from __future__ import annotations
+
+from .errors import InvalidRequest, InvalidToken
+
+
+def extract_credential(
+    authorization: str | None, api_key: str | None, *, header_name: str, max_length: int
+) -> str | None:
+    """The credential sent, or None when there is none.
+
+    Headers that arrived several times are joined with commas (as WSGI and
+    the ASGI adapters do), so a comma means more than one value was sent.
+    """
+    bearer = None
+    if authorization:
+        scheme, _, rest = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            bearer = rest.strip()
+            if "," in bearer:
+                raise InvalidRequest("more than one Authorization header was sent")
+            if not bearer:
+                raise InvalidToken("the Bearer credential is empty")
+        # Other schemes (Basic for a proxy, say) are not ours to judge.
+    key = None
+    if api_key is not None:
+        key = api_key.strip()
+        if "," in key:
+            values = {v.strip() for v in key.split(",")}
+            if len(values) > 1:
+                raise InvalidRequest(f"more than one {header_name} header was sent")
+            key = values.pop()
+        if not key:
+            raise InvalidToken(f"the {header_name} header is empty")
+    if bearer is not None and key is not None and bearer != key:
+        raise InvalidRequest(f"both an Authorization header and an {header_name} header were sent")
+    credential = bearer if bearer is not None else key
+    if credential is not None and len(credential) > max_length:
+        raise InvalidToken(f"the credential is longer than {max_length} characters")
+    return credential

@@ -1,0 +1,342 @@
+"""The framework-free core: credential -> Client -> scopes -> limits -> outcome.
+
+``check`` and ``acheck`` are twins: the async one never blocks the event loop
+(a thread hop for a key store without an async client, ``limits.aio`` for
+network limit storages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from . import keys as keyformat
+from .client import Client
+from .credentials import extract_credential
+from .errors import (
+    AuthError,
+    ConfigError,
+    InsufficientScope,
+    InvalidToken,
+    MissingCredentials,
+    QuotaExceeded,
+    RateLimited,
+    StoreUnavailable,
+    TemporarilyUnavailable,
+)
+from .limiting import Charge, Limiter, LimitPlan, StorageDown
+from .outcome import PUBLIC, Allowed, Denied, deny
+from .settings import Route, Settings
+from .stores import KeyRecord, KeyStore, open_key_store
+from .stores.base import subscribe_invalidations
+
+logger = logging.getLogger("m2m_middleware")
+
+OUTAGE_RETRY_AFTER = 5
+_ROUTE_CACHE_SIZE = 10_000
+
+
+@dataclass(slots=True)
+class _CachedKey:
+    record: KeyRecord
+    client: Client
+    dead_at: float  # epoch seconds when the key stops working (revoked or expired)
+    fresh_until: float  # monotonic seconds after which the store is asked again
+
+
+def _epoch(value: object) -> float:
+    return value.timestamp() if value is not None else math.inf  # type: ignore[attr-defined]
+
+
+class KeyCache:
+    """A bounded map of verified key hashes, so the hot path skips the store.
+
+    Revocations through any store object for the same data in this process
+    drop the entry at once; elsewhere the TTL bounds how stale it can be.
+    """
+
+    def __init__(self, store: KeyStore, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._entries: dict[str, _CachedKey] = {}
+        self._hash_by_key_id: dict[str, str] = {}
+        subscribe_invalidations(store.location, self.invalidate)
+
+    def get(self, key_hash: str) -> _CachedKey | None:
+        return self._entries.get(key_hash)
+
+    def put(self, key_hash: str, record: KeyRecord) -> _CachedKey:
+        client = Client(
+            client_id=record.client_id,
+            scheme="api_key",
+            scopes=record.scopes,
+            tier=record.tier,
+            key_id=record.key_id,
+        )
+        entry = _CachedKey(
+            record,
+            client,
+            min(_epoch(record.revoked_at), _epoch(record.expires_at)),
+            time.monotonic() + self.ttl,
+        )
+        if self.size and self.ttl:
+            if len(self._entries) >= self.size:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+            self._entries[key_hash] = entry
+            self._hash_by_key_id[record.key_id] = key_hash
+        return entry
+
+    def invalidate(self, key_id: str) -> None:
+        key_hash = self._hash_by_key_id.get(key_id)
+        if key_hash is not None:
+            self._drop(key_hash)
+
+    def _drop(self, key_hash: str) -> None:
+        entry = self._entries.pop(key_hash, None)
+        if entry is not None:
+            self._hash_by_key_id.pop(entry.record.key_id, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._hash_by_key_id.clear()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request that passed authentication and scopes, waiting for its limits."""
+
+    client: Client
+    usage_limited: bool
+    plan: LimitPlan
+    cost: int
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, *, store: KeyStore | None = None) -> None:
+        self.settings = settings = settings or Settings()
+        if "jwt" in settings.schemes:
+            raise ConfigError("schemes", "'jwt' is not supported by this release yet")
+        self.store = store or open_key_store(settings.key_store)
+        self.limiter = Limiter(settings)
+        self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
+        self.realm = settings.realm
+        self.header_name = settings.api_key_header
+        self._public = settings.public_path_pattern
+        self._routes = settings.route_rules
+        self._route_cache: dict[tuple[str, str], tuple[Route, ...]] = {}
+        self._allow_on_outage = settings.on_storage_error == "allow"
+        self._store_down = False
+
+    # -- the two front doors --------------------------------------------------
+
+    def check(
+        self, method: str, path: str, authorization: str | None, api_key: str | None
+    ) -> Allowed | Denied:
+        """Decide one request. Never raises for anything the client sent."""
+        try:
+            if self._public is not None and self._public.match(path):
+                return PUBLIC
+            credential = self._credential(authorization, api_key)
+            key_hash = keyformat.hash_key(credential)
+            entry = self.keys.get(key_hash)
+            if entry is None or entry.fresh_until < time.monotonic():
+                self._precheck(credential, entry)
+                try:
+                    record = self.store.find_by_hash(key_hash)
+                except StoreUnavailable as exc:
+                    entry = self._fallback(exc, entry)
+                else:
+                    entry = self._accept(key_hash, record, entry)
+            pending = self._authorize(entry, method, path)
+            try:
+                charge = self.limiter.charge(pending.plan, pending.client.client_id, pending.cost)
+            except StorageDown:
+                charge = self._limits_down()
+            if not charge.allowed:
+                return self._rate_limited(charge)
+            key_id = entry.record.key_id
+            if pending.usage_limited:
+                try:
+                    left = self.store.take_use(key_id)
+                except StoreUnavailable as exc:
+                    left = self._use_fallback(exc)
+                if left is None:
+                    self.limiter.refund(pending.plan, pending.client.client_id, pending.cost)
+                    raise QuotaExceeded("this key has no uses left")
+            if self.store.mark_used(key_id):
+                self._flush_last_used()
+            return Allowed(pending.client, charge.headers)
+        except AuthError as error:
+            return self._deny(error)
+
+    async def acheck(
+        self, method: str, path: str, authorization: str | None, api_key: str | None
+    ) -> Allowed | Denied:
+        """The async twin of :meth:`check`: blocking store calls run in a thread."""
+        try:
+            if self._public is not None and self._public.match(path):
+                return PUBLIC
+            credential = self._credential(authorization, api_key)
+            key_hash = keyformat.hash_key(credential)
+            entry = self.keys.get(key_hash)
+            store = self.store
+            if entry is None or entry.fresh_until < time.monotonic():
+                self._precheck(credential, entry)
+                try:
+                    if store.blocking:
+                        record = await asyncio.to_thread(store.find_by_hash, key_hash)
+                    else:
+                        record = store.find_by_hash(key_hash)
+                except StoreUnavailable as exc:
+                    entry = self._fallback(exc, entry)
+                else:
+                    entry = self._accept(key_hash, record, entry)
+            pending = self._authorize(entry, method, path)
+            try:
+                charge = await self.limiter.acharge(
+                    pending.plan, pending.client.client_id, pending.cost
+                )
+            except StorageDown:
+                charge = self._limits_down()
+            if not charge.allowed:
+                return self._rate_limited(charge)
+            key_id = entry.record.key_id
+            if pending.usage_limited:
+                try:
+                    if store.blocking:
+                        left = await asyncio.to_thread(store.take_use, key_id)
+                    else:
+                        left = store.take_use(key_id)
+                except StoreUnavailable as exc:
+                    left = self._use_fallback(exc)
+                if left is None:
+                    await self.limiter.arefund(pending.plan, pending.client.client_id, pending.cost)
+                    raise QuotaExceeded("this key has no uses left")
+            if store.mark_used(key_id):
+                if store.blocking:
+                    await asyncio.to_thread(self._flush_last_used)
+                else:
+                    self._flush_last_used()
+            return Allowed(pending.client, charge.headers)
+        except AuthError as error:
+            return self._deny(error)
+
+    # -- steps shared by both -------------------------------------------------
+
+    def _credential(self, authorization: str | None, api_key: str | None) -> str:
+        credential = extract_credential(
+            authorization,
+            api_key,
+            header_name=self.header_name,
+            max_length=self.settings.max_credential_length,
+        )
+        if credential is None:
+            raise MissingCredentials(
+                f"send a credential in the Authorization header (Bearer) or in {self.header_name}"
+            )
+        return credential
+
+    @staticmethod
+    def _precheck(credential: str, stale: _CachedKey | None) -> None:
+        # Only keys that were never verified get here without a cache entry;
+        # the checksum turns typos and guesses away before the store sees them.
+        if stale is None and not keyformat.is_well_formed(credential):
+            raise InvalidToken("the API key is malformed or its checksum does not match")
+
+    def _accept(self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None) -> _CachedKey:
+        self._store_ok()
+        if record is None:
+            if stale is not None:
+                self.keys.invalidate(stale.record.key_id)
+            raise InvalidToken("the API key is not recognised")
+        return self.keys.put(key_hash, record)
+
+    def _fallback(self, exc: StoreUnavailable, stale: _CachedKey | None) -> _CachedKey:
+        """The store is down: a key verified before may still pass, if the policy allows."""
+        self._store_failed(exc)
+        if stale is not None and self._allow_on_outage:
+            return stale
+        raise TemporarilyUnavailable("the key store cannot be reached; try again shortly")
+
+    def _use_fallback(self, exc: StoreUnavailable) -> int:
+        self._store_failed(exc)
+        if self._allow_on_outage:
+            return 0
+        raise TemporarilyUnavailable("the key store cannot be reached; try again shortly")
+
+    def _authorize(self, entry: _CachedKey, method: str, path: str) -> _Pending:
+        if entry.dead_at <= time.time():
+            reason = "revoked" if entry.record.revoked_at is not None else "expired"
+            raise InvalidToken(f"the API key has been {reason}")
+        client = entry.client
+        routes = self._matching_routes(method, path)
+        cost = 1
+        if routes:
+            required: set[str] = set()
+            for route in routes:
+                required.update(route.scopes)
+                cost = max(cost, route.cost)
+            if not client.scopes.issuperset(required):
+                raise InsufficientScope(
+                    f"this route needs the scope(s): {' '.join(sorted(required))}",
+                    scopes=tuple(sorted(required)),
+                )
+        remaining = entry.record.remaining_uses
+        if remaining is not None and remaining <= 0:
+            raise QuotaExceeded("this key has no uses left")
+        return _Pending(client, remaining is not None, self.limiter.plan(client.tier, routes), cost)
+
+    def _matching_routes(self, method: str, path: str) -> tuple[Route, ...]:
+        if not self._routes:
+            return ()
+        key = (method, path)
+        found = self._route_cache.get(key)
+        if found is None:
+            found = tuple(r for r in self._routes if r.matches(method, path))
+            if len(self._route_cache) >= _ROUTE_CACHE_SIZE:
+                self._route_cache.clear()
+            self._route_cache[key] = found
+        return found
+
+    def _flush_last_used(self) -> None:
+        try:
+            self.store.flush_last_used()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)  # bookkeeping only: never fails the request
+
+    def _limits_down(self) -> Charge:
+        if self._allow_on_outage:
+            return Charge(True, [])
+        raise TemporarilyUnavailable("the rate-limit storage cannot be reached; try again shortly")
+
+    def _rate_limited(self, charge: Charge) -> Denied:
+        return deny(
+            RateLimited(f"rate limit exceeded; retry in {charge.retry_after} second(s)"),
+            self.realm,
+            charge.headers,
+        )
+
+    def _deny(self, error: AuthError) -> Denied:
+        extra = None
+        if isinstance(error, TemporarilyUnavailable):
+            extra = [("Retry-After", str(OUTAGE_RETRY_AFTER))]
+        return deny(error, self.realm, extra)
+
+    # -- outage bookkeeping: logged once per outage, not per request ---------
+
+    def _store_failed(self, exc: Exception) -> None:
+        if not self._store_down:
+            self._store_down = True
+            logger.error("key store unreachable: %s", exc)
+
+    def _store_ok(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            logger.warning("key store reachable again")
+
+    def close(self) -> None:
+        self.store.close()

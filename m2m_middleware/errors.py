@@ -1,0 +1,87 @@
+"""One error tree: every denial carries its code, status and a human detail."""
+
+from __future__ import annotations
+
+
+class M2MError(Exception):
+    """Base class of every error the package raises."""
+
+
+class ConfigError(M2MError, ValueError):
+    """A setting is unknown or invalid. The message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class KeyStoreError(M2MError):
+    """A key-store operation failed."""
+
+
+class KeyNotFound(KeyStoreError, LookupError):
+    """No key has the given key id."""
+
+    def __init__(self, key_id: str) -> None:
+        self.key_id = key_id
+        super().__init__(f"no key with id {key_id!r}")
+
+
+class StoreUnavailable(KeyStoreError):
+    """The key store or the limit storage cannot be reached."""
+
+
+class AuthError(M2MError):
+    """A request is denied. ``error`` is the code clients see in the problem body."""
+
+    status = 401
+    error = "invalid_token"
+    title = "Invalid credentials"
+
+    def __init__(self, detail: str, *, scopes: tuple[str, ...] = ()) -> None:
+        self.detail = detail
+        self.scopes = scopes
+        super().__init__(detail)
+
+
+class MissingCredentials(AuthError):
+    status = 401
+    error = "missing_credentials"
+    title = "Authentication required"
+
+
+class InvalidToken(AuthError):
+    status = 401
+    error = "invalid_token"
+    title = "Invalid credentials"
+
+
+class InvalidRequest(AuthError):
+    status = 400
+    error = "invalid_request"
+    title = "Invalid request"
+
+
+class InsufficientScope(AuthError):
+    status = 403
+    error = "insufficient_scope"
+    title = "Insufficient scope"
+
+
+class RateLimited(AuthError):
+    status = 429
+    error = "rate_limited"
+    title = "Too many requests"
+
+
+class QuotaExceeded(AuthError):
+    status = 429
+    error = "quota_exceeded"
+    title = "Quota exceeded"
+
+
+class TemporarilyUnavailable(AuthError):
+    status = 503
+    error = "temporarily_unavailable"
+    title = "Temporarily unavailable"

@@ -1,0 +1,308 @@
+"""Per-client limits on the ``limits`` library, charged all-or-nothing.
+
+Fixed windows (the default) go straight to the storage's atomic ``incr``:
+every applicable limit is incremented, and if any one overflows, all the
+increments of this request are taken back. That admits exactly the budget
+under any concurrency (a test-then-hit pair would let racing requests
+overspend) and costs one storage call per limit on the happy path. Moving
+and sliding windows use the ``limits`` strategies: test all, then hit all.
+
+The in-memory storage never blocks, so the async path uses it directly
+rather than a second, separate ``limits.aio`` memory storage: a Django
+project serving sync and async views from one process then shares one budget.
+Network storages get their ``limits.aio`` twin on the async path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import limits
+import limits.aio.storage
+import limits.aio.strategies
+import limits.storage
+import limits.strategies
+from limits import RateLimitItem
+
+from .errors import ConfigError
+from .settings import Route, Settings
+
+logger = logging.getLogger("m2m_middleware")
+
+Header = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit as it applies to a request: the item, its policy name, its key prefix."""
+
+    item: RateLimitItem
+    policy: str
+    key_prefix: str
+    amount: int
+    expiry: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPlan:
+    """The limits a request is charged against, with their static policy header."""
+
+    limits: tuple[Limit, ...]
+    policy_header: str
+
+
+@dataclass(slots=True)
+class Charge:
+    """What charging a plan gave: admitted or not, and the headers to send."""
+
+    allowed: bool
+    headers: list[Header]
+    retry_after: int = 0
+
+
+class StorageDown(Exception):
+    """The limit storage could not be reached."""
+
+
+def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...]:
+    out = []
+    seen: set[str] = set()
+    for item in items:
+        window = item.get_expiry()
+        policy = f"{source}-{window}s"
+        while policy in seen:
+            policy += "'"
+        seen.add(policy)
+        key_prefix = f"m2m/{source}/{item.amount}/{window}/"
+        out.append(Limit(item, policy, key_prefix, item.amount, window))
+    return tuple(out)
+
+
+def _policy_header(limits_: Sequence[Limit]) -> str:
+    return ", ".join(f'"{lim.policy}";q={lim.amount};w={lim.expiry}' for lim in limits_)
+
+
+class Limiter:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.send_headers = settings.rate_limit_headers
+        uri = settings.rate_limit_storage
+        try:
+            self.storage = limits.storage.storage_from_string(uri)
+        except Exception as exc:  # limits raises ConfigurationError / ImportError
+            raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}") from None
+        self.in_memory = isinstance(self.storage, limits.storage.MemoryStorage)
+        self._astorage: Any = None
+        self.fixed = settings.rate_limit_strategy == "fixed-window"
+        strategy_cls = {
+            "fixed-window": limits.strategies.FixedWindowRateLimiter,
+            "moving-window": limits.strategies.MovingWindowRateLimiter,
+            "sliding-window-counter": limits.strategies.SlidingWindowCounterRateLimiter,
+        }[settings.rate_limit_strategy]
+        try:
+            self.strategy = strategy_cls(self.storage)  # type: ignore[abstract]
+        except NotImplementedError as exc:
+            raise ConfigError("rate_limit_strategy", f"not supported by this storage: {exc}") from None
+        self._default = _limits_for("default", settings.default_limit_items)
+        self._tiers = {n: _limits_for(f"tier.{n}", v) for n, v in settings.tier_limit_items.items()}
+        self._routes = {r.index: _limits_for(f"route.{r.index}", r.limits) for r in settings.route_rules}
+        self._plans: dict[tuple[str | None, tuple[int, ...]], LimitPlan] = {}
+        self._down = False
+
+    # -- planning -------------------------------------------------------------
+
+    def plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
+        key = (tier, tuple(r.index for r in routes))
+        plan = self._plans.get(key)
+        if plan is None:
+            base = self._tiers.get(tier, self._default) if tier is not None else self._default
+            chosen = base + tuple(lim for r in routes for lim in self._routes[r.index])
+            plan = LimitPlan(chosen, _policy_header(chosen))
+            if len(self._plans) < 4096:
+                self._plans[key] = plan
+        return plan
+
+    def known_tier(self, tier: str | None) -> bool:
+        return tier is None or tier in self._tiers
+
+    # -- outage bookkeeping ---------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> StorageDown:
+        if not self._down:
+            self._down = True
+            logger.error("rate-limit storage unreachable (%s): %s", type(exc).__name__, exc)
+        return StorageDown(str(exc))
+
+    def _recovered(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("rate-limit storage reachable again")
+
+    # -- sync -----------------------------------------------------------------
+
+    def charge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        if not plan.limits:
+            return Charge(True, [])
+        try:
+            if self.fixed:
+                result = self._charge_fixed(plan, client_id, cost)
+            else:
+                result = self._charge_strategy(plan, client_id, cost)
+        except StorageDown:
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if self._down:
+            self._recovered()
+        return result
+
+    def refund(self, plan: LimitPlan, client_id: str, cost: int) -> None:
+        if not self.fixed:
+            return
+        for lim in plan.limits:
+            self._decr(lim.key_prefix + client_id, lim.expiry, cost)
+
+    def _decr(self, key: str, expiry: int, cost: int) -> None:
+        storage: Any = self.storage
+        if hasattr(storage, "decr"):
+            storage.decr(key, cost)
+        else:
+            storage.incr(key, expiry, amount=-cost)
+
+    def _charge_fixed(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        storage = self.storage
+        counts = []
+        for i, lim in enumerate(plan.limits):
+            key = lim.key_prefix + client_id
+            count = storage.incr(key, lim.expiry, amount=cost)
+            counts.append(count)
+            if count > lim.amount:
+                for done in plan.limits[: i + 1]:
+                    self._decr(done.key_prefix + client_id, done.expiry, cost)
+                reset = storage.get_expiry(key)
+                return self._denied(plan, lim, reset, client_id)
+        if not self.send_headers:
+            return Charge(True, [])
+        get_expiry = storage.get_expiry
+        return self._allowed(
+            plan,
+            [
+                (lim.amount - count, get_expiry(lim.key_prefix + client_id))
+                for lim, count in zip(plan.limits, counts)
+            ],
+        )
+
+    def _charge_strategy(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        strategy = self.strategy
+        for lim in plan.limits:
+            if not strategy.test(lim.item, lim.key_prefix, client_id, cost=cost):
+                stats = strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
+                return self._denied(plan, lim, stats.reset_time, client_id)
+        for lim in plan.limits:
+            if not strategy.hit(lim.item, lim.key_prefix, client_id, cost=cost):
+                stats = strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
+                return self._denied(plan, lim, stats.reset_time, client_id)
+        if not self.send_headers:
+            return Charge(True, [])
+        stats = [strategy.get_window_stats(lim.item, lim.key_prefix, client_id) for lim in plan.limits]
+        return self._allowed(plan, [(s.remaining, s.reset_time) for s in stats])
+
+    # -- async ----------------------------------------------------------------
+
+    def _async_storage(self) -> Any:
+        if self._astorage is None:
+            uri = self.settings.rate_limit_storage
+            self._astorage = limits.aio.storage.storage_from_string(f"async+{uri}")
+            cls = {
+                "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
+                "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
+                "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
+            }[self.settings.rate_limit_strategy]
+            self._astrategy = cls(self._astorage)
+        return self._astorage
+
+    async def acharge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        if self.in_memory or not plan.limits:
+            return self.charge(plan, client_id, cost)
+        try:
+            storage = self._async_storage()
+            if self.fixed:
+                result = await self._acharge_fixed(storage, plan, client_id, cost)
+            else:
+                result = await self._acharge_strategy(plan, client_id, cost)
+        except StorageDown:
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if self._down:
+            self._recovered()
+        return result
+
+    async def arefund(self, plan: LimitPlan, client_id: str, cost: int) -> None:
+        if self.in_memory:
+            return self.refund(plan, client_id, cost)
+        if not self.fixed:
+            return None
+        storage = self._async_storage()
+        for lim in plan.limits:
+            await storage.incr(lim.key_prefix + client_id, lim.expiry, amount=-cost)
+        return None
+
+    async def _acharge_fixed(self, storage: Any, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        counts = []
+        for i, lim in enumerate(plan.limits):
+            key = lim.key_prefix + client_id
+            count = await storage.incr(key, lim.expiry, amount=cost)
+            counts.append(count)
+            if count > lim.amount:
+                for done in plan.limits[: i + 1]:
+                    await storage.incr(done.key_prefix + client_id, done.expiry, amount=-cost)
+                return self._denied(plan, lim, await storage.get_expiry(key), client_id)
+        if not self.send_headers:
+            return Charge(True, [])
+        resets = [await storage.get_expiry(lim.key_prefix + client_id) for lim in plan.limits]
+        return self._allowed(
+            plan, [(lim.amount - c, r) for lim, c, r in zip(plan.limits, counts, resets)]
+        )
+
+    async def _acharge_strategy(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        strategy = self._astrategy
+        for lim in plan.limits:
+            if not await strategy.test(lim.item, lim.key_prefix, client_id, cost=cost):
+                stats = await strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
+                return self._denied(plan, lim, stats.reset_time, client_id)
+        for lim in plan.limits:
+            if not await strategy.hit(lim.item, lim.key_prefix, client_id, cost=cost):
+                stats = await strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
+                return self._denied(plan, lim, stats.reset_time, client_id)
+        if not self.send_headers:
+            return Charge(True, [])
+        stats = [
+            await strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
+            for lim in plan.limits
+        ]
+        return self._allowed(plan, [(s.remaining, s.reset_time) for s in stats])
+
+    # -- headers --------------------------------------------------------------
+
+    def _allowed(self, plan: LimitPlan, stats: Sequence[tuple[int, float]]) -> Charge:
+        now = time.time()
+        value = ", ".join(
+            f'"{lim.policy}";r={max(0, remaining)};t={max(0, math.ceil(reset - now))}'
+            for lim, (remaining, reset) in zip(plan.limits, stats)
+        )
+        return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
+
+    def _denied(self, plan: LimitPlan, lim: Limit, reset: float, client_id: str) -> Charge:
+        retry = max(1, math.ceil(reset - time.time()))
+        headers = [("Retry-After", str(retry))]
+        if self.send_headers:
+            headers.append(("RateLimit-Policy", plan.policy_header))
+            headers.append(("RateLimit", f'"{lim.policy}";r=0;t={retry}'))
+        logger.info("client %s exceeded limit %s", client_id, lim.item)
+        return Charge(False, headers, retry)

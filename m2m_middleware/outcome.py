@@ -1,0 +1,93 @@
+"""The neutral result of checking a request, which each adapter translates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .client import Client
+from .errors import AuthError
+
+Header = tuple[str, str]
+
+PROBLEM_TYPE = "https://github.com/m2m-middleware/m2m-middleware#error-"
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """Let the request through. ``client`` is None on a public path."""
+
+    client: Client | None
+    headers: list[Header] = field(default_factory=list)
+
+    allowed = True
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """Answer with this response instead of calling the application."""
+
+    status: int
+    error: str
+    headers: list[Header]
+    body: bytes
+    detail: str = ""
+
+    allowed = False
+
+    @property
+    def content_type(self) -> str:
+        return "application/problem+json"
+
+
+PUBLIC = Allowed(None)
+
+_ALL_STATUS_TEXT = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+
+
+def status_line(status: int) -> str:
+    return f"{status} {_ALL_STATUS_TEXT.get(status, '')}".rstrip()
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def challenge(realm: str, error: AuthError | None) -> str:
+    """RFC 6750 section 3: no error code when no credentials were sent."""
+    parts = [f'Bearer realm="{_quote(realm)}"']
+    if error is not None:
+        parts.append(f'error="{error.error}"')
+        parts.append(f'error_description="{_quote(error.detail)}"')
+        if error.scopes:
+            parts.append(f'scope="{_quote(" ".join(error.scopes))}"')
+    return ", ".join(parts)
+
+
+def deny(error: AuthError, realm: str, extra_headers: list[Header] | None = None) -> Denied:
+    """Turn an :class:`AuthError` into a problem+json response (RFC 9457)."""
+    problem: dict[str, object] = {
+        "type": PROBLEM_TYPE + error.error,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "error": error.error,
+    }
+    if error.scopes:
+        problem["scope"] = " ".join(error.scopes)
+    headers: list[Header] = []
+    if error.status == 401:
+        is_missing = error.error == "missing_credentials"
+        headers.append(("WWW-Authenticate", challenge(realm, None if is_missing else error)))
+    elif error.error == "insufficient_scope":
+        headers.append(("WWW-Authenticate", challenge(realm, error)))
+    if extra_headers:
+        headers.extend(extra_headers)
+    body = json.dumps(problem, separators=(",", ":")).encode()
+    return Denied(error.status, error.error, headers, body, error.detail)

@@ -1,0 +1,245 @@
+"""One frozen, validated settings object; each framework only spells it differently."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+
+from .errors import ConfigError
+from .keys import validate_prefix
+from .stores.base import KeyStore
+
+SCHEMES = ("api_key", "jwt")
+STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+FAILURE_POLICIES = ("allow", "deny")
+_HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def parse_limits(field_name: str, value: object) -> tuple[RateLimitItem, ...]:
+    """``"100/second;10000/day"`` (or a list of such strings) -> limit items."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, Iterable) and all(isinstance(v, str) for v in value):
+        text = ";".join(value)
+    else:
+        raise ConfigError(field_name, f"expected a limits string like '100/second', got {value!r}")
+    try:
+        return tuple(parse_many(text))
+    except ValueError as exc:
+        raise ConfigError(
+            field_name, f"{text!r} is not in limits notation (e.g. '100/second;10000/day'): {exc}"
+        ) from None
+
+
+def _string_tuple(field_name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        items = tuple(value)
+        if all(isinstance(v, str) and v for v in items):
+            return items
+    raise ConfigError(field_name, f"expected a string or a list of strings, got {value!r}")
+
+
+def _compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    patterns = tuple(patterns)
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A per-route rule: scopes all required, extra limits, and a cost."""
+
+    path: str
+    methods: frozenset[str] | None = None
+    scopes: frozenset[str] = frozenset()
+    limits: tuple[RateLimitItem, ...] = ()
+    cost: int = 1
+    index: int = 0
+    pattern: re.Pattern[str] = field(default=re.compile(""), repr=False, compare=False)
+
+    @classmethod
+    def from_mapping(cls, index: int, value: object) -> Route:
+        name = f"routes[{index}]"
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, f"expected a mapping with 'path', got {value!r}")
+        unknown = set(value) - {"path", "methods", "scopes", "limits", "cost"}
+        if unknown:
+            raise ConfigError(f"{name}.{sorted(unknown)[0]}", "unknown route field")
+        path = value.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError(f"{name}.path", f"expected a path glob starting with '/', got {path!r}")
+        methods = None
+        if value.get("methods") is not None:
+            methods = frozenset(m.upper() for m in _string_tuple(f"{name}.methods", value["methods"]))
+            bad = methods - _METHODS
+            if bad:
+                raise ConfigError(f"{name}.methods", f"unknown HTTP method {sorted(bad)[0]!r}")
+        scopes = frozenset(_string_tuple(f"{name}.scopes", value.get("scopes", ())))
+        cost = value.get("cost", 1)
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ConfigError(f"{name}.cost", f"expected a positive integer, got {cost!r}")
+        return cls(
+            path=path,
+            methods=methods,
+            scopes=scopes,
+            limits=parse_limits(f"{name}.limits", value.get("limits")),
+            cost=cost,
+            index=index,
+            pattern=re.compile(fnmatch.translate(path)),
+        )
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.pattern.match(path) is not None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Invalid values raise :class:`ConfigError` naming the field."""
+
+    schemes: tuple[str, ...] = ("api_key",)
+    key_store: str | KeyStore = "sqlite:///m2m_keys.db"
+    api_key_header: str = "X-API-Key"
+    key_prefix: str = "m2m"
+    jwt_issuer: str | None = None
+    jwt_audience: str | tuple[str, ...] | None = None
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    jwt_keys: Any = None
+    jwt_jwks_url: str | None = None
+    jwt_leeway: float = 0.0
+    default_limits: Any = ()
+    tiers: Mapping[str, Any] = field(default_factory=dict)
+    rate_limit_storage: str = "memory://"
+    rate_limit_strategy: str = "fixed-window"
+    rate_limit_headers: bool = True
+    public_paths: tuple[str, ...] = ()
+    on_storage_error: str = "deny"
+    key_cache_ttl: float = 30.0
+    key_cache_size: int = 10_000
+    routes: tuple[Any, ...] = ()
+    realm: str = "api"
+    max_credential_length: int = 4096
+
+    # -- derived, filled in by __post_init__ --------------------------------
+    default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
+    tier_limit_items: Mapping[str, tuple[RateLimitItem, ...]] = field(
+        init=False, repr=False, compare=False
+    )
+    route_rules: tuple[Route, ...] = field(init=False, repr=False, compare=False)
+    public_path_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        schemes = _string_tuple("schemes", self.schemes)
+        for scheme in schemes:
+            if scheme not in SCHEMES:
+                raise ConfigError("schemes", f"unknown scheme {scheme!r}; choose from {SCHEMES}")
+        set_(self, "schemes", tuple(dict.fromkeys(schemes)))
+        if not isinstance(self.key_store, (str, KeyStore)):
+            raise ConfigError("key_store", f"expected a URL or a KeyStore, got {self.key_store!r}")
+        if not isinstance(self.api_key_header, str) or not _HEADER_RE.fullmatch(
+            self.api_key_header
+        ):
+            raise ConfigError("api_key_header", f"not a valid header name: {self.api_key_header!r}")
+        if self.api_key_header.lower() == "authorization":
+            raise ConfigError(
+                "api_key_header", "Authorization is always read; choose another header"
+            )
+        try:
+            validate_prefix(self.key_prefix)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("key_prefix", str(exc)) from None
+        if self.jwt_issuer is not None and not isinstance(self.jwt_issuer, str):
+            raise ConfigError("jwt_issuer", "expected a string")
+        if self.jwt_audience is not None:
+            set_(self, "jwt_audience", _string_tuple("jwt_audience", self.jwt_audience))
+        algorithms = _string_tuple("jwt_algorithms", self.jwt_algorithms)
+        if any(a.lower() == "none" for a in algorithms):
+            raise ConfigError("jwt_algorithms", "'none' is never accepted")
+        set_(self, "jwt_algorithms", algorithms)
+        _number("jwt_leeway", self.jwt_leeway, minimum=0, maximum=600)
+        set_(self, "default_limit_items", parse_limits("default_limits", self.default_limits))
+        if not isinstance(self.tiers, Mapping):
+            raise ConfigError("tiers", f"expected a mapping of tier name to limits, got {self.tiers!r}")
+        set_(
+            self,
+            "tier_limit_items",
+            {str(n): parse_limits(f"tiers.{n}", v) for n, v in self.tiers.items()},
+        )
+        if not isinstance(self.rate_limit_storage, str) or "://" not in self.rate_limit_storage:
+            raise ConfigError(
+                "rate_limit_storage",
+                f"expected a limits storage URI such as 'memory://', got {self.rate_limit_storage!r}",
+            )
+        if self.rate_limit_strategy not in STRATEGIES:
+            raise ConfigError(
+                "rate_limit_strategy", f"{self.rate_limit_strategy!r}; choose from {STRATEGIES}"
+            )
+        if not isinstance(self.rate_limit_headers, bool):
+            raise ConfigError("rate_limit_headers", "expected true or false")
+        public = _string_tuple("public_paths", self.public_paths) if self.public_paths else ()
+        for pattern in public:
+            if not pattern.startswith("/"):
+                raise ConfigError("public_paths", f"{pattern!r} must start with '/'")
+        set_(self, "public_paths", public)
+        set_(self, "public_path_pattern", _compile_globs(public))
+        if self.on_storage_error not in FAILURE_POLICIES:
+            raise ConfigError(
+                "on_storage_error", f"{self.on_storage_error!r}; choose 'allow' or 'deny'"
+            )
+        _number("key_cache_ttl", self.key_cache_ttl, minimum=0, maximum=86400)
+        _number("key_cache_size", self.key_cache_size, minimum=0, maximum=10_000_000, integer=True)
+        routes = self.routes
+        if isinstance(routes, Mapping) or not isinstance(routes, Iterable):
+            raise ConfigError("routes", "expected a list of route mappings")
+        set_(self, "routes", tuple(routes))
+        set_(self, "route_rules", tuple(Route.from_mapping(i, r) for i, r in enumerate(routes)))
+        if not isinstance(self.realm, str) or '"' in self.realm or "\\" in self.realm:
+            raise ConfigError("realm", "expected a string without quotes or backslashes")
+        _number("max_credential_length", self.max_credential_length, minimum=64,
+                maximum=1_000_000, integer=True)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> Settings:
+        """Build from Flask config or Django settings: the same field names, in lower case."""
+        if mapping is None:
+            return cls()
+        if isinstance(mapping, Settings):
+            return mapping
+        if not isinstance(mapping, Mapping):
+            raise ConfigError("M2M_AUTH", f"expected a mapping of settings, got {type(mapping).__name__}")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        values: dict[str, Any] = {}
+        for name, value in mapping.items():
+            field_name = str(name).lower()
+            if field_name not in known:
+                raise ConfigError(str(name), "unknown setting")
+            values[field_name] = value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return Settings(**{**current, **changes})
+
+
+def _number(
+    name: str, value: object, *, minimum: float, maximum: float, integer: bool = False
+) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value != value:
+        raise ConfigError(name, f"expected a {'whole ' if integer else ''}number, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(name, f"{value!r} is outside {minimum}..{maximum}")

@@ -1,0 +1,303 @@
+"""What every key store offers, and the records it hands out."""
+
+from __future__ import annotations
+
+import abc
+import hmac
+import json
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any
+
+from .. import keys as keyformat
+from ..errors import KeyNotFound
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """Everything stored about a key except the key itself."""
+
+    key_id: str
+    client_id: str
+    name: str | None = None
+    scopes: frozenset[str] = frozenset()
+    tier: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    remaining_uses: int | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    last_used_at: datetime | None = None
+
+    def is_active(self, now: datetime | None = None) -> bool:
+        now = now or utcnow()
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return False
+        return self.expires_at is None or self.expires_at > now
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "key_id": self.key_id,
+            "client_id": self.client_id,
+            "name": self.name,
+            "scopes": sorted(self.scopes),
+            "tier": self.tier,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "remaining_uses": self.remaining_uses,
+            "metadata": dict(self.metadata),
+            "last_used_at": iso(self.last_used_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A freshly made key. ``key`` is the plaintext: shown this once, stored nowhere."""
+
+    key: str
+    record: KeyRecord
+
+    @property
+    def key_id(self) -> str:
+        return self.record.key_id
+
+    def __repr__(self) -> str:  # never let the plaintext reach a log by accident
+        return f"IssuedKey(key='***', record={self.record!r})"
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(metadata or {}), sort_keys=True, separators=(",", ":"))
+
+
+def decode_metadata(text: str | None) -> Mapping[str, Any]:
+    return MappingProxyType(json.loads(text)) if text else _EMPTY
+
+
+class KeyStore(abc.ABC):
+    """A place that keeps key hashes and records.
+
+    Subclasses implement the ``_``-prefixed storage primitives; the lifecycle
+    rules (expiry, rotation, usage limits) live here once.
+    """
+
+    #: True when calls may block on I/O; async callers then hop to a thread.
+    blocking: bool = True
+    #: Identifies the backing data so that caches of every store object
+    #: pointing at the same data hear about revocations.
+    location: str = ""
+
+    #: How often ``last_used_at`` is written back, at most, per key.
+    touch_interval: float = 60.0
+
+    def __init__(self, *, prefix: str = keyformat.DEFAULT_PREFIX) -> None:
+        self.prefix = keyformat.validate_prefix(prefix)
+        self._pending_touches: dict[str, float] = {}
+        self._touch_lock = threading.Lock()
+        self._last_flush = time.monotonic()
+
+    # -- storage primitives --------------------------------------------------
+
+    @abc.abstractmethod
+    def _insert(self, record: KeyRecord, key_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    def _fetch(self, key_id: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None: ...
+
+    @abc.abstractmethod
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]: ...
+
+    @abc.abstractmethod
+    def _set_revoked(self, key_id: str, when: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    def _set_expiry(self, key_id: str, when: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    def _take_use(self, key_id: str) -> int | None:
+        """Atomically take one use; the uses left after it, or None if none were left."""
+
+    @abc.abstractmethod
+    def _write_last_used(self, touches: Mapping[str, datetime]) -> None: ...
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+        self.flush_last_used()
+
+    # -- public API -----------------------------------------------------------
+
+    def create_key(
+        self,
+        client_id: str,
+        *,
+        scopes: Iterable[str] = (),
+        tier: str | None = None,
+        name: str | None = None,
+        expires_at: datetime | None = None,
+        max_uses: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> IssuedKey:
+        if not isinstance(client_id, str) or not client_id.strip():
+            raise ValueError("client_id must be a non-empty string")
+        if isinstance(scopes, str):
+            scopes = scopes.split()
+        scope_set = frozenset(scopes)
+        for scope in scope_set:
+            if not scope or any(ch.isspace() for ch in scope):
+                raise ValueError(f"invalid scope {scope!r}: scopes are non-empty and have no spaces")
+        if max_uses is not None and (isinstance(max_uses, bool) or max_uses < 1):
+            raise ValueError("max_uses must be a positive integer")
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        plaintext = keyformat.generate_key(self.prefix)
+        record = KeyRecord(
+            key_id=keyformat.generate_key_id(),
+            client_id=client_id,
+            name=name,
+            scopes=scope_set,
+            tier=tier,
+            created_at=utcnow().replace(microsecond=0),
+            expires_at=expires_at,
+            remaining_uses=max_uses,
+            metadata=MappingProxyType(dict(metadata or {})),
+        )
+        self._insert(record, keyformat.hash_key(plaintext))
+        return IssuedKey(plaintext, record)
+
+    def get_key(self, key_id: str) -> KeyRecord:
+        record = self._fetch(key_id)
+        if record is None:
+            raise KeyNotFound(key_id)
+        pending = self._pending_touches.get(key_id)
+        if pending is not None:
+            record = replace(record, last_used_at=datetime.fromtimestamp(pending, timezone.utc))
+        return record
+
+    def list_keys(self, client_id: str | None = None) -> list[KeyRecord]:
+        self.flush_last_used()
+        return sorted(self._fetch_all(client_id), key=lambda r: (r.created_at, r.key_id))
+
+    def revoke_key(self, key_id: str) -> KeyRecord:
+        if not self._set_revoked(key_id, utcnow()):
+            raise KeyNotFound(key_id)
+        _notify_invalidated(self.location, key_id)
+        return self.get_key(key_id)
+
+    def rotate_key(self, key_id: str, grace_seconds: float = 0) -> IssuedKey:
+        """Issue a successor with the same client, scopes, tier and limits.
+
+        The old key keeps working for ``grace_seconds`` (never longer than
+        it would have anyway), so deployments can switch without downtime.
+        """
+        if grace_seconds < 0:
+            raise ValueError("grace_seconds must be zero or more")
+        old = self.get_key(key_id)
+        if not old.is_active():
+            raise ValueError(f"key {key_id!r} is revoked or expired; create a new key instead")
+        issued = self.create_key(
+            old.client_id,
+            scopes=old.scopes,
+            tier=old.tier,
+            name=old.name,
+            expires_at=old.expires_at,
+            max_uses=old.remaining_uses,
+            metadata={**old.metadata, "rotated_from": old.key_id},
+        )
+        ends = utcnow().timestamp() + grace_seconds
+        new_expiry = datetime.fromtimestamp(ends, timezone.utc)
+        if grace_seconds == 0:
+            self._set_revoked(key_id, new_expiry)
+        elif old.expires_at is None or new_expiry < old.expires_at:
+            self._set_expiry(key_id, new_expiry)
+        _notify_invalidated(self.location, key_id)
+        return issued
+
+    # -- used by the engine ---------------------------------------------------
+
+    def find_by_hash(self, key_hash: str) -> KeyRecord | None:
+        found = self._fetch_by_hash(key_hash)
+        if found is None:
+            return None
+        record, stored_hash = found
+        # The lookup was by an index; compare again in constant time so a
+        # backend with a collating or case-folding index cannot fool us.
+        if not _compare(stored_hash, key_hash):
+            return None
+        return record
+
+    def take_use(self, key_id: str) -> int | None:
+        return self._take_use(key_id)
+
+    def mark_used(self, key_id: str, when: float | None = None) -> bool:
+        """Remember a use in memory; True when a write-back is due.
+
+        ``last_used_at`` is written at most once per ``touch_interval`` so the
+        hot path never waits on a database write.
+        """
+        self._pending_touches[key_id] = when if when is not None else time.time()
+        return time.monotonic() - self._last_flush >= self.touch_interval
+
+    def flush_last_used(self) -> None:
+        with self._touch_lock:
+            self._last_flush = time.monotonic()
+            if not self._pending_touches:
+                return
+            touches, self._pending_touches = self._pending_touches, {}
+        try:
+            self._write_last_used(
+                {k: datetime.fromtimestamp(v, timezone.utc) for k, v in touches.items()}
+            )
+        except Exception:
+            # Keep them for the next attempt; newer uses win.
+            with self._touch_lock:
+                for key_id, when in touches.items():
+                    self._pending_touches.setdefault(key_id, when)
+            raise
+
+
+def _compare(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
+
+
+# -- in-process invalidation ---------------------------------------------------
+#
+# Every verified-key cache registers here under its store's location, so a
+# revocation made through any store object in this process reaches them all
+# at once. Other processes see it when their cache entry's TTL runs out.
+
+_listeners: dict[str, list[Any]] = {}
+_listeners_lock = threading.Lock()
+
+
+def subscribe_invalidations(location: str, callback: Any) -> None:
+    ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else weakref.ref(callback)
+    with _listeners_lock:
+        _listeners.setdefault(location, []).append(ref)
+
+
+def _notify_invalidated(location: str, key_id: str) -> None:
+    with _listeners_lock:
+        refs = list(_listeners.get(location, ()))
+        alive = [ref for ref in refs if ref() is not None]
+        _listeners[location] = alive
+    for ref in alive:
+        callback = ref()
+        if callback is not None:
+            callback(key_id)

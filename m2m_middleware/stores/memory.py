@@ -1,0 +1,70 @@
+"""A key store in a dictionary: for tests and single-process experiments."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+
+from .base import KeyRecord, KeyStore
+
+_counter = itertools.count()
+
+
+class MemoryKeyStore(KeyStore):
+    blocking = False
+
+    def __init__(self, **kwargs: str) -> None:
+        super().__init__(**kwargs)
+        self.location = f"memory://{next(_counter)}"
+        self._lock = threading.Lock()
+        self._records: dict[str, KeyRecord] = {}
+        self._hashes: dict[str, str] = {}  # key hash -> key id
+
+    def _insert(self, record: KeyRecord, key_hash: str) -> None:
+        with self._lock:
+            self._records[record.key_id] = record
+            self._hashes[key_hash] = record.key_id
+
+    def _fetch(self, key_id: str) -> KeyRecord | None:
+        return self._records.get(key_id)
+
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        key_id = self._hashes.get(key_hash)
+        if key_id is None:
+            return None
+        return self._records[key_id], key_hash
+
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+        return [r for r in self._records.values() if client_id is None or r.client_id == client_id]
+
+    def _update(self, key_id: str, **changes: object) -> bool:
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is None:
+                return False
+            self._records[key_id] = replace(record, **changes)  # type: ignore[arg-type]
+            return True
+
+    def _set_revoked(self, key_id: str, when: datetime) -> bool:
+        return self._update(key_id, revoked_at=when)
+
+    def _set_expiry(self, key_id: str, when: datetime) -> bool:
+        return self._update(key_id, expires_at=when)
+
+    def _take_use(self, key_id: str) -> int | None:
+        with self._lock:
+            record = self._records[key_id]
+            if record.remaining_uses is None:
+                return None
+            if record.remaining_uses <= 0:
+                return None
+            left = record.remaining_uses - 1
+            self._records[key_id] = replace(record, remaining_uses=left)
+            return left
+
+    def _write_last_used(self, touches: Mapping[str, datetime]) -> None:
+        for key_id, when in touches.items():
+            self._update(key_id, last_used_at=when)

@@ -1,0 +1,213 @@
+"""The embedded default: one SQLite file, safe across threads and processes.
+
+WAL lets readers run beside the one writer, and a busy timeout makes a
+writer wait for the lock instead of failing, so several worker processes can
+share one file. Each thread gets its own connection (sqlite3 connections are
+not meant to be shared between threads).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import StoreUnavailable
+from .base import KeyRecord, KeyStore, decode_metadata, encode_metadata
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS m2m_api_keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    client_id TEXT NOT NULL,
+    name TEXT,
+    scopes TEXT NOT NULL DEFAULT '',
+    tier TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    remaining_uses INTEGER,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    last_used_at REAL
+);
+CREATE INDEX IF NOT EXISTS m2m_api_keys_client ON m2m_api_keys (client_id);
+"""
+
+_COLUMNS = (
+    "key_id, client_id, name, scopes, tier, created_at, expires_at, revoked_at, "
+    "remaining_uses, metadata, last_used_at"
+)
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    created = _dt(row[5])
+    assert created is not None
+    return KeyRecord(
+        key_id=row[0],
+        client_id=row[1],
+        name=row[2],
+        scopes=frozenset(row[3].split()),
+        tier=row[4],
+        created_at=created,
+        expires_at=_dt(row[6]),
+        revoked_at=_dt(row[7]),
+        remaining_uses=row[8],
+        metadata=decode_metadata(row[9]),
+        last_used_at=_dt(row[10]),
+    )
+
+
+class SQLiteKeyStore(KeyStore):
+    def __init__(self, path: str, *, timeout: float = 5.0, **kwargs: str) -> None:
+        super().__init__(**kwargs)
+        self.path = path
+        self.timeout = timeout
+        self.location = "sqlite://" + os.path.abspath(path)
+        self._local = threading.local()
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+        with self._schema_lock:
+            if not self._schema_ready:
+                try:
+                    conn.executescript(_SCHEMA)
+                    (version,) = conn.execute("PRAGMA user_version").fetchone()
+                    if version == 0:
+                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    elif version > SCHEMA_VERSION:
+                        raise StoreUnavailable(
+                            f"SQLite key store {self.path!r} has schema version {version}; "
+                            f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
+                        )
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(
+                        f"cannot prepare SQLite key store {self.path!r}: {exc}"
+                    ) from exc
+                self._schema_ready = True
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        try:
+            yield conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        super().close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _insert(self, record: KeyRecord, key_hash: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO m2m_api_keys (key_id, key_hash, client_id, name, scopes, tier, "
+                "created_at, expires_at, remaining_uses, metadata) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.key_id,
+                    key_hash,
+                    record.client_id,
+                    record.name,
+                    " ".join(sorted(record.scopes)),
+                    record.tier,
+                    _ts(record.created_at),
+                    _ts(record.expires_at),
+                    record.remaining_uses,
+                    encode_metadata(record.metadata),
+                ),
+            )
+
+    def _fetch(self, key_id: str) -> KeyRecord | None:
+        with self._db() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM m2m_api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return _record(row) if row else None
+
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        with self._db() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS}, key_hash FROM m2m_api_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
+        return (_record(row), row[-1]) if row else None
+
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+        with self._db() as db:
+            if client_id is None:
+                rows = db.execute(f"SELECT {_COLUMNS} FROM m2m_api_keys").fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM m2m_api_keys WHERE client_id = ?", (client_id,)
+                ).fetchall()
+        return [_record(row) for row in rows]
+
+    def _set_revoked(self, key_id: str, when: datetime) -> bool:
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE m2m_api_keys SET revoked_at = COALESCE(MIN(revoked_at, ?), ?) "
+                "WHERE key_id = ?",
+                (_ts(when), _ts(when), key_id),
+            )
+        return cur.rowcount == 1
+
+    def _set_expiry(self, key_id: str, when: datetime) -> bool:
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE m2m_api_keys SET expires_at = ? WHERE key_id = ?", (_ts(when), key_id)
+            )
+        return cur.rowcount == 1
+
+    def _take_use(self, key_id: str) -> int | None:
+        # One conditional UPDATE: the check and the decrement are one atomic
+        # step, so racing threads or processes can never overspend.
+        with self._db() as db:
+            cur = db.execute(
+                "UPDATE m2m_api_keys SET remaining_uses = remaining_uses - 1 "
+                "WHERE key_id = ? AND remaining_uses > 0",
+                (key_id,),
+            )
+            if cur.rowcount != 1:
+                return None
+            row = db.execute(
+                "SELECT remaining_uses FROM m2m_api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _write_last_used(self, touches: Mapping[str, datetime]) -> None:
+        with self._db() as db:
+            db.executemany(
+                "UPDATE m2m_api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) "
+                "WHERE key_id = ?",
+                [(_ts(when), key_id) for key_id, when in touches.items()],
+            )
