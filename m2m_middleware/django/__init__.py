@@ -1,0 +1,18 @@
+"""Django integration: ``MIDDLEWARE = [..., "m2m_middleware.django.M2MAuthMiddleware"]``.
+
+Settings come from the mapping ``settings.M2M_AUTH``. Add
+``"m2m_middleware.django"`` to ``INSTALLED_APPS`` for the system checks.
+"""
+
+from __future__ import annotations
+
+try:
+    import django  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'm2m_middleware.django needs Django: pip install "m2m-middleware[django]"'
+    ) from exc
+
+from .middleware import M2MAuthMiddleware, get_client, require_scopes
+
+__all__ = ["M2MAuthMiddleware", "get_client", "require_scopes"]

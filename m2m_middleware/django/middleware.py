@@ -1,0 +1,149 @@
+"""One middleware class for sync and async Django stacks (django-cors-headers' shape)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings as django_settings
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from ..client import Client
+from ..engine import Engine
+from ..errors import InsufficientScope, MissingCredentials
+from ..outcome import Allowed, Denied, deny
+from ..settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_engines: dict[int, tuple[object, Engine]] = {}
+
+
+def current_engine() -> Engine:
+    """The engine for the current ``settings.M2M_AUTH``, rebuilt when it changes.
+
+    Reading the setting per request (one attribute lookup) is what makes
+    ``override_settings(M2M_AUTH=...)`` take effect in tests.
+    """
+    config = getattr(django_settings, "M2M_AUTH", None)
+    cached = _engines.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    engine = Engine(Settings.from_mapping(config))
+    if len(_engines) > 16:
+        _engines.clear()
+    _engines[id(config)] = (config, engine)
+    return engine
+
+
+def _denied_response(denied: Denied) -> HttpResponse:
+    response = HttpResponse(
+        denied.body, status=denied.status, content_type="application/problem+json"
+    )
+    for name, value in denied.headers:
+        response[name] = value
+    return response
+
+
+class M2MAuthMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        current_engine()  # validate settings at start-up, not on the first request
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        engine = current_engine()
+        meta = request.META
+        outcome = engine.check(
+            request.method or "GET",
+            request.path_info,
+            meta.get("HTTP_AUTHORIZATION"),
+            meta.get(_meta_key(engine.header_name)),
+        )
+        if not outcome.allowed:
+            return _denied_response(cast(Denied, outcome))
+        return self._respond(request, cast(Allowed, outcome), self.get_response(_attach(request, outcome)))
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        engine = current_engine()
+        meta = request.META
+        outcome = await engine.acheck(
+            request.method or "GET",
+            request.path_info,
+            meta.get("HTTP_AUTHORIZATION"),
+            meta.get(_meta_key(engine.header_name)),
+        )
+        if not outcome.allowed:
+            return _denied_response(cast(Denied, outcome))
+        response = await self.get_response(_attach(request, outcome))
+        return self._respond(request, cast(Allowed, outcome), response)
+
+    @staticmethod
+    def _respond(request: HttpRequest, outcome: Allowed, response: HttpResponseBase) -> HttpResponseBase:
+        for name, value in outcome.headers:
+            response[name] = value
+        return response
+
+
+def _attach(request: HttpRequest, outcome: Allowed | Denied) -> HttpRequest:
+    request.m2m_client = outcome.client  # type: ignore[attr-defined, union-attr]
+    return request
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+def get_client(request: HttpRequest) -> Client | None:
+    client = getattr(request, "m2m_client", None)
+    return client if isinstance(client, Client) else None
+
+
+def require_scopes(*scopes: str) -> Callable[[F], F]:
+    """Answer 403 ``insufficient_scope`` unless the client has every one of ``scopes``.
+
+    Works on sync and async views alike.
+    """
+    needed = frozenset(scopes)
+    shown = tuple(sorted(needed))
+
+    def refusal(request: HttpRequest) -> HttpResponse | None:
+        client = get_client(request)
+        realm = current_engine().realm
+        if client is None:
+            return _denied_response(
+                deny(MissingCredentials("this view needs an authenticated client"), realm)
+            )
+        if not client.scopes.issuperset(needed):
+            error = InsufficientScope(
+                f"this view needs the scope(s): {' '.join(shown)}", scopes=shown
+            )
+            return _denied_response(deny(error, realm))
+        return None
+
+    def decorator(view: F) -> F:
+        if iscoroutinefunction(view):
+
+            @functools.wraps(view)
+            async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+                return refusal(request) or await view(request, *args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            return refusal(request) or view(request, *args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorator
