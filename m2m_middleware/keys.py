@@ -69,4 +69,4 @@ def is_well_formed(key: str) -> bool:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("ascii")).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -112,20 +112,30 @@ class Limiter:
         self._tiers = {n: _limits_for(f"tier.{n}", v) for n, v in settings.tier_limit_items.items()}
         self._routes = {r.index: _limits_for(f"route.{r.index}", r.limits) for r in settings.route_rules}
         self._plans: dict[tuple[str | None, tuple[int, ...]], LimitPlan] = {}
+        self._tier_plans: dict[str | None, LimitPlan] = {}
+        self._resets: dict[str, float] = {}
         self._down = False
 
     # -- planning -------------------------------------------------------------
 
     def plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
+        if not routes:
+            plan = self._tier_plans.get(tier)
+            if plan is None:
+                plan = self._tier_plans[tier] = self._build_plan(tier, routes)
+            return plan
         key = (tier, tuple(r.index for r in routes))
         plan = self._plans.get(key)
         if plan is None:
-            base = self._tiers.get(tier, self._default) if tier is not None else self._default
-            chosen = base + tuple(lim for r in routes for lim in self._routes[r.index])
-            plan = LimitPlan(chosen, _policy_header(chosen))
+            plan = self._build_plan(tier, routes)
             if len(self._plans) < 4096:
                 self._plans[key] = plan
         return plan
+
+    def _build_plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
+        base = self._tiers.get(tier, self._default) if tier is not None else self._default
+        chosen = base + tuple(lim for r in routes for lim in self._routes[r.index])
+        return LimitPlan(chosen, _policy_header(chosen))
 
     def known_tier(self, tier: str | None) -> bool:
         return tier is None or tier in self._tiers
@@ -176,26 +186,44 @@ class Limiter:
 
     def _charge_fixed(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
         storage = self.storage
-        counts = []
+        send_headers = self.send_headers
+        now = time.time()
+        parts = []
         for i, lim in enumerate(plan.limits):
             key = lim.key_prefix + client_id
             count = storage.incr(key, lim.expiry, amount=cost)
-            counts.append(count)
             if count > lim.amount:
                 for done in plan.limits[: i + 1]:
                     self._decr(done.key_prefix + client_id, done.expiry, cost)
-                reset = storage.get_expiry(key)
-                return self._denied(plan, lim, reset, client_id)
-        if not self.send_headers:
+                return self._denied(plan, lim, self._window_end(key, -1, lim.expiry, now), client_id)
+            if send_headers:
+                reset = self._window_end(key, count - cost, lim.expiry, now)
+                parts.append(
+                    f'"{lim.policy}";r={lim.amount - count};t={max(0, math.ceil(reset - now))}'
+                )
+        if not send_headers:
             return Charge(True, [])
-        get_expiry = storage.get_expiry
-        return self._allowed(
-            plan,
-            [
-                (lim.amount - count, get_expiry(lim.key_prefix + client_id))
-                for lim, count in zip(plan.limits, counts)
-            ],
-        )
+        return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", ", ".join(parts))])
+
+    def _window_end(self, key: str, previous: int, expiry: int, now: float) -> float:
+        """When the fixed window of ``key`` ends.
+
+        Our own in-memory storage has no other writer, so a window that this
+        very increment opened (``previous == 0``) ends ``expiry`` from now, and
+        later hits reuse that: no second storage call per limit and request.
+        """
+        if not self.in_memory:
+            return float(self.storage.get_expiry(key))
+        resets = self._resets
+        if previous == 0:
+            end = resets[key] = now + expiry
+            if len(resets) > 100_000:
+                self._resets = {k: v for k, v in resets.items() if v > now}
+            return end
+        end = resets.get(key, 0.0)
+        if end <= now:
+            end = resets[key] = float(self.storage.get_expiry(key))
+        return end
 
     def _charge_strategy(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
         strategy = self.strategy

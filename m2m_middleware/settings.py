@@ -24,7 +24,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 def parse_limits(field_name: str, value: object) -> tuple[RateLimitItem, ...]:
     """``"100/second;10000/day"`` (or a list of such strings) -> limit items."""
-    if value is None or value == "":
+    if value is None or value == "" or value == () or value == []:
         return ()
     if isinstance(value, str):
         text = value
