@@ -8,11 +8,11 @@ network limit storages).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass
+
 from . import keys as keyformat
 from .client import Client
 from .credentials import extract_credential
@@ -247,7 +247,9 @@ class Engine:
         if stale is None and not keyformat.is_well_formed(credential):
             raise InvalidToken("the API key is malformed or its checksum does not match")
 
-    def _accept(self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None) -> _CachedKey:
+    def _accept(
+        self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None
+    ) -> _CachedKey:
         self._store_ok()
         if record is None:
             if stale is not None:

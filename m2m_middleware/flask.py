@@ -43,7 +43,9 @@ class M2MAuth:
     ) -> None:
         if settings is not None and fields:
             raise TypeError("pass either settings=Settings(...) or setting fields, not both")
-        self.settings = settings if settings is not None else (Settings(**fields) if fields else None)
+        self.settings = (
+            settings if settings is not None else (Settings(**fields) if fields else None)
+        )
         if app is not None:
             self.init_app(app)
 
@@ -77,8 +79,8 @@ def _authenticate() -> Response | None:
         environ.get("HTTP_AUTHORIZATION"),
         environ.get(state.environ_key),
     )
-    if not outcome.allowed:
-        return _denied_response(cast(Denied, outcome))
+    if isinstance(outcome, Denied):
+        return _denied_response(outcome)
     g.m2m_client = outcome.client
     g._m2m_headers = outcome.headers
     return None
@@ -113,7 +115,9 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
             engine = M2MAuth.engine()
             if client is None:
                 return _denied_response(
-                    deny(MissingCredentials("this view needs an authenticated client"), engine.realm)
+                    deny(
+                        MissingCredentials("this view needs an authenticated client"), engine.realm
+                    )
                 )
             if not client.scopes.issuperset(needed):
                 return _denied_response(

@@ -43,7 +43,9 @@ def checksum(body: str) -> str:
 
 def validate_prefix(prefix: str) -> str:
     if not _PREFIX_RE.fullmatch(prefix):
-        raise ValueError("a key prefix is 1-16 lower-case letters or digits, starting with a letter")
+        raise ValueError(
+            "a key prefix is 1-16 lower-case letters or digits, starting with a letter"
+        )
     return prefix
 
 
@@ -65,7 +67,7 @@ def is_well_formed(key: str) -> bool:
         return False
     if not _BASE62_SET.issuperset(rest):
         return False
-    return checksum(key[: -CHECKSUM_LENGTH]) == key[-CHECKSUM_LENGTH:]
+    return checksum(key[:-CHECKSUM_LENGTH]) == key[-CHECKSUM_LENGTH:]
 
 
 def hash_key(key: str) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import limits
-import limits.aio.storage
 import limits.aio.strategies
 import limits.storage
 import limits.strategies
@@ -93,24 +92,28 @@ class Limiter:
         self.send_headers = settings.rate_limit_headers
         uri = settings.rate_limit_storage
         try:
-            self.storage = limits.storage.storage_from_string(uri)
+            self.storage: Any = limits.storage.storage_from_string(uri)
         except Exception as exc:  # limits raises ConfigurationError / ImportError
             raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}") from None
         self.in_memory = isinstance(self.storage, limits.storage.MemoryStorage)
         self._astorage: Any = None
         self.fixed = settings.rate_limit_strategy == "fixed-window"
-        strategy_cls = {
+        strategy_cls: Any = {
             "fixed-window": limits.strategies.FixedWindowRateLimiter,
             "moving-window": limits.strategies.MovingWindowRateLimiter,
             "sliding-window-counter": limits.strategies.SlidingWindowCounterRateLimiter,
         }[settings.rate_limit_strategy]
         try:
-            self.strategy = strategy_cls(self.storage)  # type: ignore[abstract]
+            self.strategy: Any = strategy_cls(self.storage)
         except NotImplementedError as exc:
-            raise ConfigError("rate_limit_strategy", f"not supported by this storage: {exc}") from None
+            raise ConfigError(
+                "rate_limit_strategy", f"not supported by this storage: {exc}"
+            ) from None
         self._default = _limits_for("default", settings.default_limit_items)
         self._tiers = {n: _limits_for(f"tier.{n}", v) for n, v in settings.tier_limit_items.items()}
-        self._routes = {r.index: _limits_for(f"route.{r.index}", r.limits) for r in settings.route_rules}
+        self._routes = {
+            r.index: _limits_for(f"route.{r.index}", r.limits) for r in settings.route_rules
+        }
         self._plans: dict[tuple[str | None, tuple[int, ...]], LimitPlan] = {}
         self._tier_plans: dict[str | None, LimitPlan] = {}
         self._resets: dict[str, float] = {}
@@ -195,7 +198,9 @@ class Limiter:
             if count > lim.amount:
                 for done in plan.limits[: i + 1]:
                     self._decr(done.key_prefix + client_id, done.expiry, cost)
-                return self._denied(plan, lim, self._window_end(key, -1, lim.expiry, now), client_id)
+                return self._denied(
+                    plan, lim, self._window_end(key, -1, lim.expiry, now), client_id
+                )
             if send_headers:
                 reset = self._window_end(key, count - cost, lim.expiry, now)
                 parts.append(
@@ -203,7 +208,9 @@ class Limiter:
                 )
         if not send_headers:
             return Charge(True, [])
-        return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", ", ".join(parts))])
+        return Charge(
+            True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", ", ".join(parts))]
+        )
 
     def _window_end(self, key: str, previous: int, expiry: int, now: float) -> float:
         """When the fixed window of ``key`` ends.
@@ -237,16 +244,18 @@ class Limiter:
                 return self._denied(plan, lim, stats.reset_time, client_id)
         if not self.send_headers:
             return Charge(True, [])
-        stats = [strategy.get_window_stats(lim.item, lim.key_prefix, client_id) for lim in plan.limits]
-        return self._allowed(plan, [(s.remaining, s.reset_time) for s in stats])
+        windows = [
+            strategy.get_window_stats(lim.item, lim.key_prefix, client_id) for lim in plan.limits
+        ]
+        return self._allowed(plan, [(w.remaining, w.reset_time) for w in windows])
 
     # -- async ----------------------------------------------------------------
 
     def _async_storage(self) -> Any:
         if self._astorage is None:
             uri = self.settings.rate_limit_storage
-            self._astorage = limits.aio.storage.storage_from_string(f"async+{uri}")
-            cls = {
+            self._astorage = limits.storage.storage_from_string(f"async+{uri}")
+            cls: Any = {
                 "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
                 "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
                 "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
@@ -281,7 +290,9 @@ class Limiter:
             await storage.incr(lim.key_prefix + client_id, lim.expiry, amount=-cost)
         return None
 
-    async def _acharge_fixed(self, storage: Any, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+    async def _acharge_fixed(
+        self, storage: Any, plan: LimitPlan, client_id: str, cost: int
+    ) -> Charge:
         counts = []
         for i, lim in enumerate(plan.limits):
             key = lim.key_prefix + client_id
@@ -295,7 +306,8 @@ class Limiter:
             return Charge(True, [])
         resets = [await storage.get_expiry(lim.key_prefix + client_id) for lim in plan.limits]
         return self._allowed(
-            plan, [(lim.amount - c, r) for lim, c, r in zip(plan.limits, counts, resets)]
+            plan,
+            [(lim.amount - c, r) for lim, c, r in zip(plan.limits, counts, resets, strict=True)],
         )
 
     async def _acharge_strategy(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
@@ -310,11 +322,11 @@ class Limiter:
                 return self._denied(plan, lim, stats.reset_time, client_id)
         if not self.send_headers:
             return Charge(True, [])
-        stats = [
+        windows = [
             await strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
             for lim in plan.limits
         ]
-        return self._allowed(plan, [(s.remaining, s.reset_time) for s in stats])
+        return self._allowed(plan, [(w.remaining, w.reset_time) for w in windows])
 
     # -- headers --------------------------------------------------------------
 
@@ -322,7 +334,7 @@ class Limiter:
         now = time.time()
         value = ", ".join(
             f'"{lim.policy}";r={max(0, remaining)};t={max(0, math.ceil(reset - now))}'
-            for lim, (remaining, reset) in zip(plan.limits, stats)
+            for lim, (remaining, reset) in zip(plan.limits, stats, strict=True)
         )
         return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
 

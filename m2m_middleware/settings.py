@@ -19,7 +19,9 @@ SCHEMES = ("api_key", "jwt")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
 FAILURE_POLICIES = ("allow", "deny")
 _HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 def parse_limits(field_name: str, value: object) -> tuple[RateLimitItem, ...]:
@@ -79,10 +81,14 @@ class Route:
             raise ConfigError(f"{name}.{sorted(unknown)[0]}", "unknown route field")
         path = value.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
-            raise ConfigError(f"{name}.path", f"expected a path glob starting with '/', got {path!r}")
+            raise ConfigError(
+                f"{name}.path", f"expected a path glob starting with '/', got {path!r}"
+            )
         methods = None
         if value.get("methods") is not None:
-            methods = frozenset(m.upper() for m in _string_tuple(f"{name}.methods", value["methods"]))
+            methods = frozenset(
+                m.upper() for m in _string_tuple(f"{name}.methods", value["methods"])
+            )
             bad = methods - _METHODS
             if bad:
                 raise ConfigError(f"{name}.methods", f"unknown HTTP method {sorted(bad)[0]!r}")
@@ -173,7 +179,9 @@ class Settings:
         _number("jwt_leeway", self.jwt_leeway, minimum=0, maximum=600)
         set_(self, "default_limit_items", parse_limits("default_limits", self.default_limits))
         if not isinstance(self.tiers, Mapping):
-            raise ConfigError("tiers", f"expected a mapping of tier name to limits, got {self.tiers!r}")
+            raise ConfigError(
+                "tiers", f"expected a mapping of tier name to limits, got {self.tiers!r}"
+            )
         set_(
             self,
             "tier_limit_items",
@@ -182,7 +190,7 @@ class Settings:
         if not isinstance(self.rate_limit_storage, str) or "://" not in self.rate_limit_storage:
             raise ConfigError(
                 "rate_limit_storage",
-                f"expected a limits storage URI such as 'memory://', got {self.rate_limit_storage!r}",
+                f"expected a limits storage URI like 'memory://', got {self.rate_limit_storage!r}",
             )
         if self.rate_limit_strategy not in STRATEGIES:
             raise ConfigError(
@@ -209,8 +217,13 @@ class Settings:
         set_(self, "route_rules", tuple(Route.from_mapping(i, r) for i, r in enumerate(routes)))
         if not isinstance(self.realm, str) or '"' in self.realm or "\\" in self.realm:
             raise ConfigError("realm", "expected a string without quotes or backslashes")
-        _number("max_credential_length", self.max_credential_length, minimum=64,
-                maximum=1_000_000, integer=True)
+        _number(
+            "max_credential_length",
+            self.max_credential_length,
+            minimum=64,
+            maximum=1_000_000,
+            integer=True,
+        )
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> Settings:
@@ -220,7 +233,9 @@ class Settings:
         if isinstance(mapping, Settings):
             return mapping
         if not isinstance(mapping, Mapping):
-            raise ConfigError("M2M_AUTH", f"expected a mapping of settings, got {type(mapping).__name__}")
+            raise ConfigError(
+                "M2M_AUTH", f"expected a mapping of settings, got {type(mapping).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         values: dict[str, Any] = {}
         for name, value in mapping.items():

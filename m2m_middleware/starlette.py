@@ -66,11 +66,15 @@ class M2MMiddleware:
         outcome = await self.engine.acheck(
             scope.get("method", "GET"), scope["path"], authorization, api_key
         )
-        if not outcome.allowed:
-            assert isinstance(outcome, Denied)
+        if isinstance(outcome, Denied):
             if kind == "websocket":
-                await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
-                            "reason": outcome.error})
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": WS_POLICY_VIOLATION,
+                        "reason": outcome.error,
+                    }
+                )
             else:
                 await _send_denied(outcome, send)
             return

@@ -71,7 +71,9 @@ class M2MAuthMiddleware:
         )
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
-        return self._respond(request, cast(Allowed, outcome), self.get_response(_attach(request, outcome)))
+        return self._respond(
+            request, cast(Allowed, outcome), self.get_response(_attach(request, outcome))
+        )
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         engine = current_engine()
@@ -88,7 +90,9 @@ class M2MAuthMiddleware:
         return self._respond(request, cast(Allowed, outcome), response)
 
     @staticmethod
-    def _respond(request: HttpRequest, outcome: Allowed, response: HttpResponseBase) -> HttpResponseBase:
+    def _respond(
+        request: HttpRequest, outcome: Allowed, response: HttpResponseBase
+    ) -> HttpResponseBase:
         for name, value in outcome.headers:
             response[name] = value
         return response

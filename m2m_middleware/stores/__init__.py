@@ -9,7 +9,14 @@ from .base import IssuedKey, KeyRecord, KeyStore
 from .memory import MemoryKeyStore
 from .sqlite import SQLiteKeyStore
 
-__all__ = ["IssuedKey", "KeyRecord", "KeyStore", "MemoryKeyStore", "SQLiteKeyStore", "open_key_store"]
+__all__ = [
+    "IssuedKey",
+    "KeyRecord",
+    "KeyStore",
+    "MemoryKeyStore",
+    "SQLiteKeyStore",
+    "open_key_store",
+]
 
 
 def open_key_store(url: str | KeyStore) -> KeyStore:

@@ -161,7 +161,9 @@ class KeyStore(abc.ABC):
         scope_set = frozenset(scopes)
         for scope in scope_set:
             if not scope or any(ch.isspace() for ch in scope):
-                raise ValueError(f"invalid scope {scope!r}: scopes are non-empty and have no spaces")
+                raise ValueError(
+                    f"invalid scope {scope!r}: scopes are non-empty and have no spaces"
+                )
         if max_uses is not None and (isinstance(max_uses, bool) or max_uses < 1):
             raise ValueError("max_uses must be a positive integer")
         if expires_at is not None and expires_at.tzinfo is None:
