@@ -1,0 +1,249 @@
+"""Smoke tests: each example app under a real server, spoken to over real HTTP.
+
+Every test starts its own server process on its own free port with its own
+SQLite key store in ``tmp_path``, so the tests run in parallel (``-n 2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+import m2m_middleware
+from m2m_middleware import open_key_store
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "example_apps"
+DJANGO_PROJECT = EXAMPLES / "django_project"
+#: Where the m2m_middleware this test process imported lives: the servers use the same one.
+PACKAGE_PARENT = Path(m2m_middleware.__file__).resolve().parents[1]
+START_TIMEOUT = 20.0
+
+PY = sys.executable
+COMMANDS: dict[str, Callable[[int], list[str]]] = {
+    "starlette": lambda port: [PY, str(EXAMPLES / "starlette_app.py"), "--port", str(port)],
+    "flask": lambda port: [PY, str(EXAMPLES / "flask_app.py"), "--port", str(port)],
+    "flask-cli": lambda port: [
+        PY,
+        "-m",
+        "flask",
+        "--app",
+        str(EXAMPLES / "flask_app"),
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ],
+    "django-wsgi": lambda port: [
+        PY,
+        str(DJANGO_PROJECT / "manage.py"),
+        "runserver",
+        f"127.0.0.1:{port}",
+        "--noreload",
+    ],
+    "django-asgi": lambda port: [
+        PY,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(DJANGO_PROJECT),
+        "example_project.asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+    ],
+}
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _answers(server: Server) -> bool:
+    """Poll /health until the server answers 200; False if the process dies or time runs out."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            return False
+        try:
+            if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _start(name: str, workdir: Path, env: dict[str, str], args: list[str]) -> Server:
+    for attempt in range(3):  # another process may grab the free port before the server does
+        port = _free_port()
+        log_path = workdir / f"{name}-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                COMMANDS[name](port) + args,
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        server = Server(name, port, process, log_path)
+        if _answers(server):
+            return server
+        _stop(server.process)
+        output = server.output()
+        if "already in use" not in output.lower():
+            pytest.fail(f"{name} did not answer within {START_TIMEOUT} s; output:\n{output}")
+    pytest.fail(f"{name}: no free port after 3 attempts; last output:\n{output}")
+
+
+@contextlib.contextmanager
+def serve(
+    name: str, workdir: Path, key_store: str, *args: str, **extra_env: str
+) -> Iterator[Server]:
+    """Run example ``name`` under its real server; failures carry the server's output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("M2M_", "DJANGO_", "FLASK_"))}
+    env.update(
+        M2M_KEY_STORE=key_store,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
+        **extra_env,
+    )
+    server = _start(name, workdir, env, list(args))
+    try:
+        yield server
+    except (AssertionError, httpx.HTTPError) as exc:
+        _stop(server.process)
+        raise AssertionError(f"{exc}\n--- {name} server output ---\n{server.output()}") from exc
+    finally:
+        _stop(server.process)
+
+
+def _keys(tmp_path: Path) -> tuple[str, str, str]:
+    """A store URL, a key with orders:read for demo-client, and a key without scopes."""
+    url = "sqlite:///" + str(tmp_path / "keys.db")
+    with closing(open_key_store(url)) as store:
+        demo = store.create_key("demo-client", scopes=["orders:read"]).key
+        unscoped = store.create_key("no-scope-client").key
+    return url, demo, unscoped
+
+
+def _assert_problem(response: httpx.Response, status: int, error: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["error"] == error
+    assert body["status"] == status
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_example_app(name: str, tmp_path: Path) -> None:
+    store_url, demo_key, unscoped_key = _keys(tmp_path)
+    with (
+        serve(name, tmp_path, store_url) as server,
+        httpx.Client(base_url=server.url, timeout=5.0) as http,
+    ):
+        health = http.get("/health")
+        assert health.status_code == 200, health.text
+        assert health.json() == {"status": "ok"}
+        assert "RateLimit" not in health.headers
+
+        anonymous = http.get("/orders")
+        _assert_problem(anonymous, 401, "missing_credentials")
+        assert "error=" not in anonymous.headers["www-authenticate"]
+
+        orders = http.get("/orders", headers={"X-API-Key": demo_key})
+        assert orders.status_code == 200, orders.text
+        assert orders.json()["client_id"] == "demo-client"
+        assert "RateLimit-Policy" in orders.headers
+        assert "RateLimit" in orders.headers
+
+        whoami = http.get("/whoami", headers={"Authorization": f"Bearer {demo_key}"})
+        assert whoami.status_code == 200, whoami.text
+        assert whoami.json() == {
+            "client_id": "demo-client",
+            "scheme": "api_key",
+            "scopes": ["orders:read"],
+            "tier": None,
+            "key_id": whoami.json()["key_id"],
+        }
+        assert whoami.json()["key_id"]
+
+        forbidden = http.get("/orders", headers={"X-API-Key": unscoped_key})
+        _assert_problem(forbidden, 403, "insufficient_scope")
+        challenge = forbidden.headers["www-authenticate"]
+        assert 'error="insufficient_scope"' in challenge
+        assert 'scope="orders:read"' in challenge
+
+        if name in ("starlette", "flask"):  # the start-up banner
+            output = server.output()
+            assert f"curl {server.url}/health" in output
+            assert (
+                f"m2m keys create --client demo-client --scope orders:read --store {store_url}"
+                in output
+            )
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "env"),
+    [
+        ("starlette", (), {"M2M_EXAMPLE_CREATE_KEY": "1"}),
+        ("flask", ("--create-key",), {}),
+    ],
+)
+def test_create_key_on_startup(
+    name: str, args: tuple[str, ...], env: dict[str, str], tmp_path: Path
+) -> None:
+    store_url = "sqlite:///" + str(tmp_path / "keys.db")
+    with serve(name, tmp_path, store_url, *args, **env) as server:
+        output = server.output()
+        found = re.search(rf'curl -H "X-API-Key: (\S+)" {re.escape(server.url)}/orders', output)
+        assert found, "no ready-to-paste curl line with the demo key"
+        response = httpx.get(server.url + "/orders", headers={"X-API-Key": found[1]}, timeout=5.0)
+        assert response.status_code == 200, response.text
+        assert response.json()["client_id"] == "demo-client"
