@@ -39,7 +39,8 @@ def open_key_store(url: str | KeyStore) -> KeyStore:
         raise ConfigError(
             "key_store", "the PostgreSQL key store is not available in this release yet"
         )
-    shown = urlsplit(url)._replace(netloc=urlsplit(url).hostname or "").geturl()
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else url[:40]
     raise ConfigError(
         "key_store",
         f"unsupported key-store URL {shown!r}: use memory://, sqlite:///path.db",

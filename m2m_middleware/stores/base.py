@@ -40,11 +40,19 @@ class KeyRecord:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     last_used_at: datetime | None = None
 
-    def is_active(self, now: datetime | None = None) -> bool:
+    def status(self, now: datetime | None = None) -> str:
+        """``"active"``, ``"revoked"``, ``"expired"`` or ``"used_up"`` (no uses left)."""
         now = now or utcnow()
         if self.revoked_at is not None and self.revoked_at <= now:
-            return False
-        return self.expires_at is None or self.expires_at > now
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        if self.remaining_uses is not None and self.remaining_uses <= 0:
+            return "used_up"
+        return "active"
+
+    def is_active(self, now: datetime | None = None) -> bool:
+        return self.status(now) == "active"
 
     def to_dict(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -135,6 +143,10 @@ class KeyStore(abc.ABC):
         """Atomically take one use; the uses left after it, or None if none were left."""
 
     @abc.abstractmethod
+    def _drain_uses(self, key_id: str) -> int | None:
+        """Atomically set the uses left to zero; the uses there were (None: unlimited)."""
+
+    @abc.abstractmethod
     def _write_last_used(self, touches: Mapping[str, datetime]) -> None: ...
 
     def close(self) -> None:
@@ -211,15 +223,23 @@ class KeyStore(abc.ABC):
         if grace_seconds < 0:
             raise ValueError("grace_seconds must be zero or more")
         old = self.get_key(key_id)
-        if not old.is_active():
-            raise ValueError(f"key {key_id!r} is revoked or expired; create a new key instead")
+        status = old.status()
+        if status != "active":
+            shown = status.replace("_", " ")
+            raise ValueError(f"key {key_id!r} is {shown}; create a new key instead")
+        # A usage-limited key hands its remaining uses to the successor, so
+        # rotation can never multiply a budget; the old key keeps working
+        # through the grace period only when it has no usage limit.
+        uses = self._drain_uses(key_id) if old.remaining_uses is not None else None
+        if uses is not None and uses <= 0:
+            raise ValueError(f"key {key_id!r} has no uses left; create a new key instead")
         issued = self.create_key(
             old.client_id,
             scopes=old.scopes,
             tier=old.tier,
             name=old.name,
             expires_at=old.expires_at,
-            max_uses=old.remaining_uses,
+            max_uses=uses,
             metadata={**old.metadata, "rotated_from": old.key_id},
         )
         ends = utcnow().timestamp() + grace_seconds

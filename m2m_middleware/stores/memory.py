@@ -49,21 +49,33 @@ class MemoryKeyStore(KeyStore):
             return True
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
-        return self._update(key_id, revoked_at=when)
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is None:
+                return False
+            if record.revoked_at is None or when < record.revoked_at:
+                self._records[key_id] = replace(record, revoked_at=when)
+            return True
 
     def _set_expiry(self, key_id: str, when: datetime) -> bool:
         return self._update(key_id, expires_at=when)
 
     def _take_use(self, key_id: str) -> int | None:
         with self._lock:
-            record = self._records[key_id]
-            if record.remaining_uses is None:
-                return None
-            if record.remaining_uses <= 0:
+            record = self._records.get(key_id)
+            if record is None or record.remaining_uses is None or record.remaining_uses <= 0:
                 return None
             left = record.remaining_uses - 1
             self._records[key_id] = replace(record, remaining_uses=left)
             return left
+
+    def _drain_uses(self, key_id: str) -> int | None:
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is None or record.remaining_uses is None:
+                return None
+            self._records[key_id] = replace(record, remaining_uses=0)
+            return record.remaining_uses
 
     def _write_last_used(self, touches: Mapping[str, datetime]) -> None:
         for key_id, when in touches.items():

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import StoreUnavailable
+from ..errors import KeyStoreError, StoreUnavailable
 from .base import KeyRecord, KeyStore, decode_metadata, encode_metadata
 
 SCHEMA_VERSION = 1
@@ -117,8 +117,8 @@ class SQLiteKeyStore(KeyStore):
         conn = self._connect()
         try:
             yield conn
-        except sqlite3.IntegrityError:
-            raise
+        except sqlite3.IntegrityError as exc:
+            raise KeyStoreError(f"SQLite key store {self.path!r}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
 
@@ -203,6 +203,23 @@ class SQLiteKeyStore(KeyStore):
                 "SELECT remaining_uses FROM m2m_api_keys WHERE key_id = ?", (key_id,)
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def _drain_uses(self, key_id: str) -> int | None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")  # hold the write lock between read and reset
+            try:
+                row = db.execute(
+                    "SELECT remaining_uses FROM m2m_api_keys WHERE key_id = ?", (key_id,)
+                ).fetchone()
+                if row is not None and row[0] is not None:
+                    db.execute(
+                        "UPDATE m2m_api_keys SET remaining_uses = 0 WHERE key_id = ?", (key_id,)
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return None if row is None or row[0] is None else int(row[0])
 
     def _write_last_used(self, touches: Mapping[str, datetime]) -> None:
         with self._db() as db:

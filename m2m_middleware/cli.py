@@ -1,0 +1,531 @@
+"""The ``m2m`` command: manage API keys in a key store, and run the demo.
+
+    m2m keys create --client billing --scope "orders:read orders:write" --expires-in 90d
+    m2m keys list [--client billing] [--json]
+    m2m keys revoke key_...
+    m2m keys rotate key_... --grace 1h
+    m2m demo [--once] [--port 8000]
+
+Every ``keys`` command takes ``--store URL`` (default: ``$M2M_KEY_STORE``,
+else ``sqlite:///m2m_keys.db``). A plaintext key is printed once, on standard
+output, by ``create`` and ``rotate``, and is written nowhere else.
+
+Exit status: 0 on success, 1 when an operation fails (unknown key id,
+unreachable store), 2 for bad usage (a bad option value or store URL),
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, M2MError
+from .stores import KeyRecord, KeyStore, SQLiteKeyStore, open_key_store
+
+PROG = "m2m"
+STORE_ENV = "M2M_KEY_STORE"
+DEFAULT_STORE = "sqlite:///m2m_keys.db"
+
+#: Longest accepted duration: beyond this, datetimes overflow and nobody means it.
+MAX_DURATION_SECONDS = 100 * 366 * 86400
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_NUMBER = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}[smhdw])+|{_NUMBER}")
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})([smhdw])")
+_MAX_USES_RE = re.compile(r"[0-9]{1,18}")
+
+_NEVER_SHOWN_AGAIN = "Store this key now: only its hash is kept, and it will not be shown again."
+
+
+class CommandError(Exception):
+    """A failure to report as one ``m2m: error:`` line with this exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(CommandError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)
+
+
+# -- argument values -------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``15m``, ``1h``, ``30d``, ``2w``, ``1h30m``; bare numbers are seconds."""
+    value = text.strip().lower()
+    if not _DURATION_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid duration {text!r}: use a number of seconds or units s, m, h, d, w "
+            "such as 30s, 15m, 1h, 30d, 2w or 1h30m"
+        )
+    if value[-1].isdigit():
+        seconds = float(value)
+    else:
+        seconds = sum(
+            float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART_RE.findall(value)
+        )
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"invalid duration {text!r}: at most 100 years")
+    return seconds
+
+
+def _duration_option(option: str, text: str, *, allow_zero: bool) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+    if seconds == 0 and not allow_zero:
+        raise UsageError(f"{option}: the duration must be more than zero, got {text!r}")
+    return seconds
+
+
+def _max_uses_option(text: str) -> int:
+    value = text.strip()
+    if not _MAX_USES_RE.fullmatch(value) or int(value) < 1:
+        raise UsageError(f"--max-uses: expected a whole number of 1 or more, got {text!r}")
+    return int(value)
+
+
+def _scopes_option(values: Sequence[str]) -> list[str]:
+    scopes: list[str] = []
+    for value in values:
+        parts = value.split()
+        if not parts:
+            raise UsageError("--scope: a scope cannot be empty")
+        scopes.extend(parts)
+    return sorted(set(scopes))
+
+
+def _non_empty(option: str, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise UsageError(f"{option}: cannot be empty")
+    return value
+
+
+# -- output helpers --------------------------------------------------------------
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _when(value: datetime | None, missing: str = "never") -> str:
+    if value is None:
+        return missing
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _printable(value: str) -> str:
+    """Keep stored text from steering the terminal (escape sequences, newlines)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in value)
+
+
+def key_status(record: KeyRecord, now: datetime | None = None) -> str:
+    return record.status(now)
+
+
+def _end_of_life(record: KeyRecord) -> datetime | None:
+    """When a key stops working: the earlier of its expiry and its revocation."""
+    ends = [t for t in (record.expires_at, record.revoked_at) if t is not None]
+    return min(ends) if ends else None
+
+
+def _emit_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# -- the store -------------------------------------------------------------------
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    url: str | None = args.store
+    if url is None:
+        url = os.environ.get(STORE_ENV) or DEFAULT_STORE
+    if not url.strip():
+        raise UsageError("--store: the key-store URL cannot be empty")
+    return url
+
+
+def _open_store(url: str) -> KeyStore:
+    try:
+        return open_key_store(url)
+    except ConfigError as exc:
+        problem = exc.problem if exc.field == "key_store" else str(exc)
+        raise UsageError(f"--store: {problem}") from None
+
+
+def _store_missing(store: KeyStore) -> bool:
+    """True for an SQLite store whose file does not exist yet (opening would create it)."""
+    return (
+        isinstance(store, SQLiteKeyStore)
+        and store.path != ":memory:"
+        and not os.path.exists(store.path)
+    )
+
+
+def _require_existing(store: KeyStore, *, allow_missing_file: bool = False) -> bool:
+    """Refuse an SQLite path that does not exist; False when the file may be made later."""
+    if not _store_missing(store):
+        return True
+    assert isinstance(store, SQLiteKeyStore)
+    directory = os.path.dirname(os.path.abspath(store.path))
+    if not os.path.isdir(directory):
+        raise CommandError(
+            f"cannot open SQLite key store {store.path!r}: directory {directory!r} does not exist"
+        )
+    if allow_missing_file:
+        return False
+    raise CommandError(
+        f"no key store at {store.path!r}: create a key first, or pass --store or set {STORE_ENV}"
+    )
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
+    scopes = _scopes_option(args.scope)
+    tier = _non_empty("--tier", args.tier)
+    name = _non_empty("--name", args.name)
+    max_uses = _max_uses_option(args.max_uses) if args.max_uses is not None else None
+    expires_at = None
+    if args.expires_in is not None:
+        seconds = _duration_option("--expires-in", args.expires_in, allow_zero=False)
+        expires_at = (_utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
+
+    issued = store.create_key(
+        args.client,
+        scopes=scopes,
+        tier=tier,
+        name=name,
+        expires_at=expires_at,
+        max_uses=max_uses,
+    )
+    record = issued.record
+    if args.json:
+        _emit_json(
+            {
+                "key": issued.key,
+                "key_id": record.key_id,
+                "client_id": record.client_id,
+                "name": record.name,
+                "scopes": sorted(record.scopes),
+                "tier": record.tier,
+                "created_at": _iso(record.created_at),
+                "expires_at": _iso(record.expires_at),
+                "max_uses": record.remaining_uses,
+            }
+        )
+        return 0
+    print(f"Created a key for client {_printable(record.client_id)!r}.")
+    print()
+    _print_details(record)
+    print()
+    print(f"  key:       {issued.key}")
+    print()
+    print(_NEVER_SHOWN_AGAIN)
+    return 0
+
+
+def _print_details(record: KeyRecord) -> None:
+    uses = "unlimited" if record.remaining_uses is None else str(record.remaining_uses)
+    print(f"  key id:    {record.key_id}")
+    print(f"  client:    {_printable(record.client_id)}")
+    if record.name is not None:
+        print(f"  name:      {_printable(record.name)}")
+    print(f"  scopes:    {_printable(' '.join(sorted(record.scopes))) or '(none)'}")
+    print(f"  tier:      {_printable(record.tier) if record.tier is not None else '(default)'}")
+    print(f"  expires:   {_when(record.expires_at)}")
+    print(f"  max uses:  {uses}")
+
+
+_LIST_COLUMNS = (
+    "KEY ID",
+    "CLIENT",
+    "NAME",
+    "SCOPES",
+    "TIER",
+    "STATUS",
+    "EXPIRES",
+    "USES LEFT",
+    "LAST USED",
+)
+
+
+def cmd_keys_list(args: argparse.Namespace, store: KeyStore) -> int:
+    # Listing must not create a store file as a side effect (a typo in the
+    # path would otherwise leave an empty database behind).
+    exists = _require_existing(store, allow_missing_file=True)
+    records = store.list_keys(args.client) if exists else []
+    now = _utcnow()
+    if args.json:
+        _emit_json([{**r.to_dict(), "status": key_status(r, now)} for r in records])
+        return 0
+    if not records:
+        print("No keys." if args.client is None else f"No keys for client {args.client!r}.")
+        return 0
+    rows = [_LIST_COLUMNS] + [
+        (
+            r.key_id,
+            r.client_id,
+            r.name or "-",
+            " ".join(sorted(r.scopes)) or "-",
+            r.tier or "-",
+            key_status(r, now),
+            _when(r.expires_at),
+            "unlimited" if r.remaining_uses is None else str(r.remaining_uses),
+            _when(r.last_used_at),
+        )
+        for r in records
+    ]
+    cells = [[_printable(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_LIST_COLUMNS))]
+    for row in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, store: KeyStore) -> int:
+    _require_existing(store)
+    before = store.get_key(args.key_id)
+    if before.revoked_at is not None and before.revoked_at <= _utcnow():
+        print(f"Key {before.key_id} was already revoked at {_when(before.revoked_at)}.")
+        return 0
+    record = store.revoke_key(args.key_id)
+    print(
+        f"Revoked key {record.key_id} (client {_printable(record.client_id)!r}) "
+        f"at {_when(record.revoked_at)}."
+    )
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace, store: KeyStore) -> int:
+    grace = _duration_option("--grace", args.grace, allow_zero=True)
+    _require_existing(store)
+    old = store.get_key(args.key_id)
+    if old.remaining_uses == 0:
+        # The successor inherits the uses left; none are.
+        raise CommandError(f"key {old.key_id!r} has no uses left; create a new key instead")
+    issued = store.rotate_key(args.key_id, grace_seconds=grace)
+    old_end = _end_of_life(store.get_key(args.key_id))
+    record = issued.record
+    if args.json:
+        _emit_json(
+            {
+                "key": issued.key,
+                "key_id": record.key_id,
+                "replaces": old.key_id,
+                "old_key_expires_at": _iso(old_end),
+                "client_id": record.client_id,
+                "scopes": sorted(record.scopes),
+                "tier": record.tier,
+                "expires_at": _iso(record.expires_at),
+                "max_uses": record.remaining_uses,
+            }
+        )
+        return 0
+    print(f"Rotated key {old.key_id} for client {_printable(record.client_id)!r}.")
+    print()
+    _print_details(record)
+    print()
+    print(f"  key:       {issued.key}")
+    print()
+    print(f"The old key {old.key_id} stops working at {_when(old_end, 'once its grace ends')}.")
+    print(_NEVER_SHOWN_AGAIN)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        demo = importlib.import_module(f"{__package__}.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}.demo":
+            raise UsageError("the demo is not available in this installation") from None
+        raise UsageError(
+            f"the demo needs packages that are not installed ({exc}): "
+            "pip install 'm2m-middleware[demo]'"
+        ) from None
+    except ImportError as exc:
+        raise UsageError(f"the demo cannot be loaded: {exc}") from None
+    demo_main = getattr(demo, "main", None)
+    if not callable(demo_main):
+        raise UsageError("the demo is not available in this installation")
+    demo_argv: list[str] = []
+    if args.once:
+        demo_argv.append("--once")
+    if args.port is not None:
+        demo_argv += ["--port", str(args.port)]
+    demo_argv += extra
+    result = demo_main(demo_argv)
+    return result if isinstance(result, int) else 0
+
+
+_KeysCommand = Callable[[argparse.Namespace, KeyStore], int]
+
+
+def _run_keys_command(args: argparse.Namespace, handler: _KeysCommand) -> int:
+    store = _open_store(_store_url(args))
+    try:
+        code = handler(args, store)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store.close()
+        raise
+    store.close()  # flushes pending last-used times
+    return code
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use 0 to 65535")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage m2m-middleware API keys and run the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    store_options = argparse.ArgumentParser(add_help=False)
+    store_options.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+    )
+
+    keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    create = keys_commands.add_parser(
+        "create", parents=[store_options], help="issue a new key (printed once)"
+    )
+    create.add_argument("--client", required=True, metavar="ID", help="client id of the key")
+    create.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="a scope the key grants; repeat, or give several separated by spaces",
+    )
+    create.add_argument("--tier", metavar="TIER", help="rate-limit tier of the client")
+    create.add_argument("--name", metavar="NAME", help="a label for people")
+    create.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        help="lifetime such as 3600, 30m, 12h, 30d, 2w (default: never expires)",
+    )
+    create.add_argument(
+        "--max-uses", metavar="N", help="number of requests the key admits (default: unlimited)"
+    )
+    create.add_argument("--json", action="store_true", help="print the result as JSON")
+    create.set_defaults(handler=cmd_keys_create)
+
+    listing = keys_commands.add_parser(
+        "list", parents=[store_options], help="list keys (never the keys themselves)"
+    )
+    listing.add_argument("--client", metavar="ID", help="only the keys of this client")
+    listing.add_argument("--json", action="store_true", help="print the result as JSON")
+    listing.set_defaults(handler=cmd_keys_list)
+
+    revoke = keys_commands.add_parser(
+        "revoke", parents=[store_options], help="revoke a key at once"
+    )
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+
+    rotate = keys_commands.add_parser(
+        "rotate",
+        parents=[store_options],
+        help="issue a successor key; the old one keeps working for the grace period",
+    )
+    rotate.add_argument("key_id", metavar="KEY_ID")
+    rotate.add_argument(
+        "--grace",
+        default="0",
+        metavar="DURATION",
+        help="how long the old key keeps working, such as 1h (default: 0, it stops at once)",
+    )
+    rotate.add_argument("--json", action="store_true", help="print the result as JSON")
+    rotate.set_defaults(handler=cmd_keys_rotate)
+
+    demo = commands.add_parser("demo", help="run the demo")
+    demo.add_argument("--once", action="store_true", help="run one round and exit")
+    demo.add_argument("--port", type=_port, metavar="N", help="port to listen on")
+    return parser
+
+
+def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":
+        return cmd_demo(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler: _KeysCommand = args.handler
+    return _run_keys_command(args, handler)
+
+
+def _fail(message: str, exit_code: int) -> int:
+    text = " ".join(message.split()) or "unexpected failure"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return exit_code
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, stop Python from failing again while flushing at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        return _dispatch(parser, argv)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+    except CommandError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    except (M2MError, ValueError, OSError, OverflowError, sqlite3.Error) as exc:
+        return _fail(str(exc), 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
