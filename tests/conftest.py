@@ -1,0 +1,47 @@
+"""Session-wide test setup shared by every suite.
+
+Django settings can be configured only once per process, so it happens here
+(each pytest-xdist worker is its own process and runs this once), at import:
+pytest imports this conftest before the ones below it, so their module-level
+Django imports already see configured settings. Tests switch
+``M2M_AUTH`` and ``ROOT_URLCONF`` with ``django.test.override_settings``.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+#: An empty URLconf, registered under a name no test module can shadow
+#: (conftest modules cannot be named reliably: pytest imports several as "conftest").
+BASE_URLCONF = "m2m_tests_base_urls"
+
+
+def _configure_django() -> None:
+    try:
+        import django
+        from django.conf import settings
+    except ImportError:  # pragma: no cover - the test extra installs Django
+        return
+    if settings.configured:
+        return
+    base_urls = types.ModuleType(BASE_URLCONF)
+    base_urls.urlpatterns = []  # type: ignore[attr-defined]
+    sys.modules[BASE_URLCONF] = base_urls
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="m2m-middleware-tests-only",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=BASE_URLCONF,
+        INSTALLED_APPS=["m2m_middleware.django"],
+        MIDDLEWARE=["m2m_middleware.django.M2MAuthMiddleware"],
+        DATABASES={},
+        USE_TZ=True,
+        # Never the default (an SQLite file in the working directory): tests
+        # that need keys override this with their own memory store.
+        M2M_AUTH={"key_store": "memory://"},
+    )
+    django.setup()
+
+
+_configure_django()
