@@ -1,0 +1,377 @@
+"""The same small application in Starlette, Flask and Django, behind each adapter.
+
+``make_app(config)`` takes the settings as a lower-case mapping (what Flask's
+``app.config["M2M_AUTH"]`` and Django's ``settings.M2M_AUTH`` hold; Starlette
+gets ``Settings(**config)``) and returns a :class:`Caller` that sends one
+request straight into the application and returns a :class:`Reply`.
+
+Every app has:
+
+- ``GET /orders``: the tests' settings require ``orders:read`` through ``routes``
+- ``GET /ping``: no scope of its own
+- ``GET /health``: a public path; echoes the attached client (there should be none)
+- ``GET /whoami``: echoes the attached :class:`~m2m_middleware.Client`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import flask
+import httpx
+import pytest
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.test import Client as DjangoTestClient
+from django.test import override_settings
+from django.urls import path as django_path
+from django.views.decorators.http import require_safe
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from m2m_middleware import Client, Engine, Settings
+from m2m_middleware.django import get_client as django_get_client
+from m2m_middleware.django.middleware import current_engine as django_current_engine
+from m2m_middleware.flask import M2MAuth, current_client
+from m2m_middleware.starlette import M2MMiddleware
+from m2m_middleware.starlette import get_client as starlette_get_client
+
+HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]] | None
+
+
+class Headers:
+    """Response headers, looked up case-insensitively; keeps repeated fields apart."""
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        self.items = [(name.lower(), value) for name, value in items]
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [value for key, value in self.items if key == name]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.get_all(name)
+        if len(values) > 1:
+            raise AssertionError(f"header {name} sent {len(values)} times: {values}")
+        return values[0] if values else default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self.get_all(name))
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items!r})"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _header_list(headers: HeaderInput) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+class Caller:
+    """Sends requests into one framework's app; ``engine()`` is its M2M engine.
+
+    ``prefix`` serves the app below a path prefix, the way each server does it:
+    ASGI ``root_path`` (also prepended to ``path``, as uvicorn does), WSGI
+    ``SCRIPT_NAME`` for Flask and Django. ``path`` is then relative to it.
+    """
+
+    framework: str
+
+    def __call__(
+        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+    ) -> Reply:
+        raise NotImplementedError
+
+    def get(self, path: str, headers: HeaderInput = None) -> Reply:
+        return self("GET", path, headers)
+
+    def engine(self) -> Engine:
+        raise NotImplementedError
+
+    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
+        """GET ``path`` once per entry of ``headers``, all threads released at once."""
+        start = threading.Barrier(len(headers))
+
+        def one(h: HeaderInput) -> Reply:
+            start.wait(timeout=5)
+            return self._one_of_many(path, h)
+
+        with ThreadPoolExecutor(max_workers=len(headers)) as pool:
+            return list(pool.map(one, headers))
+
+    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
+        return self("GET", path, headers)
+
+
+def echo(client: Client | None) -> dict[str, Any] | None:
+    if client is None:
+        return None
+    return {
+        "is_client": isinstance(client, Client),
+        "client_id": client.client_id,
+        "scheme": client.scheme,
+        "scopes": sorted(client.scopes),
+        "tier": client.tier,
+        "key_id": client.key_id,
+        "claims": dict(client.claims),
+    }
+
+
+# -- Starlette ------------------------------------------------------------------
+
+
+async def _st_orders(request: Request) -> Response:
+    return JSONResponse({"orders": []})
+
+
+async def _st_ping(request: Request) -> Response:
+    return PlainTextResponse("pong")
+
+
+async def _st_health(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "client": echo(starlette_get_client(request)),
+            "authenticated": request.user.is_authenticated,
+        }
+    )
+
+
+async def _st_whoami(request: Request) -> Response:
+    client = request.user
+    return JSONResponse(
+        {
+            "client": echo(client),
+            "same": starlette_get_client(request) is client,
+            "authenticated": client.is_authenticated,
+            "framework_scopes": sorted(request.auth.scopes),
+        }
+    )
+
+
+class StarletteCaller(Caller):
+    framework = "starlette"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.app = Starlette(
+            routes=[
+                Route("/orders", _st_orders, methods=["GET"]),
+                Route("/ping", _st_ping, methods=["GET"]),
+                Route("/health", _st_health, methods=["GET"]),
+                Route("/whoami", _st_whoami, methods=["GET"]),
+            ]
+        )
+        self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
+
+    def __call__(
+        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+    ) -> Reply:
+        raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in _header_list(headers)]
+
+        async def send() -> httpx.Response:
+            # No raise_app_exceptions: a crash must come back as a 500, as it
+            # does from the Flask and Django callers.
+            transport = httpx.ASGITransport(
+                app=self.app, raise_app_exceptions=False, root_path=prefix
+            )
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://testserver"
+            ) as client:
+                return await client.request(method, prefix + path, headers=raw)
+
+        response = asyncio.run(send())
+        return Reply(
+            response.status_code, Headers(response.headers.multi_items()), response.content
+        )
+
+    def engine(self) -> Engine:
+        if self.app.middleware_stack is None:
+            self.app.middleware_stack = self.app.build_middleware_stack()
+        layer: Any = self.app.middleware_stack
+        while not isinstance(layer, M2MMiddleware):
+            layer = layer.app
+        return layer.engine
+
+
+# -- Flask ----------------------------------------------------------------------
+
+
+class FlaskCaller(Caller):
+    framework = "flask"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        app = flask.Flask("m2m_conformance")
+        app.config["M2M_AUTH"] = config
+        M2MAuth(app)
+
+        @app.get("/orders")
+        def orders() -> Any:
+            return {"orders": []}
+
+        @app.get("/ping")
+        def ping() -> Any:
+            return "pong"
+
+        @app.get("/health")
+        def health() -> Any:
+            client = flask.g.get("m2m_client")
+            return {"client": echo(client), "authenticated": client is not None}
+
+        @app.get("/whoami")
+        def whoami() -> Any:
+            client = flask.g.m2m_client
+            return {
+                "client": echo(client),
+                "same": current_client._get_current_object() is client,  # type: ignore[attr-defined]
+                "authenticated": client.is_authenticated,
+                "framework_scopes": sorted(current_client.scopes),
+            }
+
+        self.app = app
+        self.client = app.test_client()
+
+    def __call__(
+        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+    ) -> Reply:
+        response = self.client.open(
+            path,
+            method=method,
+            headers=_header_list(headers),
+            base_url=f"http://localhost{prefix}",
+        )
+        return Reply(response.status_code, Headers(response.headers.items()), response.get_data())
+
+    def engine(self) -> Engine:
+        return M2MAuth.engine(self.app)
+
+
+# -- Django ---------------------------------------------------------------------
+
+
+@require_safe
+def _dj_orders(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"orders": []})
+
+
+@require_safe
+def _dj_ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("pong", content_type="text/plain")
+
+
+@require_safe
+def _dj_health(request: HttpRequest) -> HttpResponse:
+    client = request.m2m_client  # type: ignore[attr-defined]
+    return JsonResponse({"client": echo(client), "authenticated": client is not None})
+
+
+@require_safe
+def _dj_whoami(request: HttpRequest) -> HttpResponse:
+    client = request.m2m_client  # type: ignore[attr-defined]
+    return JsonResponse(
+        {
+            "client": echo(client),
+            "same": django_get_client(request) is client,
+            "authenticated": client.is_authenticated,
+            "framework_scopes": sorted(client.scopes),
+        }
+    )
+
+
+DJANGO_URLCONF = "m2m_conformance_urls"
+_urls = types.ModuleType(DJANGO_URLCONF)
+_urls.urlpatterns = [  # type: ignore[attr-defined]
+    django_path("orders", _dj_orders),
+    django_path("ping", _dj_ping),
+    django_path("health", _dj_health),
+    django_path("whoami", _dj_whoami),
+]
+sys.modules[DJANGO_URLCONF] = _urls
+
+
+class DjangoCaller(Caller):
+    framework = "django"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        # The same dict object on every request: the middleware keeps one
+        # engine (and so one set of counters) per M2M_AUTH object.
+        self.config = dict(config)
+        self.client = DjangoTestClient(raise_request_exception=False)
+
+    def _settings(self) -> override_settings:
+        return override_settings(M2M_AUTH=self.config, ROOT_URLCONF=DJANGO_URLCONF)
+
+    def __call__(
+        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+    ) -> Reply:
+        with self._settings():
+            return self._send(self.client, method, path, headers, prefix)
+
+    @staticmethod
+    def _send(
+        client: DjangoTestClient, method: str, path: str, headers: HeaderInput, prefix: str
+    ) -> Reply:
+        joined: dict[str, str] = {}
+        for name, value in _header_list(headers):
+            # What a WSGI server does with a repeated header field.
+            joined[name] = f"{joined[name]}, {value}" if name in joined else value
+        extra = {"SCRIPT_NAME": prefix} if prefix else {}
+        response = client.generic(method, path, headers=joined, **extra)
+        return Reply(response.status_code, Headers(response.headers.items()), response.content)
+
+    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
+        # override_settings swaps process-wide state: enter it once, outside the threads.
+        with self._settings():
+            return super().concurrently(path, headers)
+
+    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
+        # A test client per thread, like a WSGI server's per-request handling.
+        return self._send(DjangoTestClient(raise_request_exception=False), "GET", path, headers, "")
+
+    def engine(self) -> Engine:
+        with self._settings():
+            return django_current_engine()
+
+
+BUILDERS: dict[str, Callable[[Mapping[str, Any]], Caller]] = {
+    "starlette": StarletteCaller,
+    "flask": FlaskCaller,
+    "django": DjangoCaller,
+}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def framework(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_app(framework: str) -> Callable[[Mapping[str, Any]], Caller]:
+    return BUILDERS[framework]
