@@ -143,6 +143,10 @@ class KeyStore(abc.ABC):
         """Atomically take one use; the uses left after it, or None if none were left."""
 
     @abc.abstractmethod
+    def _return_use(self, key_id: str) -> None:
+        """Atomically give back one use taken by :meth:`_take_use` (usage-limited keys only)."""
+
+    @abc.abstractmethod
     def _drain_uses(self, key_id: str) -> int | None:
         """Atomically set the uses left to zero; the uses there were (None: unlimited)."""
 
@@ -265,7 +269,12 @@ class KeyStore(abc.ABC):
         return record
 
     def take_use(self, key_id: str) -> int | None:
+        """Take one use of a usage-limited key: the uses left after it, or None if none were."""
         return self._take_use(key_id)
+
+    def return_use(self, key_id: str) -> None:
+        """Give back a use that a request took but was then refused for (a rate limit)."""
+        self._return_use(key_id)
 
     def mark_used(self, key_id: str, when: float | None = None) -> bool:
         """Remember a use in memory; True when a write-back is due.

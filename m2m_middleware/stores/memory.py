@@ -69,6 +69,12 @@ class MemoryKeyStore(KeyStore):
             self._records[key_id] = replace(record, remaining_uses=left)
             return left
 
+    def _return_use(self, key_id: str) -> None:
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is not None and record.remaining_uses is not None:
+                self._records[key_id] = replace(record, remaining_uses=record.remaining_uses + 1)
+
     def _drain_uses(self, key_id: str) -> int | None:
         with self._lock:
             record = self._records.get(key_id)

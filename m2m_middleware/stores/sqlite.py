@@ -3,7 +3,8 @@
 WAL lets readers run beside the one writer, and a busy timeout makes a
 writer wait for the lock instead of failing, so several worker processes can
 share one file. Each thread gets its own connection (sqlite3 connections are
-not meant to be shared between threads).
+not meant to be shared between threads); the store remembers every connection
+it opens so that ``close()`` can release them all, whichever thread opened them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from typing import Any
 
@@ -71,26 +72,56 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
+class _Connection:
+    """One thread's connection, with the lock that ``close()`` takes to close it.
+
+    The owning thread holds ``lock`` while it uses ``conn``, so a ``close()``
+    from another thread waits for the statement in flight instead of closing
+    the connection under it; ``closed`` tells the owner to open a new one.
+    """
+
+    __slots__ = ("closed", "conn", "lock")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.lock = threading.RLock()
+        self.closed = False
+
+
 class SQLiteKeyStore(KeyStore):
     def __init__(self, path: str, *, timeout: float = 5.0, **kwargs: str) -> None:
         super().__init__(**kwargs)
         self.path = path
         self.timeout = timeout
-        self.location = "sqlite://" + os.path.abspath(path)
+        # realpath, not abspath: a store opened through a symlink must share its
+        # location (and so its revocation notifications) with the real path.
+        self.location = "sqlite://" + os.path.realpath(path)
         self._local = threading.local()
+        # Every connection opened, in any thread, so close() can close them all.
+        # A thread whose connection was closed that way opens a fresh one.
+        self._conns: list[_Connection] = []
+        self._conns_lock = threading.Lock()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+    def _connect(self) -> _Connection:
+        held: _Connection | None = getattr(self._local, "conn", None)
+        if held is not None and not held.closed:
+            return held
         try:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            # check_same_thread=False only so that close() may close it from
+            # another thread; each connection is still used by one thread.
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
+            conn.close()
             raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
         with self._schema_lock:
             if not self._schema_ready:
@@ -105,29 +136,47 @@ class SQLiteKeyStore(KeyStore):
                             f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
                         )
                 except sqlite3.Error as exc:
+                    conn.close()
                     raise StoreUnavailable(
                         f"cannot prepare SQLite key store {self.path!r}: {exc}"
                     ) from exc
+                except BaseException:
+                    conn.close()
+                    raise
                 self._schema_ready = True
-        self._local.conn = conn
-        return conn
+        held = _Connection(conn)
+        with self._conns_lock:
+            self._conns.append(held)
+        self._local.conn = held
+        return held
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
+        while True:
+            held = self._connect()
+            held.lock.acquire()
+            if not held.closed:
+                break
+            held.lock.release()  # closed by close() since _connect(): open anew
         try:
-            yield conn
+            yield held.conn
         except sqlite3.IntegrityError as exc:
             raise KeyStoreError(f"SQLite key store {self.path!r}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+        finally:
+            held.lock.release()
 
     def close(self) -> None:
         super().close()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for held in conns:
+            with held.lock:  # wait for a statement in flight in the owning thread
+                held.closed = True
+                with suppress(sqlite3.Error):  # close the rest regardless
+                    held.conn.close()
+        self._local.conn = None
 
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
         with self._db() as db:
@@ -203,6 +252,14 @@ class SQLiteKeyStore(KeyStore):
                 "SELECT remaining_uses FROM m2m_api_keys WHERE key_id = ?", (key_id,)
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def _return_use(self, key_id: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE m2m_api_keys SET remaining_uses = remaining_uses + 1 "
+                "WHERE key_id = ? AND remaining_uses IS NOT NULL",
+                (key_id,),
+            )
 
     def _drain_uses(self, key_id: str) -> int | None:
         with self._db() as db:

@@ -104,12 +104,6 @@ def test_memory_url_and_store_objects() -> None:
     assert open_key_store("memory://") is not store
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SQLiteKeyStore.close() closes only the calling thread's connection; "
-    "connections opened in other (e.g. asyncio.to_thread executor) threads stay open "
-    "and, on Python 3.13+, raise ResourceWarning when those threads end",
-)
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_close_releases_connections_opened_in_other_threads(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
@@ -133,12 +127,6 @@ def test_close_releases_connections_opened_in_other_threads(tmp_path: Path) -> N
         assert open_fds() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SQLiteKeyStore.location uses os.path.abspath, not realpath, so a store "
-    "opened through a symlink has another location and its revocations do not reach "
-    "the engine's cache",
-)
 def test_revocation_through_a_symlinked_path_reaches_the_cache(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
@@ -154,3 +142,33 @@ def test_revocation_through_a_symlinked_path_reaches_the_cache(tmp_path: Path) -
     finally:
         admin.close()
         serving.close()
+
+
+def test_close_then_reuse_reopens_in_every_thread(tmp_path: Path) -> None:
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    issued = store.create_key("client-a")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(store.get_key, issued.key_id).result().key_id == issued.key_id
+        store.close()
+        # The worker's thread-local connection was closed; it must not be reused.
+        assert pool.submit(store.get_key, issued.key_id).result().key_id == issued.key_id
+        assert store.get_key(issued.key_id).key_id == issued.key_id
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_open_key_store_passes_the_prefix(kind: str, tmp_path: Path) -> None:
+    url = "memory://" if kind == "memory" else sqlite_url(tmp_path / "k.db")
+    store = open_key_store(url, prefix="acme")
+    try:
+        assert store.prefix == "acme"
+        issued = store.create_key("client-a")
+        assert issued.key.startswith("acme_")
+        assert store.find_by_hash(hash_key(issued.key)) is not None
+    finally:
+        store.close()
+    default = open_key_store(url)
+    try:
+        assert default.create_key("client-b").key.startswith("m2m_")
+    finally:
+        default.close()
