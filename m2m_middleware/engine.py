@@ -8,10 +8,11 @@ network limit storages).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import keys as keyformat
 from .client import Client
@@ -45,6 +46,7 @@ class _CachedKey:
     client: Client
     dead_at: float  # epoch seconds when the key stops working (revoked or expired)
     fresh_until: float  # monotonic seconds after which the store is asked again
+    plan: LimitPlan | None = None  # the client's limits on a route without rules
 
 
 def _epoch(value: object) -> float:
@@ -56,11 +58,15 @@ class KeyCache:
 
     Revocations through any store object for the same data in this process
     drop the entry at once; elsewhere the TTL bounds how stale it can be.
+    A lookup that raced with a revocation is not cached: :attr:`generation`
+    moves on every invalidation, and :meth:`put` only caches a record read
+    in the generation it was asked for in.
     """
 
     def __init__(self, store: KeyStore, ttl: float, size: int) -> None:
         self.ttl = ttl
         self.size = size
+        self.generation = 0
         self._entries: dict[str, _CachedKey] = {}
         self._hash_by_key_id: dict[str, str] = {}
         subscribe_invalidations(store.location, self.invalidate)
@@ -68,7 +74,7 @@ class KeyCache:
     def get(self, key_hash: str) -> _CachedKey | None:
         return self._entries.get(key_hash)
 
-    def put(self, key_hash: str, record: KeyRecord) -> _CachedKey:
+    def put(self, key_hash: str, record: KeyRecord, generation: int) -> _CachedKey:
         client = Client(
             client_id=record.client_id,
             scheme="api_key",
@@ -82,15 +88,17 @@ class KeyCache:
             min(_epoch(record.revoked_at), _epoch(record.expires_at)),
             time.monotonic() + self.ttl,
         )
-        if self.size and self.ttl:
+        if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
-                oldest = next(iter(self._entries))
-                self._drop(oldest)
+                # StopIteration/RuntimeError: emptied or resized by another thread.
+                with contextlib.suppress(StopIteration, RuntimeError):
+                    self._drop(next(iter(self._entries)))
             self._entries[key_hash] = entry
             self._hash_by_key_id[record.key_id] = key_hash
         return entry
 
     def invalidate(self, key_id: str) -> None:
+        self.generation += 1
         key_hash = self._hash_by_key_id.get(key_id)
         if key_hash is not None:
             self._drop(key_hash)
@@ -101,18 +109,9 @@ class KeyCache:
             self._hash_by_key_id.pop(entry.record.key_id, None)
 
     def clear(self) -> None:
+        self.generation += 1
         self._entries.clear()
         self._hash_by_key_id.clear()
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A request that passed authentication and scopes, waiting for its limits."""
-
-    client: Client
-    usage_limited: bool
-    plan: LimitPlan
-    cost: int
 
 
 class Engine:
@@ -120,11 +119,12 @@ class Engine:
         self.settings = settings = settings or Settings()
         if "jwt" in settings.schemes:
             raise ConfigError("schemes", "'jwt' is not supported by this release yet")
-        self.store = store or open_key_store(settings.key_store)
+        self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
         self.realm = settings.realm
         self.header_name = settings.api_key_header
+        self._max_length = settings.max_credential_length
         self._public = settings.public_path_pattern
         self._routes = settings.route_rules
         self._route_cache: dict[tuple[str, str], tuple[Route, ...]] = {}
@@ -144,32 +144,34 @@ class Engine:
             key_hash = keyformat.hash_key(credential)
             entry = self.keys.get(key_hash)
             if entry is None or entry.fresh_until < time.monotonic():
-                self._precheck(credential, entry)
-                try:
-                    record = self.store.find_by_hash(key_hash)
-                except StoreUnavailable as exc:
-                    entry = self._fallback(exc, entry)
-                else:
-                    entry = self._accept(key_hash, record, entry)
-            pending = self._authorize(entry, method, path)
-            try:
-                charge = self.limiter.charge(pending.plan, pending.client.client_id, pending.cost)
-            except StorageDown:
-                charge = self._limits_down()
-            if not charge.allowed:
-                return self._rate_limited(charge)
+                entry = self._lookup(credential, key_hash, entry)
+            plan, cost = self._authorize(entry, method, path)
+            store = self.store
             key_id = entry.record.key_id
-            if pending.usage_limited:
+            took_use = False
+            if entry.record.remaining_uses is not None:
+                # Take the use before charging the limits: a request refused
+                # for quota never holds (or spends) the client's rate budget.
                 try:
-                    left = self.store.take_use(key_id)
+                    left = store.take_use(key_id)
                 except StoreUnavailable as exc:
                     left = self._use_fallback(exc)
-                if left is None:
-                    self.limiter.refund(pending.plan, pending.client.client_id, pending.cost)
-                    raise QuotaExceeded("this key has no uses left")
-            if self.store.mark_used(key_id):
+                else:
+                    took_use = left is not None
+                self._note_uses(entry, left)
+            try:
+                charge = self.limiter.charge(plan, entry.client.client_id, cost)
+                if not charge.allowed:
+                    if took_use:
+                        self._return_use(key_id)
+                    return self._rate_limited(charge)
+            except StorageDown:
+                if took_use and not self._allow_on_outage:
+                    self._return_use(key_id)
+                charge = self._limits_down()
+            if store.mark_used(key_id):
                 self._flush_last_used()
-            return Allowed(pending.client, charge.headers)
+            return Allowed(entry.client, charge.headers)
         except AuthError as error:
             return self._deny(error)
 
@@ -183,29 +185,13 @@ class Engine:
             credential = self._credential(authorization, api_key)
             key_hash = keyformat.hash_key(credential)
             entry = self.keys.get(key_hash)
-            store = self.store
             if entry is None or entry.fresh_until < time.monotonic():
-                self._precheck(credential, entry)
-                try:
-                    if store.blocking:
-                        record = await asyncio.to_thread(store.find_by_hash, key_hash)
-                    else:
-                        record = store.find_by_hash(key_hash)
-                except StoreUnavailable as exc:
-                    entry = self._fallback(exc, entry)
-                else:
-                    entry = self._accept(key_hash, record, entry)
-            pending = self._authorize(entry, method, path)
-            try:
-                charge = await self.limiter.acharge(
-                    pending.plan, pending.client.client_id, pending.cost
-                )
-            except StorageDown:
-                charge = self._limits_down()
-            if not charge.allowed:
-                return self._rate_limited(charge)
+                entry = await self._alookup(credential, key_hash, entry)
+            plan, cost = self._authorize(entry, method, path)
+            store = self.store
             key_id = entry.record.key_id
-            if pending.usage_limited:
+            took_use = False
+            if entry.record.remaining_uses is not None:
                 try:
                     if store.blocking:
                         left = await asyncio.to_thread(store.take_use, key_id)
@@ -213,26 +199,62 @@ class Engine:
                         left = store.take_use(key_id)
                 except StoreUnavailable as exc:
                     left = self._use_fallback(exc)
-                if left is None:
-                    await self.limiter.arefund(pending.plan, pending.client.client_id, pending.cost)
-                    raise QuotaExceeded("this key has no uses left")
+                else:
+                    took_use = left is not None
+                self._note_uses(entry, left)
+            try:
+                charge = await self.limiter.acharge(plan, entry.client.client_id, cost)
+                if not charge.allowed:
+                    if took_use:
+                        await self._areturn_use(key_id)
+                    return self._rate_limited(charge)
+            except StorageDown:
+                if took_use and not self._allow_on_outage:
+                    await self._areturn_use(key_id)
+                charge = self._limits_down()
             if store.mark_used(key_id):
                 if store.blocking:
                     await asyncio.to_thread(self._flush_last_used)
                 else:
                     self._flush_last_used()
-            return Allowed(pending.client, charge.headers)
+            return Allowed(entry.client, charge.headers)
         except AuthError as error:
             return self._deny(error)
+
+    def _lookup(self, credential: str, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
+        self._precheck(credential, stale)
+        generation = self.keys.generation
+        try:
+            record = self.store.find_by_hash(key_hash)
+        except StoreUnavailable as exc:
+            return self._fallback(exc, stale)
+        return self._accept(key_hash, record, stale, generation)
+
+    async def _alookup(
+        self, credential: str, key_hash: str, stale: _CachedKey | None
+    ) -> _CachedKey:
+        self._precheck(credential, stale)
+        generation = self.keys.generation
+        store = self.store
+        try:
+            if store.blocking:
+                record = await asyncio.to_thread(store.find_by_hash, key_hash)
+            else:
+                record = store.find_by_hash(key_hash)
+        except StoreUnavailable as exc:
+            return self._fallback(exc, stale)
+        return self._accept(key_hash, record, stale, generation)
 
     # -- steps shared by both -------------------------------------------------
 
     def _credential(self, authorization: str | None, api_key: str | None) -> str:
+        if authorization is None and api_key:
+            # The common case, one API-key header, without the general parser.
+            key = api_key.strip()
+            if key and len(key) <= self._max_length and "," not in key:
+                return key
         credential = extract_credential(
-            authorization,
-            api_key,
-            header_name=self.header_name,
-            max_length=self.settings.max_credential_length,
+            authorization, api_key, header_name=self.header_name, max_length=self._max_length
         )
         if credential is None:
             raise MissingCredentials(
@@ -248,14 +270,14 @@ class Engine:
             raise InvalidToken("the API key is malformed or its checksum does not match")
 
     def _accept(
-        self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None
+        self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None, generation: int
     ) -> _CachedKey:
         self._store_ok()
         if record is None:
             if stale is not None:
                 self.keys.invalidate(stale.record.key_id)
             raise InvalidToken("the API key is not recognised")
-        return self.keys.put(key_hash, record)
+        return self.keys.put(key_hash, record, generation)
 
     def _fallback(self, exc: StoreUnavailable, stale: _CachedKey | None) -> _CachedKey:
         """The store is down: a key verified before may still pass, if the policy allows."""
@@ -265,16 +287,46 @@ class Engine:
         raise TemporarilyUnavailable("the key store cannot be reached; try again shortly")
 
     def _use_fallback(self, exc: StoreUnavailable) -> int:
+        """The store is down while taking a use: -1 (unknown) if the policy allows."""
         self._store_failed(exc)
         if self._allow_on_outage:
-            return 0
+            return -1
         raise TemporarilyUnavailable("the key store cannot be reached; try again shortly")
 
-    def _authorize(self, entry: _CachedKey, method: str, path: str) -> _Pending:
+    @staticmethod
+    def _note_uses(entry: _CachedKey, left: int | None) -> None:
+        """Remember a key that is used up, so the next request is refused from the cache."""
+        if left is None or left == 0:
+            entry.record = replace(entry.record, remaining_uses=0)
+        if left is None:
+            raise QuotaExceeded("this key has no uses left")
+
+    def _return_use(self, key_id: str) -> None:
+        """Give back a use taken by a request the limits then refused (best effort)."""
+        try:
+            self.store.return_use(key_id)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+        else:
+            self.keys.invalidate(key_id)  # its cached count may say "used up"
+
+    async def _areturn_use(self, key_id: str) -> None:
+        if self.store.blocking:
+            await asyncio.to_thread(self._return_use, key_id)
+        else:
+            self._return_use(key_id)
+
+    def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
         if entry.dead_at <= time.time():
             reason = "revoked" if entry.record.revoked_at is not None else "expired"
             raise InvalidToken(f"the API key has been {reason}")
         client = entry.client
+        if not self._routes:
+            self._check_uses(entry)
+            plan = entry.plan
+            if plan is None:
+                plan = entry.plan = self.limiter.plan(client.tier, ())
+            return plan, 1
         routes = self._matching_routes(method, path)
         cost = 1
         if routes:
@@ -287,10 +339,14 @@ class Engine:
                     f"this route needs the scope(s): {' '.join(sorted(required))}",
                     scopes=tuple(sorted(required)),
                 )
+        self._check_uses(entry)
+        return self.limiter.plan(client.tier, routes), cost
+
+    @staticmethod
+    def _check_uses(entry: _CachedKey) -> None:
         remaining = entry.record.remaining_uses
         if remaining is not None and remaining <= 0:
             raise QuotaExceeded("this key has no uses left")
-        return _Pending(client, remaining is not None, self.limiter.plan(client.tier, routes), cost)
 
     def _matching_routes(self, method: str, path: str) -> tuple[Route, ...]:
         if not self._routes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
 #: An empty URLconf, registered under a name no test module can shadow
 #: (conftest modules cannot be named reliably: pytest imports several as "conftest").
@@ -45,3 +46,29 @@ def _configure_django() -> None:
 
 
 _configure_django()
+
+
+# -- a limit storage that has gone away ------------------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def break_limit_storage(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make an engine's limit storage fail every call, as an unreachable Redis would.
+
+    ``memory://`` with fixed windows is counted by ``Limiter.windows``; every
+    other storage goes through the ``limits`` storage object. Both are broken.
+    """
+
+    def breaker(limiter: Any, error: Exception | None = None) -> None:
+        def refuse(*args: object, **kwargs: object) -> int:
+            raise error or ConnectionError("limit storage unreachable")
+
+        if limiter.windows is not None:
+            monkeypatch.setattr(limiter.windows, "take", refuse)
+        monkeypatch.setattr(limiter.storage, "incr", refuse)
+        if hasattr(limiter.storage, "decr"):
+            monkeypatch.setattr(limiter.storage, "decr", refuse)
+
+    return breaker

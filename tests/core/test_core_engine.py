@@ -385,20 +385,12 @@ def test_limits_count_per_client_not_per_key(memory_store: KeyStore, check: Chec
     assert statuses([get(check, engine, k3) for _ in range(3)]) == [200, 200, 200]
 
 
-_NO_REFUND = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Limiter.refund/arefund do nothing for moving and sliding windows, so a "
-    "request refused with quota_exceeded still spends the client's rate budget (and a "
-    "used-up key can starve its client's other keys until its cache entry expires)",
-)
-
-
 @pytest.mark.parametrize(
     "strategy",
     [
         "fixed-window",
-        pytest.param("moving-window", marks=_NO_REFUND),
-        pytest.param("sliding-window-counter", marks=_NO_REFUND),
+        "moving-window",
+        "sliding-window-counter",
     ],
 )
 def test_quota_rejection_refunds_the_rate_limit(
@@ -541,16 +533,13 @@ def test_limit_storage_down(
     policy: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    break_limit_storage: Any,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="m2m_middleware")
     engine = make_engine(memory_store, on_storage_error=policy, default_limits="100/minute")
     key = memory_store.create_key("client-a").key
     assert isinstance(get(check, engine, key), Allowed)
-
-    def unreachable(*args: Any, **kwargs: Any) -> int:
-        raise ConnectionError("redis went away")
-
-    monkeypatch.setattr(engine.limiter.storage, "incr", unreachable)
+    break_limit_storage(engine.limiter, ConnectionError("redis went away"))
     outcomes = [get(check, engine, key) for _ in range(5)]
     if policy == "allow":
         assert all(isinstance(o, Allowed) for o in outcomes)
@@ -698,7 +687,7 @@ def test_settings_object_shortcut(memory_store: KeyStore) -> None:
     assert engine.store is memory_store
 
 
-# -- known bugs (strict xfail: they start passing when fixed) ---------------------------
+# -- races and edge cases ---------------------------------------------------------------
 
 
 class RevokedMidLookupStore(MemoryKeyStore):
@@ -714,12 +703,6 @@ class RevokedMidLookupStore(MemoryKeyStore):
         return found  # the record as read before the revocation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a revocation that lands while the engine is looking a key up is lost: "
-    "KeyCache.put caches the pre-revocation record after the invalidation already fired, "
-    "so the revoked key is accepted for up to key_cache_ttl in the same process",
-)
 def test_revocation_during_a_lookup_is_not_lost(check: Check) -> None:
     store = RevokedMidLookupStore()
     issued = store.create_key("client-a")
@@ -730,32 +713,16 @@ def test_revocation_during_a_lookup_is_not_lost(check: Check) -> None:
     assert denied(get(check, engine, issued.key), 401, "invalid_token")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Settings.key_prefix is validated but never used: the store the engine "
-    "opens from a URL always issues 'm2m_' keys",
-)
 def test_key_prefix_setting_reaches_the_store() -> None:
     engine = Engine(Settings(key_store="memory://", key_prefix="acme"))
     assert engine.store.create_key("client-a").key.startswith("acme_")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with on_storage_error='allow' and the limit storage down, a used-up key's "
-    "request skips the charge, then Engine.check/acheck refund it anyway: the refund's "
-    "storage error escapes as an exception (a 500) instead of a 429 quota_exceeded",
-)
 def test_a_used_up_key_during_a_limit_outage_is_answered_not_raised(
-    memory_store: KeyStore, check: Check, monkeypatch: pytest.MonkeyPatch
+    memory_store: KeyStore, check: Check, break_limit_storage: Any
 ) -> None:
     issued = memory_store.create_key("client-a", max_uses=1)
     engine = make_engine(memory_store, default_limits="10/minute", on_storage_error="allow")
-    assert isinstance(get(check, engine, issued.key), Allowed)  # the last use; still cached
-
-    def unreachable(*args: Any, **kwargs: Any) -> int:
-        raise ConnectionError("redis went away")
-
-    monkeypatch.setattr(engine.limiter.storage, "incr", unreachable)
-    monkeypatch.setattr(engine.limiter.storage, "decr", unreachable)
+    assert isinstance(get(check, engine, issued.key), Allowed)  # the last use
+    break_limit_storage(engine.limiter, ConnectionError("redis went away"))
     assert denied(get(check, engine, issued.key), 429, "quota_exceeded")

@@ -126,6 +126,7 @@ def test_valid_values_are_accepted_and_normalised() -> None:
     assert route.methods == frozenset({"GET", "POST"})
     assert route.scopes == frozenset({"orders:read"})
     assert route.matches("GET", "/orders/42")
+    assert route.matches("HEAD", "/orders/42")  # served by the GET view everywhere
     assert not route.matches("DELETE", "/orders/42")
     assert not route.matches("GET", "/invoices/42")
 
