@@ -2,42 +2,83 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import limits.storage
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ..errors import ConfigError
 from ..settings import Settings
+from ..stores import open_key_store
 
 MIDDLEWARE_PATH = "m2m_middleware.django.M2MAuthMiddleware"
+
+
+def _e002(exc: ConfigError) -> Error:
+    return Error(
+        f"M2M_AUTH is invalid: {exc}",
+        hint=f"Fix the '{exc.field}' entry of M2M_AUTH.",
+        obj=exc.field,
+        id="m2m_middleware.E002",
+    )
+
+
+def _check_key_store(config: Settings) -> None:
+    """Open ``key_store`` as the engine will, then close it again.
+
+    Opening does no I/O (SQLite connects on first use, so no file is made);
+    a store object passed in is left alone, open, for the engine to use.
+    """
+    try:
+        store = open_key_store(config.key_store, prefix=config.key_prefix)
+    except ConfigError:
+        raise
+    except Exception as exc:  # e.g. ValueError for a path with a NUL byte
+        raise ConfigError("key_store", f"{config.key_store!r}: {exc}") from None
+    if store is not config.key_store:
+        store.close()
+
+
+def _check_rate_limit_storage(config: Settings) -> None:
+    """Build the limits storage as ``Limiter.__init__`` does, then stop its timer."""
+    uri = config.rate_limit_storage
+    try:
+        storage: Any = limits.storage.storage_from_string(uri)
+    except Exception as exc:  # limits raises ConfigurationError / ImportError
+        raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}") from None
+    timer = getattr(storage, "timer", None)  # MemoryStorage's expiry thread
+    if timer is not None:
+        timer.cancel()
 
 
 @register(Tags.security)
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     config = getattr(settings, "M2M_AUTH", None)
-    if config is not None and not isinstance(config, dict):
+    if config is not None and not isinstance(config, (Mapping, Settings)):
         messages.append(
             Error(
-                "M2M_AUTH must be a dict of m2m-middleware settings.",
+                "M2M_AUTH must be a dict (or another mapping) of m2m-middleware settings.",
                 hint='For example M2M_AUTH = {"default_limits": "100/second"}.',
                 id="m2m_middleware.E001",
             )
         )
         return messages
     try:
-        Settings.from_mapping(config)
+        validated = config if isinstance(config, Settings) else Settings.from_mapping(config)
     except ConfigError as exc:
-        messages.append(
-            Error(
-                f"M2M_AUTH is invalid: {exc}",
-                hint=f"Fix the '{exc.field}' entry of M2M_AUTH.",
-                obj=exc.field,
-                id="m2m_middleware.E002",
-            )
-        )
-    if MIDDLEWARE_PATH not in getattr(settings, "MIDDLEWARE", []):
+        messages.append(_e002(exc))
+    else:
+        # Settings accept any URL with '://'; the engine rejects what it cannot open.
+        for check in (_check_key_store, _check_rate_limit_storage):
+            try:
+                check(validated)
+            except ConfigError as exc:
+                messages.append(_e002(exc))
+    # MIDDLEWARE may be a list or a tuple.
+    if MIDDLEWARE_PATH not in (getattr(settings, "MIDDLEWARE", None) or ()):
         messages.append(
             Warning(
                 f"{MIDDLEWARE_PATH} is not in MIDDLEWARE, so no request is authenticated.",

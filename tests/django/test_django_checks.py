@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 from django.apps import apps
 from django.core import checks
 from django.test import override_settings
 
+from m2m_middleware import Settings
 from m2m_middleware.django.apps import M2MMiddlewareConfig
+from m2m_middleware.django.checks import MIDDLEWARE_PATH
+from m2m_middleware.engine import Engine
+from m2m_middleware.errors import ConfigError
+from m2m_middleware.stores import KeyStore, MemoryKeyStore, SQLiteKeyStore
 
 VALID = {"key_store": "memory://", "default_limits": "10/second", "public_paths": ["/health"]}
 
@@ -51,12 +59,15 @@ def test_an_invalid_value_is_e002_naming_the_field(value: dict[str, Any], field:
     assert field in (message.hint or "")
 
 
-@pytest.mark.parametrize("value", ["default_limits=10/second", ["memory://"], 42])
+@pytest.mark.parametrize(
+    "value", ["default_limits=10/second", ["memory://"], [("key_store", "memory://")], 42]
+)
 def test_a_value_that_is_not_a_dict_is_e001(value: Any) -> None:
     with override_settings(M2M_AUTH=value):
         messages = checks.run_checks()
     assert [m.id for m in messages] == ["m2m_middleware.E001"]
     assert messages[0].level == checks.ERROR
+    assert messages[0].msg.startswith("M2M_AUTH must be a dict")
 
 
 def test_the_checks_are_tagged_security() -> None:
@@ -74,22 +85,99 @@ def test_a_missing_middleware_is_w001() -> None:
     assert messages[0].level == checks.WARNING
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the check only builds Settings, which accepts any key_store / "
-    "rate_limit_storage string with '://'; the URL is first rejected (ConfigError) "
-    "when the middleware builds its Engine, so `manage.py check` passes a site that "
-    "cannot start",
-)
 @pytest.mark.parametrize(
     ("value", "field"),
     [
         ({"key_store": "mysql://db/keys"}, "key_store"),
+        ({"key_store": "sqlite://keys.db"}, "key_store"),
+        ({"key_store": "postgresql://db/keys"}, "key_store"),
+        ({"key_store": "sqlite:///keys\0.db"}, "key_store"),
         ({"key_store": "memory://", "rate_limit_storage": "nosuch://host"}, "rate_limit_storage"),
     ],
-    ids=["key_store", "rate_limit_storage"],
+    ids=["key_store", "sqlite_no_path", "postgresql", "nul_byte", "rate_limit_storage"],
 )
 def test_an_unusable_store_url_is_e002(value: dict[str, Any], field: str) -> None:
     with override_settings(M2M_AUTH=value):
         messages = checks.run_checks()
     assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", field)]
+    assert field in messages[0].msg
+
+
+def test_both_unusable_store_urls_are_reported() -> None:
+    value = {"key_store": "mysql://db/keys", "rate_limit_storage": "nosuch://host"}
+    with override_settings(M2M_AUTH=value):
+        messages = checks.run_checks()
+    assert [(m.id, m.obj) for m in messages] == [
+        ("m2m_middleware.E002", "key_store"),
+        ("m2m_middleware.E002", "rate_limit_storage"),
+    ]
+
+
+def test_the_check_agrees_with_the_engine() -> None:
+    for value in ({"key_store": "mysql://db/keys"}, {"rate_limit_storage": "nosuch://host"}):
+        with pytest.raises(ConfigError) as caught:
+            Engine(Settings.from_mapping({"key_store": "memory://", **value}))
+        with override_settings(M2M_AUTH={"key_store": "memory://", **value}):
+            [message] = checks.run_checks()
+        assert message.obj == caught.value.field
+
+
+def test_checking_a_sqlite_store_creates_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    absolute = tmp_path / "sub" / "keys.db"
+    for value in ({}, {"key_store": f"sqlite:///{absolute}"}, {"key_store": "sqlite:///k.db"}):
+        with override_settings(M2M_AUTH=value):
+            assert checks.run_checks() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_opened_from_a_url_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[KeyStore] = []
+    monkeypatch.setattr(SQLiteKeyStore, "close", lambda self: closed.append(self))
+    with override_settings(M2M_AUTH={"key_store": "sqlite:///never-created.db"}):
+        assert checks.run_checks() == []
+    assert len(closed) == 1
+
+
+@pytest.mark.parametrize("wrap", [dict, Settings.from_mapping], ids=["dict", "settings"])
+def test_a_store_object_passed_in_is_left_open(wrap: Any) -> None:
+    store = MemoryKeyStore()
+    store.close = Mock()  # type: ignore[method-assign]
+    with override_settings(M2M_AUTH=wrap({"key_store": store})):
+        assert checks.run_checks() == []
+    store.close.assert_not_called()
+
+
+def test_a_network_limit_storage_is_not_contacted() -> None:
+    pytest.importorskip("redis")
+    # Nothing listens on port 1: building the storage must not connect.
+    value = {"key_store": "memory://", "rate_limit_storage": "redis://127.0.0.1:1"}
+    with override_settings(M2M_AUTH=value):
+        assert checks.run_checks() == []
+
+
+def test_a_read_only_mapping_is_accepted() -> None:
+    with override_settings(M2M_AUTH=MappingProxyType(VALID)):
+        assert checks.run_checks() == []
+
+
+def test_a_settings_instance_is_accepted() -> None:
+    with override_settings(M2M_AUTH=Settings.from_mapping(VALID)):
+        assert checks.run_checks() == []
+
+
+def test_a_settings_instance_with_an_unusable_url_is_e002() -> None:
+    config = Settings.from_mapping({"key_store": "memory://", "rate_limit_storage": "nosuch://x"})
+    with override_settings(M2M_AUTH=config):
+        messages = checks.run_checks()
+    assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", "rate_limit_storage")]
+
+
+@pytest.mark.parametrize("middleware", [[], ()], ids=["list", "tuple"])
+def test_w001_reads_a_list_or_a_tuple(middleware: Any) -> None:
+    with override_settings(M2M_AUTH=VALID, MIDDLEWARE=middleware):
+        assert [m.id for m in checks.run_checks()] == ["m2m_middleware.W001"]
+    with override_settings(M2M_AUTH=VALID, MIDDLEWARE=type(middleware)([MIDDLEWARE_PATH])):
+        assert checks.run_checks() == []
