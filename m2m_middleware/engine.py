@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from hashlib import sha256
 
 from . import keys as keyformat
 from .client import Client
@@ -122,6 +123,7 @@ class Engine:
         self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
+        self._cached = self.keys.get
         self.realm = settings.realm
         self.header_name = settings.api_key_header
         self._max_length = settings.max_credential_length
@@ -130,6 +132,9 @@ class Engine:
         self._route_cache: dict[tuple[str, str], tuple[Route, ...]] = {}
         self._allow_on_outage = settings.on_storage_error == "allow"
         self._store_down = False
+        #: True when neither the key store nor the limits can block: async
+        #: adapters may then call :meth:`check` and skip a coroutine.
+        self.never_blocks = not self.store.blocking and self.limiter.in_memory
 
     # -- the two front doors --------------------------------------------------
 
@@ -141,8 +146,8 @@ class Engine:
             if self._public is not None and self._public.match(path):
                 return PUBLIC
             credential = self._credential(authorization, api_key)
-            key_hash = keyformat.hash_key(credential)
-            entry = self.keys.get(key_hash)
+            key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
+            entry = self._cached(key_hash)
             if entry is None or entry.fresh_until < time.monotonic():
                 entry = self._lookup(credential, key_hash, entry)
             plan, cost = self._authorize(entry, method, path)
@@ -183,8 +188,8 @@ class Engine:
             if self._public is not None and self._public.match(path):
                 return PUBLIC
             credential = self._credential(authorization, api_key)
-            key_hash = keyformat.hash_key(credential)
-            entry = self.keys.get(key_hash)
+            key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
+            entry = self._cached(key_hash)
             if entry is None or entry.fresh_until < time.monotonic():
                 entry = await self._alookup(credential, key_hash, entry)
             plan, cost = self._authorize(entry, method, path)
@@ -202,8 +207,12 @@ class Engine:
                 else:
                     took_use = left is not None
                 self._note_uses(entry, left)
+            limiter = self.limiter
             try:
-                charge = await self.limiter.acharge(plan, entry.client.client_id, cost)
+                if limiter.in_memory:  # never blocks: no coroutine needed
+                    charge = limiter.charge(plan, entry.client.client_id, cost)
+                else:
+                    charge = await limiter.acharge(plan, entry.client.client_id, cost)
                 if not charge.allowed:
                     if took_use:
                         await self._areturn_use(key_id)
@@ -317,12 +326,15 @@ class Engine:
             self._return_use(key_id)
 
     def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
+        """Expiry, scopes and uses left: the plan and cost to charge, or an AuthError."""
         if entry.dead_at <= time.time():
             reason = "revoked" if entry.record.revoked_at is not None else "expired"
             raise InvalidToken(f"the API key has been {reason}")
         client = entry.client
         if not self._routes:
-            self._check_uses(entry)
+            remaining = entry.record.remaining_uses
+            if remaining is not None and remaining <= 0:
+                raise QuotaExceeded("this key has no uses left")
             plan = entry.plan
             if plan is None:
                 plan = entry.plan = self.limiter.plan(client.tier, ())
@@ -339,14 +351,10 @@ class Engine:
                     f"this route needs the scope(s): {' '.join(sorted(required))}",
                     scopes=tuple(sorted(required)),
                 )
-        self._check_uses(entry)
-        return self.limiter.plan(client.tier, routes), cost
-
-    @staticmethod
-    def _check_uses(entry: _CachedKey) -> None:
         remaining = entry.record.remaining_uses
         if remaining is not None and remaining <= 0:
             raise QuotaExceeded("this key has no uses left")
+        return self.limiter.plan(client.tier, routes), cost
 
     def _matching_routes(self, method: str, path: str) -> tuple[Route, ...]:
         if not self._routes:

@@ -3,12 +3,19 @@
 Settings come from ``settings=`` or the mapping ``app.config["M2M_AUTH"]``.
 In a view ``g.m2m_client`` and ``current_client`` are the
 :class:`~m2m_middleware.Client`.
+
+The check runs at the WSGI layer, around ``app.wsgi_app`` (where ProxyFix
+goes too), before Flask builds its request context: a refused request costs
+no routing, no context and no response object, and an admitted one pays for
+one small ``before_request`` hook that puts the client on ``g``. The
+rate-limit headers join the response as it is sent. So ``after_request``
+hooks and error handlers do not see refusals; the audit log does.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 try:
@@ -19,22 +26,75 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'm2m_middleware.flask needs Flask: pip install "m2m-middleware[flask]"'
     ) from exc
 
+try:  # the context variables behind `g` and `request` (Flask 2.2+); private
+    from flask.globals import _cv_app, _cv_request
+except ImportError:  # pragma: no cover - depends on the Flask version
+    _cv_app = _cv_request = None  # type: ignore[assignment]
+
 from .client import Client
 from .engine import Engine
 from .errors import InsufficientScope, MissingCredentials
-from .outcome import Denied, deny
+from .outcome import Denied, deny, status_line
 from .settings import Settings
 
 EXTENSION_KEY = "m2m_middleware"
+#: Where the gate leaves the authenticated client for the request (None: public path).
+ENVIRON_KEY = "m2m_middleware.client"
 F = TypeVar("F", bound=Callable[..., Any])
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class _State:
-    __slots__ = ("engine", "environ_key")
+    """What ``app.extensions["m2m_middleware"]`` holds for one app."""
+
+    __slots__ = ("engine",)
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.environ_key = "HTTP_" + engine.header_name.upper().replace("-", "_")
+
+
+class _Gate:
+    """The WSGI layer that decides each request before Flask sees it."""
+
+    def __init__(self, wsgi_app: WSGIApp, state: _State) -> None:
+        self.wsgi_app = wsgi_app
+        self.state = state
+        self.environ_key = "HTTP_" + state.engine.header_name.upper().replace("-", "_")
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if not path.isascii():  # WSGI strings are latin-1; Flask routes on UTF-8
+            path = path.encode("latin-1").decode("utf-8", "replace")
+        outcome = self.state.engine.check(
+            environ.get("REQUEST_METHOD", "GET").upper(),
+            "/" + path.lstrip("/"),
+            environ.get("HTTP_AUTHORIZATION"),
+            environ.get(self.environ_key),
+        )
+        if isinstance(outcome, Denied):
+            denied = outcome
+            start_response(
+                status_line(denied.status),
+                [
+                    ("Content-Type", "application/problem+json"),
+                    ("Content-Length", str(len(denied.body))),
+                    *denied.headers,
+                ],
+            )
+            return [denied.body]
+        environ[ENVIRON_KEY] = outcome.client
+        headers = outcome.headers
+        if not headers:
+            return self.wsgi_app(environ, start_response)
+
+        def start_with_headers(
+            status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            response_headers.extend(headers)
+            return start_response(status, response_headers, exc_info)
+
+        return self.wsgi_app(environ, start_with_headers)
 
 
 class M2MAuth:
@@ -51,9 +111,16 @@ class M2MAuth:
 
     def init_app(self, app: Flask, *, settings: Settings | None = None) -> None:
         chosen = settings or self.settings or Settings.from_mapping(app.config.get("M2M_AUTH"))
-        app.extensions[EXTENSION_KEY] = _State(Engine(chosen))
-        app.before_request(_authenticate)
-        app.after_request(_add_headers)
+        state = _State(Engine(chosen))
+        app.extensions[EXTENSION_KEY] = state
+        layer: Any = app.wsgi_app
+        while layer is not None and not isinstance(layer, _Gate):
+            layer = getattr(layer, "app", None)  # under ProxyFix and friends
+        if isinstance(layer, _Gate):  # init_app again: the new settings win
+            layer.state = state
+            return
+        app.wsgi_app = _Gate(app.wsgi_app, state)  # type: ignore[method-assign]
+        app.before_request(_attach_client)
 
     @staticmethod
     def engine(app: Flask | None = None) -> Engine:
@@ -63,35 +130,37 @@ class M2MAuth:
         return state.engine
 
 
+def _attach_client() -> None:
+    """``before_request``: put the client the gate admitted on ``g``.
+
+    Through the context variables behind ``g`` and ``request`` where this
+    Flask has them (2.2 to 3.1): each LocalProxy hop costs about a
+    microsecond, as much as the rest of the hook. Any other shape falls back
+    to the proxies, once and for good.
+    """
+    global _attach
+    try:
+        _attach()
+    except AttributeError:
+        _attach = _attach_portable
+        _attach()
+
+
+def _attach_portable() -> None:
+    g.m2m_client = request.environ.get(ENVIRON_KEY)
+
+
+def _attach_direct() -> None:
+    _cv_app.get().g.m2m_client = _cv_request.get().request.environ.get(ENVIRON_KEY)
+
+
+_attach: Callable[[], None] = _attach_portable if _cv_app is None else _attach_direct
+
+
 def _denied_response(denied: Denied) -> Response:
     response = Response(denied.body, status=denied.status, content_type="application/problem+json")
     for name, value in denied.headers:
         response.headers[name] = value
-    return response
-
-
-def _authenticate() -> Response | None:
-    state: _State = current_app.extensions[EXTENSION_KEY]
-    environ = request.environ
-    outcome = state.engine.check(
-        request.method,
-        request.path,
-        environ.get("HTTP_AUTHORIZATION"),
-        environ.get(state.environ_key),
-    )
-    if isinstance(outcome, Denied):
-        return _denied_response(outcome)
-    g.m2m_client = outcome.client
-    g._m2m_headers = outcome.headers
-    return None
-
-
-def _add_headers(response: Response) -> Response:
-    headers = g.get("_m2m_headers")
-    if headers:
-        response_headers = response.headers
-        for name, value in headers:
-            response_headers[name] = value
     return response
 
 

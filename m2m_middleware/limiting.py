@@ -92,34 +92,45 @@ class MemoryWindows:
     sweep_interval = 10.0
 
     def __init__(self) -> None:
-        self._windows: dict[str, list[float]] = {}  # key -> [count, window end (epoch)]
+        self._windows: dict[str, list[Any]] = {}  # key -> [count, window end (epoch)]
         self._lock = threading.Lock()
         self._sweep_at = 0.0
 
     def take(
         self, limits_: tuple[Limit, ...], client_id: str, cost: int, now: float
-    ) -> tuple[Limit | None, list[list[float]]]:
+    ) -> tuple[Limit | None, list[tuple[int, float]]]:
         """Charge ``cost`` to every limit, or to none.
 
-        Returns ``(None, windows)`` when admitted, each window ``[count, end]``
-        after the charge, or ``(refused limit, [its window])``.
+        Returns ``(None, [(count, end), ...])`` after the charge when admitted,
+        or ``(the refused limit, [(its count, its end)])``.
         """
-        states = []
         with self._lock:
             if now >= self._sweep_at:
                 self._sweep(now)
             windows = self._windows
+            if len(limits_) == 1:  # the common case, without the lists
+                lim = limits_[0]
+                key = lim.key_prefix + client_id
+                window = windows.get(key)
+                if window is None or window[1] <= now:
+                    window = windows[key] = [0, now + lim.expiry]
+                count = window[0] + cost
+                if count > lim.amount:
+                    return lim, [(window[0], window[1])]
+                window[0] = count
+                return None, [(count, window[1])]
+            opened = []
             for lim in limits_:
                 key = lim.key_prefix + client_id
                 window = windows.get(key)
                 if window is None or window[1] <= now:
                     window = windows[key] = [0, now + lim.expiry]
                 if window[0] + cost > lim.amount:
-                    return lim, [window]
-                states.append(window)
-            for window in states:
+                    return lim, [(window[0], window[1])]
+                opened.append(window)
+            for window in opened:
                 window[0] += cost
-        return None, states
+            return None, [(window[0], window[1]) for window in opened]
 
     def _sweep(self, now: float) -> None:
         self._sweep_at = now + self.sweep_interval
@@ -228,11 +239,33 @@ class Limiter:
     # -- sync -----------------------------------------------------------------
 
     def charge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+        """Charge ``cost`` to every limit of ``plan`` for ``client_id``, or to none.
+
+        Raises :class:`StorageDown` when the storage cannot be reached.
+        """
         if not plan.limits:
             return Charge(True, [])
         windows = self.windows
-        if windows is not None:
-            return self._charge_windows(windows, plan, client_id, cost)
+        if windows is not None:  # in-process fixed windows: the hot path
+            now = time.time()
+            try:
+                refused, states = windows.take(plan.limits, client_id, cost, now)
+            except Exception as exc:  # no I/O here; a failure is still a failure
+                raise self._failed(exc) from exc
+            if refused is not None:
+                return self._denied(plan, refused, states[0][1], client_id)
+            if not self.send_headers:
+                return Charge(True, [])
+            if len(states) == 1:
+                lim = plan.limits[0]
+                count, end = states[0]
+                value = f"{lim.header_start}{lim.amount - count};t={math.ceil(end - now)}"
+            else:
+                value = ", ".join(
+                    f"{lim.header_start}{lim.amount - count};t={math.ceil(end - now)}"
+                    for lim, (count, end) in zip(plan.limits, states, strict=True)
+                )
+            return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
         try:
             if self.fixed:
                 result = self._charge_fixed(plan, client_id, cost)
@@ -245,29 +278,6 @@ class Limiter:
         if self._down:
             self._recovered()
         return result
-
-    def _charge_windows(
-        self, windows: MemoryWindows, plan: LimitPlan, client_id: str, cost: int
-    ) -> Charge:
-        now = time.time()
-        try:
-            refused, states = windows.take(plan.limits, client_id, cost, now)
-        except Exception as exc:  # nothing here does I/O; kept for symmetry
-            raise self._failed(exc) from exc
-        if refused is not None:
-            return self._denied(plan, refused, states[0][1], client_id)
-        if not self.send_headers:
-            return Charge(True, [])
-        if len(states) == 1:
-            lim = plan.limits[0]
-            count, end = states[0]
-            value = f"{lim.header_start}{int(lim.amount - count)};t={math.ceil(end - now)}"
-        else:
-            value = ", ".join(
-                f"{lim.header_start}{int(lim.amount - count)};t={math.ceil(end - now)}"
-                for lim, (count, end) in zip(plan.limits, states, strict=True)
-            )
-        return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
 
     def _decr(self, key: str, expiry: int, cost: int) -> None:
         storage: Any = self.storage

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .client import Client
 from .errors import AuthError
@@ -13,14 +13,29 @@ Header = tuple[str, str]
 PROBLEM_TYPE = "https://github.com/m2m-middleware/m2m-middleware#error-"
 
 
-@dataclass(frozen=True, slots=True)
 class Allowed:
-    """Let the request through. ``client`` is None on a public path."""
+    """Let the request through. ``client`` is None on a public path.
 
-    client: Client | None
-    headers: list[Header] = field(default_factory=list)
+    A plain slotted class rather than a frozen dataclass: one is made per
+    request, and a frozen dataclass's ``__init__`` costs several times more.
+    """
 
+    __slots__ = ("client", "headers")
     allowed = True
+
+    def __init__(self, client: Client | None, headers: list[Header] | None = None) -> None:
+        self.client = client
+        self.headers = headers if headers is not None else []
+
+    def __repr__(self) -> str:
+        return f"Allowed(client={self.client!r}, headers={self.headers!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Allowed):
+            return NotImplemented
+        return self.client == other.client and self.headers == other.headers
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ class M2MMiddleware:
         self.app = app
         self.engine = engine or Engine(settings or Settings(**fields))
         self._key_header = self.engine.header_name.lower().encode("latin-1")
+        self._auth_cache: dict[int, tuple[Client, AuthCredentials]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -63,9 +64,19 @@ class M2MMiddleware:
             elif name == key_header:
                 text = value.decode("latin-1")
                 api_key = text if api_key is None else f"{api_key}, {text}"
-        outcome = await self.engine.acheck(
-            scope.get("method", "GET"), scope["path"], authorization, api_key
-        )
+        path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            # Route on the path below the mount point, as Starlette's router
+            # does (uvicorn --root-path, Mount): rules are written for that.
+            rest = path[len(root_path) :]
+            if not rest or rest[0] == "/":
+                path = rest or "/"
+        engine = self.engine
+        if engine.never_blocks:
+            outcome = engine.check(scope.get("method", "GET"), path, authorization, api_key)
+        else:
+            outcome = await engine.acheck(scope.get("method", "GET"), path, authorization, api_key)
         if isinstance(outcome, Denied):
             if kind == "websocket":
                 await send(
@@ -84,20 +95,48 @@ class M2MMiddleware:
             scope["auth"] = AuthCredentials()
         else:
             scope["user"] = client
-            scope["auth"] = AuthCredentials(list(client.scopes))
+            scope["auth"] = self._credentials(client)
             scope["m2m_client"] = client
         headers = outcome.headers
         if kind != "http" or not headers:
             await self.app(scope, receive, send)
             return
-        raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        names = _HEADER_NAMES
+        raw = [
+            (names.get(name) or _header_name(name), value.encode("latin-1"))
+            for name, value in headers
+        ]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *raw]
+                # A new message: the app's own may be a constant it reuses.
+                message = {**message, "headers": [*message.get("headers", ()), *raw]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _credentials(self, client: Client) -> AuthCredentials:
+        """``request.auth`` for a client, made once per cached client.
+
+        Its ``scopes`` is a tuple, so sharing it between requests is safe;
+        ``@requires`` only tests membership.
+        """
+        cached = self._auth_cache.get(id(client))
+        if cached is not None and cached[0] is client:
+            return cached[1]
+        credentials = AuthCredentials()
+        credentials.scopes = tuple(sorted(client.scopes))  # type: ignore[assignment]
+        if len(self._auth_cache) >= 4096:
+            self._auth_cache.clear()
+        self._auth_cache[id(client)] = (client, credentials)
+        return credentials
+
+
+_HEADER_NAMES = {"RateLimit-Policy": b"ratelimit-policy", "RateLimit": b"ratelimit"}
+
+
+def _header_name(name: str) -> bytes:
+    return name.lower().encode("latin-1")
 
 
 async def _send_denied(denied: Denied, send: Send) -> None:

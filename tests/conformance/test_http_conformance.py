@@ -352,17 +352,8 @@ def test_a_get_rule_also_guards_head(make_app: Maker, store: KeyStore) -> None:
 
 
 def test_rules_match_the_path_the_app_routes_on_under_a_prefix(
-    make_app: Maker, store: KeyStore, framework: str, request: pytest.FixtureRequest
+    make_app: Maker, store: KeyStore
 ) -> None:
-    if framework == "starlette":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: M2MMiddleware matches routes/public_paths against scope['path'], "
-                "which includes root_path (uvicorn --root-path, Mount), while Starlette routes "
-                "on the path below root_path: a scope rule for /orders is skipped",
-            )
-        )
     key = store.create_key("acme").key
     app = make_app(config(store))
     # Sanity: the app really is served below the prefix.
