@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, replace
 from hashlib import sha256
+from time import monotonic, time
 
 from . import keys as keyformat
 from .client import Client
@@ -87,7 +87,7 @@ class KeyCache:
             record,
             client,
             min(_epoch(record.revoked_at), _epoch(record.expires_at)),
-            time.monotonic() + self.ttl,
+            monotonic() + self.ttl,
         )
         if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
@@ -123,7 +123,7 @@ class Engine:
         self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
-        self._cached = self.keys.get
+        self._cached = self.keys._entries.get  # the dict itself: one call less per request
         self.realm = settings.realm
         self.header_name = settings.api_key_header
         self._max_length = settings.max_credential_length
@@ -143,85 +143,96 @@ class Engine:
     ) -> Allowed | Denied:
         """Decide one request. Never raises for anything the client sent."""
         try:
-            if self._public is not None and self._public.match(path):
+            public = self._public
+            if public is not None and public.match(path):
                 return PUBLIC
-            credential = self._credential(authorization, api_key)
+            if authorization is None and api_key:  # one API-key header: the usual case
+                credential = api_key.strip()
+                if not credential or "," in credential or len(credential) > self._max_length:
+                    credential = self._credential(authorization, api_key)
+            else:
+                credential = self._credential(authorization, api_key)
             key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
             entry = self._cached(key_hash)
-            if entry is None or entry.fresh_until < time.monotonic():
+            if entry is None or entry.fresh_until < monotonic():
                 entry = self._lookup(credential, key_hash, entry)
-            plan, cost = self._authorize(entry, method, path)
-            store = self.store
-            key_id = entry.record.key_id
-            took_use = False
-            if entry.record.remaining_uses is not None:
-                # Take the use before charging the limits: a request refused
-                # for quota never holds (or spends) the client's rate budget.
-                try:
-                    left = store.take_use(key_id)
-                except StoreUnavailable as exc:
-                    left = self._use_fallback(exc)
-                else:
-                    took_use = left is not None
-                self._note_uses(entry, left)
+            now = time()
+            plan = entry.plan
+            if plan is None or entry.dead_at <= now:
+                return self._decide(entry, method, path)
+            # The fast lane: a live key without usage limit, no route rules.
             try:
-                charge = self.limiter.charge(plan, entry.client.client_id, cost)
-                if not charge.allowed:
-                    if took_use:
-                        self._return_use(key_id)
-                    return self._rate_limited(charge)
+                charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
             except StorageDown:
-                if took_use and not self._allow_on_outage:
-                    self._return_use(key_id)
                 charge = self._limits_down()
-            if store.mark_used(key_id):
+            if not charge.allowed:
+                return self._rate_limited(charge)
+            if self.store.mark_used(entry.record.key_id, now):
                 self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
             return self._deny(error)
+
+    def _decide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
+        """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry."""
+        plan, cost = self._authorize(entry, method, path)
+        store = self.store
+        key_id = entry.record.key_id
+        took_use = False
+        if entry.record.remaining_uses is not None:
+            # Take the use before charging the limits: a request refused
+            # for quota never holds (or spends) the client's rate budget.
+            try:
+                left = store.take_use(key_id)
+            except StoreUnavailable as exc:
+                left = self._use_fallback(exc)
+            else:
+                took_use = left is not None
+            self._note_uses(entry, left)
+        try:
+            charge = self.limiter.charge(plan, entry.client.client_id, cost)
+            if not charge.allowed:
+                if took_use:
+                    self._return_use(key_id)
+                return self._rate_limited(charge)
+        except StorageDown:
+            if took_use and not self._allow_on_outage:
+                self._return_use(key_id)
+            charge = self._limits_down()
+        if store.mark_used(key_id):
+            self._flush_last_used()
+        return Allowed(entry.client, charge.headers)
 
     async def acheck(
         self, method: str, path: str, authorization: str | None, api_key: str | None
     ) -> Allowed | Denied:
         """The async twin of :meth:`check`: blocking store calls run in a thread."""
         try:
-            if self._public is not None and self._public.match(path):
+            public = self._public
+            if public is not None and public.match(path):
                 return PUBLIC
-            credential = self._credential(authorization, api_key)
+            if authorization is None and api_key:  # one API-key header: the usual case
+                credential = api_key.strip()
+                if not credential or "," in credential or len(credential) > self._max_length:
+                    credential = self._credential(authorization, api_key)
+            else:
+                credential = self._credential(authorization, api_key)
             key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
             entry = self._cached(key_hash)
-            if entry is None or entry.fresh_until < time.monotonic():
+            if entry is None or entry.fresh_until < monotonic():
                 entry = await self._alookup(credential, key_hash, entry)
-            plan, cost = self._authorize(entry, method, path)
-            store = self.store
-            key_id = entry.record.key_id
-            took_use = False
-            if entry.record.remaining_uses is not None:
-                try:
-                    if store.blocking:
-                        left = await asyncio.to_thread(store.take_use, key_id)
-                    else:
-                        left = store.take_use(key_id)
-                except StoreUnavailable as exc:
-                    left = self._use_fallback(exc)
-                else:
-                    took_use = left is not None
-                self._note_uses(entry, left)
-            limiter = self.limiter
+            now = time()
+            plan = entry.plan
+            if plan is None or entry.dead_at <= now or not self.limiter.in_memory:
+                return await self._adecide(entry, method, path)
             try:
-                if limiter.in_memory:  # never blocks: no coroutine needed
-                    charge = limiter.charge(plan, entry.client.client_id, cost)
-                else:
-                    charge = await limiter.acharge(plan, entry.client.client_id, cost)
-                if not charge.allowed:
-                    if took_use:
-                        await self._areturn_use(key_id)
-                    return self._rate_limited(charge)
+                charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
             except StorageDown:
-                if took_use and not self._allow_on_outage:
-                    await self._areturn_use(key_id)
                 charge = self._limits_down()
-            if store.mark_used(key_id):
+            if not charge.allowed:
+                return self._rate_limited(charge)
+            store = self.store
+            if store.mark_used(entry.record.key_id, now):
                 if store.blocking:
                     await asyncio.to_thread(self._flush_last_used)
                 else:
@@ -229,6 +240,43 @@ class Engine:
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
             return self._deny(error)
+
+    async def _adecide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
+        plan, cost = self._authorize(entry, method, path)
+        store = self.store
+        key_id = entry.record.key_id
+        took_use = False
+        if entry.record.remaining_uses is not None:
+            try:
+                if store.blocking:
+                    left = await asyncio.to_thread(store.take_use, key_id)
+                else:
+                    left = store.take_use(key_id)
+            except StoreUnavailable as exc:
+                left = self._use_fallback(exc)
+            else:
+                took_use = left is not None
+            self._note_uses(entry, left)
+        limiter = self.limiter
+        try:
+            if limiter.in_memory:  # never blocks: no coroutine needed
+                charge = limiter.charge(plan, entry.client.client_id, cost)
+            else:
+                charge = await limiter.acharge(plan, entry.client.client_id, cost)
+            if not charge.allowed:
+                if took_use:
+                    await self._areturn_use(key_id)
+                return self._rate_limited(charge)
+        except StorageDown:
+            if took_use and not self._allow_on_outage:
+                await self._areturn_use(key_id)
+            charge = self._limits_down()
+        if store.mark_used(key_id):
+            if store.blocking:
+                await asyncio.to_thread(self._flush_last_used)
+            else:
+                self._flush_last_used()
+        return Allowed(entry.client, charge.headers)
 
     def _lookup(self, credential: str, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
         self._precheck(credential, stale)
@@ -257,11 +305,6 @@ class Engine:
     # -- steps shared by both -------------------------------------------------
 
     def _credential(self, authorization: str | None, api_key: str | None) -> str:
-        if authorization is None and api_key:
-            # The common case, one API-key header, without the general parser.
-            key = api_key.strip()
-            if key and len(key) <= self._max_length and "," not in key:
-                return key
         credential = extract_credential(
             authorization, api_key, header_name=self.header_name, max_length=self._max_length
         )
@@ -327,7 +370,7 @@ class Engine:
 
     def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
         """Expiry, scopes and uses left: the plan and cost to charge, or an AuthError."""
-        if entry.dead_at <= time.time():
+        if entry.dead_at <= time():
             reason = "revoked" if entry.record.revoked_at is not None else "expired"
             raise InvalidToken(f"the API key has been {reason}")
         client = entry.client
@@ -335,9 +378,9 @@ class Engine:
             remaining = entry.record.remaining_uses
             if remaining is not None and remaining <= 0:
                 raise QuotaExceeded("this key has no uses left")
-            plan = entry.plan
-            if plan is None:
-                plan = entry.plan = self.limiter.plan(client.tier, ())
+            plan = self.limiter.plan(client.tier, ())
+            if remaining is None:
+                entry.plan = plan  # opens the fast lane for this key
             return plan, 1
         routes = self._matching_routes(method, path)
         cost = 1

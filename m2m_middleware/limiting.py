@@ -238,7 +238,9 @@ class Limiter:
 
     # -- sync -----------------------------------------------------------------
 
-    def charge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+    def charge(
+        self, plan: LimitPlan, client_id: str, cost: int, now: float | None = None
+    ) -> Charge:
         """Charge ``cost`` to every limit of ``plan`` for ``client_id``, or to none.
 
         Raises :class:`StorageDown` when the storage cannot be reached.
@@ -247,7 +249,8 @@ class Limiter:
             return Charge(True, [])
         windows = self.windows
         if windows is not None:  # in-process fixed windows: the hot path
-            now = time.time()
+            if now is None:
+                now = time.time()
             try:
                 refused, states = windows.take(plan.limits, client_id, cost, now)
             except Exception as exc:  # no I/O here; a failure is still a failure

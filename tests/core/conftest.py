@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,6 @@ def check(request: pytest.FixtureRequest) -> Check:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Replaces the engine's view of time; advance it instead of sleeping."""
     fake = FakeClock()
-    monkeypatch.setattr(
-        engine_module, "time", types.SimpleNamespace(monotonic=fake.monotonic, time=fake.time)
-    )
+    monkeypatch.setattr(engine_module, "time", fake.time)
+    monkeypatch.setattr(engine_module, "monotonic", fake.monotonic)
     return fake
