@@ -18,7 +18,7 @@ from ..settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_engines: dict[int, tuple[object, Engine]] = {}
+_engines: dict[int, tuple[object, Engine, str]] = {}
 
 
 def current_engine() -> Engine:
@@ -27,15 +27,21 @@ def current_engine() -> Engine:
     Reading the setting per request (one attribute lookup) is what makes
     ``override_settings(M2M_AUTH=...)`` take effect in tests.
     """
+    return _current()[0]
+
+
+def _current() -> tuple[Engine, str]:
+    """The current engine and the ``request.META`` key of its API-key header."""
     config = getattr(django_settings, "M2M_AUTH", None)
     cached = _engines.get(id(config))
     if cached is not None and cached[0] is config:
-        return cached[1]
+        return cached[1], cached[2]
     engine = Engine(Settings.from_mapping(config))
-    if len(_engines) > 16:
-        _engines.clear()
-    _engines[id(config)] = (config, engine)
-    return engine
+    if len(_engines) >= 16:  # override_settings in a long test run: keep the newest
+        _engines.pop(next(iter(_engines)))
+    meta_key = "HTTP_" + engine.header_name.upper().replace("-", "_")
+    _engines[id(config)] = (config, engine, meta_key)
+    return engine, meta_key
 
 
 def _denied_response(denied: Denied) -> HttpResponse:
@@ -61,13 +67,13 @@ class M2MAuthMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        engine = current_engine()
+        engine, meta_key = _current()
         meta = request.META
         outcome = engine.check(
             request.method or "GET",
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
-            meta.get(_meta_key(engine.header_name)),
+            meta.get(meta_key),
         )
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
@@ -76,14 +82,15 @@ class M2MAuthMiddleware:
         )
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        engine = current_engine()
+        engine, meta_key = _current()
         meta = request.META
-        outcome = await engine.acheck(
+        args = (
             request.method or "GET",
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
-            meta.get(_meta_key(engine.header_name)),
+            meta.get(meta_key),
         )
+        outcome = engine.check(*args) if engine.never_blocks else await engine.acheck(*args)
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
         response = await self.get_response(_attach(request, outcome))
@@ -101,11 +108,6 @@ class M2MAuthMiddleware:
 def _attach(request: HttpRequest, outcome: Allowed | Denied) -> HttpRequest:
     request.m2m_client = outcome.client  # type: ignore[attr-defined, union-attr]
     return request
-
-
-@functools.lru_cache(maxsize=8)
-def _meta_key(header: str) -> str:
-    return "HTTP_" + header.upper().replace("-", "_")
 
 
 def get_client(request: HttpRequest) -> Client | None:
