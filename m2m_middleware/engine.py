@@ -36,6 +36,8 @@ from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
 
 logger = logging.getLogger("m2m_middleware")
+#: One INFO record per authentication attempt (allowed or denied), never a secret.
+audit = logging.getLogger("m2m_middleware.audit")
 
 OUTAGE_RETRY_AFTER = 5
 _ROUTE_CACHE_SIZE = 10_000
@@ -142,6 +144,24 @@ class Engine:
         self, method: str, path: str, authorization: str | None, api_key: str | None
     ) -> Allowed | Denied:
         """Decide one request. Never raises for anything the client sent."""
+        outcome = self._check(method, path, authorization, api_key)
+        if outcome is not PUBLIC and audit.isEnabledFor(logging.INFO):
+            _audit(outcome, method, path)
+        return outcome
+
+    async def acheck(
+        self, method: str, path: str, authorization: str | None, api_key: str | None
+    ) -> Allowed | Denied:
+        """The async twin of :meth:`check`: blocking store calls run in a thread."""
+        outcome = await self._acheck(method, path, authorization, api_key)
+        if outcome is not PUBLIC and audit.isEnabledFor(logging.INFO):
+            _audit(outcome, method, path)
+        return outcome
+
+    def _check(
+        self, method: str, path: str, authorization: str | None, api_key: str | None
+    ) -> Allowed | Denied:
+        entry = None
         try:
             public = self._public
             if public is not None and public.match(path):
@@ -166,12 +186,12 @@ class Engine:
             except StorageDown:
                 charge = self._limits_down()
             if not charge.allowed:
-                return self._rate_limited(charge)
+                return self._rate_limited(charge, entry.client)
             if self.store.mark_used(entry.record.key_id, now):
                 self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(error)
+            return self._deny(error, entry.client if entry is not None else None)
 
     def _decide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
         """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry."""
@@ -194,7 +214,7 @@ class Engine:
             if not charge.allowed:
                 if took_use:
                     self._return_use(key_id)
-                return self._rate_limited(charge)
+                return self._rate_limited(charge, entry.client)
         except StorageDown:
             if took_use and not self._allow_on_outage:
                 self._return_use(key_id)
@@ -203,10 +223,10 @@ class Engine:
             self._flush_last_used()
         return Allowed(entry.client, charge.headers)
 
-    async def acheck(
+    async def _acheck(
         self, method: str, path: str, authorization: str | None, api_key: str | None
     ) -> Allowed | Denied:
-        """The async twin of :meth:`check`: blocking store calls run in a thread."""
+        entry = None
         try:
             public = self._public
             if public is not None and public.match(path):
@@ -230,7 +250,7 @@ class Engine:
             except StorageDown:
                 charge = self._limits_down()
             if not charge.allowed:
-                return self._rate_limited(charge)
+                return self._rate_limited(charge, entry.client)
             store = self.store
             if store.mark_used(entry.record.key_id, now):
                 if store.blocking:
@@ -239,7 +259,7 @@ class Engine:
                     self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(error)
+            return self._deny(error, entry.client if entry is not None else None)
 
     async def _adecide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
         plan, cost = self._authorize(entry, method, path)
@@ -266,7 +286,7 @@ class Engine:
             if not charge.allowed:
                 if took_use:
                     await self._areturn_use(key_id)
-                return self._rate_limited(charge)
+                return self._rate_limited(charge, entry.client)
         except StorageDown:
             if took_use and not self._allow_on_outage:
                 await self._areturn_use(key_id)
@@ -422,18 +442,19 @@ class Engine:
             return Charge(True, [])
         raise TemporarilyUnavailable("the rate-limit storage cannot be reached; try again shortly")
 
-    def _rate_limited(self, charge: Charge) -> Denied:
+    def _rate_limited(self, charge: Charge, client: Client) -> Denied:
         return deny(
             RateLimited(f"rate limit exceeded; retry in {charge.retry_after} second(s)"),
             self.realm,
             charge.headers,
+            client,
         )
 
-    def _deny(self, error: AuthError) -> Denied:
+    def _deny(self, error: AuthError, client: Client | None = None) -> Denied:
         extra = None
         if isinstance(error, TemporarilyUnavailable):
             extra = [("Retry-After", str(OUTAGE_RETRY_AFTER))]
-        return deny(error, self.realm, extra)
+        return deny(error, self.realm, extra, client)
 
     # -- outage bookkeeping: logged once per outage, not per request ---------
 
@@ -449,3 +470,37 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _audit(outcome: Allowed | Denied, method: str, path: str) -> None:
+    """One audit record. Fields ride in ``extra`` for structured handlers."""
+    client = outcome.client
+    fields = {
+        "m2m_allowed": outcome.allowed,
+        "m2m_status": 200 if isinstance(outcome, Allowed) else outcome.status,
+        "m2m_error": None if isinstance(outcome, Allowed) else outcome.error,
+        "m2m_client_id": client.client_id if client is not None else None,
+        "m2m_key_id": client.key_id if client is not None else None,
+        "m2m_scheme": client.scheme if client is not None else None,
+        "m2m_method": method,
+        "m2m_path": path,
+    }
+    if isinstance(outcome, Allowed):
+        audit.info(
+            "allowed %s %s client=%s key=%s",
+            method,
+            path,
+            fields["m2m_client_id"],
+            fields["m2m_key_id"],
+            extra=fields,
+        )
+    else:
+        audit.info(
+            "denied %s %s status=%d error=%s client=%s",
+            method,
+            path,
+            outcome.status,
+            outcome.error,
+            client.client_id if client is not None else "-",
+            extra=fields,
+        )

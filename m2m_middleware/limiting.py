@@ -414,5 +414,5 @@ class Limiter:
         if self.send_headers:
             headers.append(("RateLimit-Policy", plan.policy_header))
             headers.append(("RateLimit", f'"{lim.policy}";r=0;t={retry}'))
-        logger.info("client %s exceeded limit %s", client_id, lim.item)
+        logger.debug("client %s exceeded limit %s", client_id, lim.item)
         return Charge(False, headers, retry)

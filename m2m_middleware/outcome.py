@@ -47,6 +47,8 @@ class Denied:
     headers: list[Header]
     body: bytes
     detail: str = ""
+    #: Who was refused, when the credential was good (scope, limits, uses).
+    client: Client | None = None
 
     allowed = False
 
@@ -85,7 +87,12 @@ def challenge(realm: str, error: AuthError | None) -> str:
     return ", ".join(parts)
 
 
-def deny(error: AuthError, realm: str, extra_headers: list[Header] | None = None) -> Denied:
+def deny(
+    error: AuthError,
+    realm: str,
+    extra_headers: list[Header] | None = None,
+    client: Client | None = None,
+) -> Denied:
     """Turn an :class:`AuthError` into a problem+json response (RFC 9457)."""
     problem: dict[str, object] = {
         "type": PROBLEM_TYPE + error.error,
@@ -105,4 +112,4 @@ def deny(error: AuthError, realm: str, extra_headers: list[Header] | None = None
     if extra_headers:
         headers.extend(extra_headers)
     body = json.dumps(problem, separators=(",", ":")).encode()
-    return Denied(error.status, error.error, headers, body, error.detail)
+    return Denied(error.status, error.error, headers, body, error.detail, client)

@@ -106,7 +106,7 @@ class M2MAuthMiddleware:
 
 
 def _attach(request: HttpRequest, outcome: Allowed | Denied) -> HttpRequest:
-    request.m2m_client = outcome.client  # type: ignore[attr-defined, union-attr]
+    request.m2m_client = outcome.client  # type: ignore[attr-defined]
     return request
 
 
