@@ -27,8 +27,8 @@ def test_the_overhead_benchmark_runs_and_reports_every_framework() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for framework in ("starlette", "flask", "django"):
-        assert re.search(rf"^{framework}: ours \+[\d.]+ us, fastest peer", result.stdout, re.M), (
-            result.stdout
-        )
+    for framework in ("starlette", "flask", "django"):  # quick numbers may even be negative
+        assert re.search(
+            rf"^{framework}: ours [+-]-?[\d.]+ us, fastest peer", result.stdout, re.M
+        ), result.stdout
     assert "raw floor" in result.stdout
