@@ -191,7 +191,9 @@ class Engine:
                 self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(error, entry.client if entry is not None else None)
+            return self._deny(
+                error, entry.client if entry is not None and error.status != 401 else None
+            )
 
     def _decide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
         """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry."""
@@ -259,7 +261,9 @@ class Engine:
                     self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(error, entry.client if entry is not None else None)
+            return self._deny(
+                error, entry.client if entry is not None and error.status != 401 else None
+            )
 
     async def _adecide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
         plan, cost = self._authorize(entry, method, path)
@@ -391,8 +395,8 @@ class Engine:
     def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
         """Expiry, scopes and uses left: the plan and cost to charge, or an AuthError."""
         if entry.dead_at <= time():
-            reason = "revoked" if entry.record.revoked_at is not None else "expired"
-            raise InvalidToken(f"the API key has been {reason}")
+            reason = "was revoked" if entry.record.revoked_at is not None else "has expired"
+            raise InvalidToken(f"the API key {reason}")
         client = entry.client
         if not self._routes:
             remaining = entry.record.remaining_uses

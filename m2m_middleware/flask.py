@@ -48,10 +48,12 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 class _State:
     """What ``app.extensions["m2m_middleware"]`` holds for one app."""
 
-    __slots__ = ("engine",)
+    __slots__ = ("engine", "environ_key")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        #: The WSGI environ key of the API-key header, e.g. ``HTTP_X_API_KEY``.
+        self.environ_key = "HTTP_" + engine.header_name.upper().replace("-", "_")
 
 
 class _Gate:
@@ -60,17 +62,17 @@ class _Gate:
     def __init__(self, wsgi_app: WSGIApp, state: _State) -> None:
         self.wsgi_app = wsgi_app
         self.state = state
-        self.environ_key = "HTTP_" + state.engine.header_name.upper().replace("-", "_")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if not path.isascii():  # WSGI strings are latin-1; Flask routes on UTF-8
             path = path.encode("latin-1").decode("utf-8", "replace")
-        outcome = self.state.engine.check(
+        state = self.state
+        outcome = state.engine.check(
             environ.get("REQUEST_METHOD", "GET").upper(),
             "/" + path.lstrip("/"),
             environ.get("HTTP_AUTHORIZATION"),
-            environ.get(self.environ_key),
+            environ.get(state.environ_key),
         )
         if isinstance(outcome, Denied):
             denied = outcome
