@@ -573,3 +573,13 @@ def test_an_unreachable_limit_storage_follows_the_policy(
         assert reply.status == 200
         assert reply.body == b"pong"
         assert "RateLimit" not in reply.headers
+
+
+def test_a_post_rule_does_not_guard_head(make_app: Maker, store: KeyStore) -> None:
+    rule = {"path": "/orders", "methods": ["POST"], "scopes": ["orders:write"]}
+    key = store.create_key("acme").key
+    app = make_app(config(store, routes=[rule]))
+    reply = app("HEAD", "/orders", api_key(key))
+    assert reply.status == 200
+    assert reply.body == b""
+    assert "RateLimit" in reply.headers  # admitted and charged, not merely routed

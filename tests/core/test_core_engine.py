@@ -10,7 +10,10 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 import time
+import types
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 from core_support import FakeClock, header, make_engine, sqlite_url
 
+import m2m_middleware.limiting as limiting_module
 from m2m_middleware import (
     Allowed,
     Client,
@@ -726,3 +730,103 @@ def test_a_used_up_key_during_a_limit_outage_is_answered_not_raised(
     assert isinstance(get(check, engine, issued.key), Allowed)  # the last use
     break_limit_storage(engine.limiter, ConnectionError("redis went away"))
     assert denied(get(check, engine, issued.key), 429, "quota_exceeded")
+
+
+def rate_limit_left(outcome: Allowed | Denied) -> dict[str, int]:
+    """``{"<quota>;w=<window>": remaining}`` from an outcome's RateLimit headers."""
+    policy, rate = header(outcome, "RateLimit-Policy"), header(outcome, "RateLimit")
+    assert policy is not None and rate is not None
+    quotas = dict(re.findall(r'"([^"]+)";q=(\d+;w=\d+)', policy))
+    return {quotas[name]: int(r) for name, r in re.findall(r'"([^"]+)";r=(\d+);t=\d+', rate)}
+
+
+@pytest.mark.parametrize(
+    ("route", "admitted"),
+    [
+        pytest.param({"path": "/bulk", "cost": 2}, 2, id="the-minute-limit-refuses"),
+        pytest.param(
+            {"path": "/bulk", "cost": 2, "limits": "3/minute"}, 1, id="the-route-limit-refuses"
+        ),
+    ],
+)
+def test_racing_requests_admit_exactly_the_budget_and_never_charge_part_of_it(
+    memory_store: KeyStore, check: Check, route: dict[str, Any], admitted: int
+) -> None:
+    engine = make_engine(memory_store, default_limits="5/minute;8/hour", routes=[route])
+    assert engine.limiter.windows is not None  # counted by MemoryWindows
+    key = memory_store.create_key("client-a").key
+    threads = 40
+    start = threading.Barrier(threads)
+
+    def one(_: int) -> Allowed | Denied:
+        start.wait(timeout=5)
+        return get(check, engine, key, "/bulk")
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        outcomes = list(pool.map(one, range(threads)))
+    assert sum(isinstance(o, Allowed) for o in outcomes) == admitted
+    assert all(denied(o, 429, "rate_limited") for o in outcomes if not isinstance(o, Allowed))
+    # A cost-1 request on a route without rules: each default limit was charged
+    # admitted * cost by the race, and nothing by the refused requests.
+    fresh = get(check, engine, key, "/cheap")
+    assert isinstance(fresh, Allowed)
+    assert rate_limit_left(fresh) == {
+        "5;w=60": 5 - admitted * 2 - 1,
+        "8;w=3600": 8 - admitted * 2 - 1,
+    }
+
+
+# -- usage-limited keys and rate limits together -----------------------------------------
+
+
+@pytest.fixture
+def limits_clock(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The ``clock`` fixture, driving the limiter's windows as well as the engine."""
+    monkeypatch.setattr(limiting_module, "time", types.SimpleNamespace(time=clock.time))
+    return clock
+
+
+def test_a_use_taken_by_a_request_the_rate_limit_refuses_is_given_back(
+    store: KeyStore, check: Check
+) -> None:
+    engine = make_engine(store, default_limits="1/minute", key_cache_ttl=3600)
+    limited = store.create_key("client-a", max_uses=3)
+    sibling = store.create_key("client-a").key
+    assert isinstance(get(check, engine, sibling), Allowed)  # spends the client's budget
+    for _ in range(3):
+        assert denied(get(check, engine, limited.key), 429, "rate_limited")
+        assert store.get_key(limited.key_id).remaining_uses == 3
+
+
+def test_a_last_use_given_back_can_be_spent_once_the_window_ends(
+    store: KeyStore, check: Check, limits_clock: FakeClock
+) -> None:
+    engine = make_engine(store, default_limits="1/minute", key_cache_ttl=3600)
+    limited = store.create_key("client-a", max_uses=1)
+    sibling = store.create_key("client-a").key
+    assert isinstance(get(check, engine, sibling), Allowed)
+    assert denied(get(check, engine, limited.key), 429, "rate_limited")
+    assert store.get_key(limited.key_id).remaining_uses == 1
+    limits_clock.advance(61)
+    assert isinstance(get(check, engine, limited.key), Allowed)
+    assert store.get_key(limited.key_id).remaining_uses == 0
+    limits_clock.advance(61)
+    assert denied(get(check, engine, limited.key), 429, "quota_exceeded")
+
+
+def test_a_key_used_up_elsewhere_costs_its_client_no_rate_limit(
+    store: KeyStore, check: Check
+) -> None:
+    engine = make_engine(store, default_limits="4/minute", key_cache_ttl=3600)
+    sibling = store.create_key("client-a").key
+    # Used up by another instance before this engine ever saw it.
+    unseen = store.create_key("client-a", max_uses=1)
+    assert store.take_use(unseen.key_id) == 0
+    # Seen and cached with uses left, then used up by another instance.
+    cached = store.create_key("client-a", max_uses=2)
+    assert isinstance(get(check, engine, cached.key), Allowed)  # the only admitted request
+    assert store.take_use(cached.key_id) == 0
+    for _ in range(3):
+        assert denied(get(check, engine, unseen.key), 429, "quota_exceeded")
+        assert denied(get(check, engine, cached.key), 429, "quota_exceeded")
+    assert statuses([get(check, engine, sibling) for _ in range(4)]) == [200, 200, 200, 429]

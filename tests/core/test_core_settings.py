@@ -180,3 +180,31 @@ def test_replace_validates() -> None:
     with pytest.raises(ConfigError) as caught:
         settings.replace(on_storage_error="maybe")
     assert caught.value.field == "on_storage_error"
+
+
+@pytest.mark.parametrize(
+    ("methods", "method", "guarded"),
+    [
+        (["GET"], "GET", True),
+        (["GET"], "HEAD", True),  # every framework answers HEAD with the GET view
+        (["get"], "HEAD", True),
+        (["GET"], "POST", False),
+        (["GET"], "OPTIONS", False),
+        (["POST"], "HEAD", False),
+        (["POST"], "GET", False),
+        (["POST", "DELETE"], "HEAD", False),
+        (["HEAD"], "HEAD", True),
+        (["HEAD"], "GET", False),  # a HEAD rule does not guard GET
+        (None, "HEAD", True),
+        (None, "PATCH", True),
+    ],
+)
+def test_which_methods_a_route_rule_guards(
+    methods: list[str] | None, method: str, guarded: bool
+) -> None:
+    rule: dict[str, Any] = {"path": "/orders/*", "scopes": ["orders:read"]}
+    if methods is not None:
+        rule["methods"] = methods
+    (route,) = Settings(routes=(rule,)).route_rules
+    assert route.matches(method, "/orders/42") is guarded
+    assert not route.matches(method, "/invoices/42")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import flask
 import pytest
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from m2m_middleware import Client, ConfigError, Engine, KeyStore, Settings, open_key_store
-from m2m_middleware.flask import M2MAuth, current_client, require_scopes
+from m2m_middleware.flask import M2MAuth, _attach_client, _Gate, current_client, require_scopes
 from m2m_middleware.stores import MemoryKeyStore
 
 
@@ -338,3 +339,146 @@ def test_a_request_refused_for_quota_does_not_hold_rate_limit_budget() -> None:
         assert spent.result().get_json()["error"] == "quota_exceeded"
     # Only one request was admitted so far: the second of a 2/minute budget fits.
     assert second.status_code == 200, second.get_json()
+
+
+# -- the WSGI-layer gate ----------------------------------------------------------------
+
+
+def gates(app: flask.Flask) -> int:
+    """How many M2M gates the WSGI stack of ``app`` holds (under ProxyFix and the like)."""
+    found, layer = 0, cast(Any, app.wsgi_app)
+    while layer is not None:
+        found += isinstance(layer, _Gate)
+        layer = getattr(layer, "wsgi_app", None) or getattr(layer, "app", None)
+    return found
+
+
+def test_proxy_fix_wrapped_around_the_extension_still_authenticates(store: KeyStore) -> None:
+    key = store.create_key("acme").key
+    app = add_views(make_app())
+    M2MAuth(app, settings=Settings(**config(store)))
+    app.wsgi_app = ProxyFix(app.wsgi_app)  # type: ignore[method-assign]
+
+    @app.get("/remote")
+    def remote() -> Any:
+        return {"remote_addr": flask.request.remote_addr, "client": current_client.client_id}
+
+    client = app.test_client()
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    assert client.get("/remote", headers=forwarded).status_code == 401
+    response = client.get("/remote", headers={**forwarded, "X-API-Key": key})
+    assert response.status_code == 200
+    assert response.get_json() == {"remote_addr": "203.0.113.7", "client": "acme"}
+    assert response.headers["RateLimit-Policy"] == '"default-60s";q=100;w=60'
+    assert gates(app) == 1
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["bare", "under-proxy-fix"])
+def test_init_app_again_replaces_the_settings_without_a_second_gate(
+    store: KeyStore, proxied: bool
+) -> None:
+    key = store.create_key("acme").key
+    app = add_views(make_app())
+    auth = M2MAuth(app, settings=Settings(**config(store, default_limits="1/minute")))
+    if proxied:
+        app.wsgi_app = ProxyFix(app.wsgi_app)  # type: ignore[method-assign]
+    first = M2MAuth.engine(app)
+    new = Settings(**config(store, default_limits="3/minute", public_paths=[]))
+    auth.init_app(app, settings=new)
+    assert M2MAuth.engine(app) is not first
+    assert M2MAuth.engine(app).settings is new
+    assert gates(app) == 1
+    assert app.before_request_funcs[None].count(_attach_client) == 1
+
+    client = app.test_client()
+    assert client.get("/health").status_code == 401  # public under the old settings only
+    replies = [client.get("/orders", headers={"X-API-Key": key}) for _ in range(4)]
+    assert [r.status_code for r in replies] == [403, 403, 403, 429]  # one gate, one charge
+    assert replies[0].headers["RateLimit-Policy"] == '"default-60s";q=3;w=60'
+
+
+def test_init_app_again_with_a_new_api_key_header_reads_the_new_header(store: KeyStore) -> None:
+    key = store.create_key("acme").key
+    app = add_views(make_app())
+    auth = M2MAuth(app, settings=Settings(**config(store)))
+    auth.init_app(app, settings=Settings(**config(store, api_key_header="X-Other")))
+    client = app.test_client()
+    assert client.get("/whoami", headers={"X-Other": key}).status_code == 200
+    assert client.get("/whoami", headers={"X-API-Key": key}).status_code == 401
+
+
+def test_a_refused_request_runs_no_before_request_hook_and_no_view(store: KeyStore) -> None:
+    no_scope = store.create_key("acme").key
+    limited = store.create_key("globex", scopes=["orders:read"]).key
+    calls: list[str] = []
+    app = make_app()
+    app.before_request(lambda: calls.append("hook before the extension"))
+    M2MAuth(
+        app,
+        settings=Settings(
+            **config(
+                store,
+                default_limits="1/minute",
+                routes=[{"path": "/orders", "scopes": ["orders:read"]}],
+            )
+        ),
+    )
+    app.before_request(lambda: calls.append("hook after the extension"))
+    add_views(app, calls)
+    client = app.test_client()
+    assert client.get("/whoami").status_code == 401
+    assert client.get("/whoami", headers={"X-API-Key": "m2m_nonsense"}).status_code == 401
+    assert client.get("/orders", headers={"X-API-Key": no_scope}).status_code == 403
+    assert calls == []
+    # Control: an admitted request runs both hooks and the view; the next one is refused.
+    assert client.get("/orders", headers={"X-API-Key": limited}).status_code == 200
+    assert calls == ["hook before the extension", "hook after the extension", "orders"]
+    assert client.get("/orders", headers={"X-API-Key": limited}).status_code == 429
+    assert len(calls) == 3
+
+
+def test_a_public_path_leaves_g_m2m_client_none(store: KeyStore) -> None:
+    key = store.create_key("acme").key
+    app = make_app()
+    M2MAuth(app, settings=Settings(**config(store)))
+    seen: list[tuple[bool, Any]] = []
+
+    @app.get("/public/probe")
+    def probe() -> Any:
+        seen.append(("m2m_client" in flask.g, flask.g.m2m_client))
+        return {"client": current_client._get_current_object() is not None}  # type: ignore[attr-defined]
+
+    client = app.test_client()
+    # Even with a valid key sent along: public paths attach no client.
+    for headers in ({}, {"X-API-Key": key}):
+        response = client.get("/public/probe", headers=headers)
+        assert response.status_code == 200
+        assert response.get_json() == {"client": False}
+    assert seen == [(True, None), (True, None)]
+
+
+def test_a_non_ascii_path_matches_a_unicode_rule(store: KeyStore) -> None:
+    reader = store.create_key("acme", scopes=["menu:read"]).key
+    nobody = store.create_key("acme").key
+    rules = [{"path": "/café/*", "scopes": ["menu:read"]}]
+    app = make_app()
+    M2MAuth(app, settings=Settings(**config(store, routes=rules)))
+
+    @app.get("/café/<item>")
+    def cafe(item: str) -> Any:
+        return {"item": item}
+
+    @app.get("/cafe/<item>")
+    def plain(item: str) -> Any:
+        return {"item": item}
+
+    client = app.test_client()
+    response = client.get("/café/1", headers={"X-API-Key": nobody})
+    assert response.status_code == 403
+    assert 'scope="menu:read"' in response.headers["WWW-Authenticate"]
+    assert client.get("/caf%C3%A9/1", headers={"X-API-Key": nobody}).status_code == 403
+    response = client.get("/café/1", headers={"X-API-Key": reader})
+    assert response.status_code == 200
+    assert response.get_json() == {"item": "1"}
+    # The rule is for the accented path only.
+    assert client.get("/cafe/1", headers={"X-API-Key": nobody}).status_code == 200

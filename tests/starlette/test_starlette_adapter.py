@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
-from starlette.authentication import requires
+from starlette.authentication import AuthCredentials, requires
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -438,3 +438,116 @@ def test_a_blocking_key_store_works_on_the_async_path(tmp_path: Path, calls: Cal
         assert http(app, "/whoami", {"X-API-Key": key[:-1] + "x"})[0] == 401
     finally:
         sqlite.close()
+
+
+# -- the app's own messages, Starlette's auth objects, root_path --------------------------
+
+
+def send_scope(app: Any, scope: Message) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Run one HTTP request given as a ready scope; return status, raw headers and body."""
+    sent = asyncio.run(
+        _drive(app, scope, [{"type": "http.request", "body": b"", "more_body": False}])
+    )
+    start = sent[0]
+    assert start["type"] == "http.response.start"
+    body = b"".join(m.get("body", b"") for m in sent[1:] if m["type"] == "http.response.body")
+    return start["status"], list(start["headers"]), body
+
+
+def test_an_app_reusing_one_start_message_gets_one_copy_of_each_header(store: KeyStore) -> None:
+    key = store.create_key("acme").key
+    start_message: Message = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
+    }
+    pristine = {**start_message, "headers": list(start_message["headers"])}
+
+    async def constant(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        await send(start_message)  # the same object on every request
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = M2MMiddleware(constant, settings=settings(store, default_limits="5/minute"))
+    left = []
+    for _ in range(3):
+        status, raw, body = send_scope(app, _scope("http", "/x", {"X-API-Key": key}))
+        assert (status, body) == (200, b"ok")
+        names = [name for name, _ in raw]
+        assert names.count(b"ratelimit") == names.count(b"ratelimit-policy") == 1, raw
+        assert names.count(b"content-type") == 1
+        left.append(dict(raw)[b"ratelimit"].split(b";")[1])
+    assert left == [b"r=4", b"r=3", b"r=2"]
+    assert start_message == pristine
+
+
+def test_request_auth_is_starlettes_auth_credentials(store: KeyStore) -> None:
+    both = store.create_key("acme", scopes=["orders:read", "orders:write"]).key
+    reader = store.create_key("acme", scopes=["orders:read"]).key
+    seen: list[tuple[bool, list[str]]] = []
+
+    async def probe(request: Request) -> Response:
+        seen.append((isinstance(request.auth, AuthCredentials), sorted(request.auth.scopes)))
+        return JSONResponse({})
+
+    @requires(["orders:read", "orders:write"])
+    async def write(request: Request) -> Response:
+        return JSONResponse({"client_id": request.user.client_id})
+
+    routes = [Route("/probe", probe), Route("/health", probe), Route("/write", write)]
+    app = Starlette(routes=routes)
+    app.add_middleware(M2MMiddleware, settings=settings(store, routes=[]))
+    # Interleaved: each key keeps its own scopes, whatever the middleware shares.
+    for key in (both, reader, both):
+        assert http(app, "/probe", {"X-API-Key": key})[0] == 200
+    assert http(app, "/health")[0] == 200
+    assert seen == [
+        (True, ["orders:read", "orders:write"]),
+        (True, ["orders:read"]),
+        (True, ["orders:read", "orders:write"]),
+        (True, []),
+    ]
+    assert http(app, "/write", {"X-API-Key": reader})[0] == 403
+    status, _, body = http(app, "/write", {"X-API-Key": both})
+    assert status == 200
+    assert json.loads(body) == {"client_id": "acme"}
+
+
+def below_root(path: str, root_path: str, headers: dict[str, str] | None = None) -> Message:
+    """A scope as a server started with ``--root-path`` sends it: the full path, and the root."""
+    scope = _scope("http", path, headers)
+    scope["root_path"] = root_path
+    return scope
+
+
+def test_the_mount_point_itself_is_the_apps_root_path(store: KeyStore) -> None:
+    seen: list[str] = []
+
+    async def bare(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = M2MMiddleware(bare, settings=settings(store, public_paths=["/"]))
+    assert send_scope(app, below_root("/api", "/api"))[0] == 204  # "/" below the mount
+    assert send_scope(app, below_root("/api/", "/api"))[0] == 204
+    assert send_scope(app, below_root("/api/orders", "/api"))[0] == 401
+    assert seen == ["/api", "/api/"]  # the app still gets the scope it was sent
+
+
+def test_a_path_sharing_only_a_prefix_string_with_the_root_path_is_matched_whole(
+    store: KeyStore,
+) -> None:
+    key = store.create_key("acme").key
+
+    async def bare(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    rules = [{"path": "/apix/*", "scopes": ["x:read"]}]
+    app = M2MMiddleware(
+        bare, settings=settings(store, routes=rules, public_paths=["/x/*", "/orders"])
+    )
+    status, _, body = send_scope(app, below_root("/apix/orders", "/api", {"X-API-Key": key}))
+    assert status == 403
+    assert json.loads(body)["error"] == "insufficient_scope"
+    assert send_scope(app, below_root("/apix/orders", "/api"))[0] == 401  # not public either

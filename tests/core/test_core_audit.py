@@ -1,0 +1,295 @@
+"""The audit log: one INFO record per checked request on ``m2m_middleware.audit``.
+
+Allowed and denied alike, with the outcome in the record's extras; never for
+a public path, never a credential, and nothing at all when the logger is off.
+Every test runs through both front doors (the ``check`` fixture).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from core_support import make_engine
+
+import m2m_middleware.engine as engine_module
+from m2m_middleware import Allowed, Denied, Engine, StoreUnavailable
+from m2m_middleware.keys import generate_key, hash_key
+from m2m_middleware.stores import KeyRecord, MemoryKeyStore
+
+Check = Any  # the conftest ``check`` fixture
+AUDIT = "m2m_middleware.audit"
+EXTRAS = (
+    "m2m_allowed",
+    "m2m_status",
+    "m2m_error",
+    "m2m_client_id",
+    "m2m_key_id",
+    "m2m_method",
+    "m2m_path",
+)
+
+
+class SwitchableStore(MemoryKeyStore):
+    """A memory store whose lookups can be made to fail, as a database server's can."""
+
+    down = False
+
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        if self.down:
+            raise StoreUnavailable("connection refused")
+        return super()._fetch_by_hash(key_hash)
+
+
+def audit_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == AUDIT]
+
+
+def only_record(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    records = audit_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].levelno == logging.INFO
+    return records[0]
+
+
+def extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in EXTRAS}
+
+
+class World:
+    """An engine and keys for every outcome the audit log records."""
+
+    def __init__(self) -> None:
+        self.store = SwitchableStore()
+        self.engine: Engine = make_engine(
+            self.store,
+            default_limits="1/minute",
+            public_paths=["/health"],
+            routes=[{"path": "/orders", "scopes": ["orders:read"]}],
+            key_cache_ttl=0,
+        )
+        self.good = self.store.create_key("client-a", scopes=["orders:read"])
+        self.no_scope = self.store.create_key("client-b")
+        self.limited = self.store.create_key("client-c", max_uses=1)
+        self.busy = self.store.create_key("client-d")
+        revoked = self.store.create_key("client-e")
+        self.store.revoke_key(revoked.key_id)
+        self.revoked = revoked.key
+        past = datetime.now(timezone.utc) - timedelta(minutes=1)
+        self.expired = self.store.create_key("client-f", expires_at=past).key
+        self.unknown = generate_key()
+        good = self.good.key
+        self.malformed = good[:-1] + ("A" if good[-1] != "A" else "B")
+
+    def secrets(self) -> list[str]:
+        keys = [
+            self.good.key,
+            self.no_scope.key,
+            self.limited.key,
+            self.busy.key,
+            self.revoked,
+            self.expired,
+            self.unknown,
+            self.malformed,
+        ]
+        # The plaintext, its bare secret, and the hash the store keeps.
+        return [piece for key in keys for piece in (key, key[4:-6], hash_key(key))]
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+@pytest.fixture
+def audit_on(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger=AUDIT)
+    return caplog
+
+
+def test_an_allowed_request_is_one_info_record(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture
+) -> None:
+    outcome = check(world.engine, "GET", "/orders", f"Bearer {world.good.key}", None)
+    assert isinstance(outcome, Allowed)
+    record = only_record(audit_on)
+    assert extras(record) == {
+        "m2m_allowed": True,
+        "m2m_status": 200,
+        "m2m_error": None,
+        "m2m_client_id": "client-a",
+        "m2m_key_id": world.good.key_id,
+        "m2m_method": "GET",
+        "m2m_path": "/orders",
+    }
+    message = record.getMessage()
+    assert message.startswith("allowed GET /orders")
+    assert "client-a" in message and world.good.key_id in message
+
+
+Scenario = Callable[[World, Check], Any]
+
+
+def _rate_limited(world: World, check: Check) -> Any:
+    assert isinstance(check(world.engine, "GET", "/x", None, world.busy.key), Allowed)
+    return world.busy
+
+
+def _quota_exceeded(world: World, check: Check) -> Any:
+    assert isinstance(check(world.engine, "GET", "/x", None, world.limited.key), Allowed)
+    return world.limited
+
+
+# Denials of a good credential: (status, error, method, path, the key sent, set-up).
+KNOWN_CLIENT: dict[str, tuple[int, str, str, str, Scenario]] = {
+    "insufficient_scope": (403, "insufficient_scope", "DELETE", "/orders", lambda w, c: w.no_scope),
+    "rate_limited": (429, "rate_limited", "GET", "/x", _rate_limited),
+    "quota_exceeded": (429, "quota_exceeded", "POST", "/x", _quota_exceeded),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KNOWN_CLIENT))
+def test_a_denied_good_credential_is_one_record_naming_the_client(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture, case: str
+) -> None:
+    status, error, method, path, setup = KNOWN_CLIENT[case]
+    issued = setup(world, check)
+    audit_on.clear()
+    outcome = check(world.engine, method, path, None, issued.key)
+    assert isinstance(outcome, Denied) and (outcome.status, outcome.error) == (status, error)
+    record = only_record(audit_on)
+    assert extras(record) == {
+        "m2m_allowed": False,
+        "m2m_status": status,
+        "m2m_error": error,
+        "m2m_client_id": issued.record.client_id,
+        "m2m_key_id": issued.key_id,
+        "m2m_method": method,
+        "m2m_path": path,
+    }
+    message = record.getMessage()
+    assert message.startswith(f"denied {method} {path} status={status} error={error}")
+    assert f"client={issued.record.client_id}" in message
+
+
+def _missing(world: World) -> tuple[str | None, str | None]:
+    return None, None
+
+
+# Denials without a usable credential: (status, error, (authorization, api key)).
+NO_CLIENT: dict[str, tuple[int, str, Callable[[World], tuple[str | None, str | None]]]] = {
+    "missing": (401, "missing_credentials", _missing),
+    "unknown": (401, "invalid_token", lambda w: (None, w.unknown)),
+    "malformed": (401, "invalid_token", lambda w: (f"Bearer {w.malformed}", None)),
+    "revoked": (401, "invalid_token", lambda w: (None, w.revoked)),
+    "expired": (401, "invalid_token", lambda w: (f"Bearer {w.expired}", None)),
+    "two-credentials": (400, "invalid_request", lambda w: (f"Bearer {w.good.key}", w.unknown)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_CLIENT))
+def test_a_denial_without_a_good_credential_names_no_client(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture, case: str
+) -> None:
+    status, error, credentials = NO_CLIENT[case]
+    outcome = check(world.engine, "PUT", "/orders/7", *credentials(world))
+    assert isinstance(outcome, Denied) and (outcome.status, outcome.error) == (status, error)
+    record = only_record(audit_on)
+    assert extras(record) == {
+        "m2m_allowed": False,
+        "m2m_status": status,
+        "m2m_error": error,
+        "m2m_client_id": None,
+        "m2m_key_id": None,
+        "m2m_method": "PUT",
+        "m2m_path": "/orders/7",
+    }
+    assert record.getMessage().endswith(" client=-")
+
+
+def test_an_unreachable_store_is_one_503_record(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture
+) -> None:
+    world.store.down = True
+    outcome = check(world.engine, "GET", "/x", None, world.good.key)
+    assert isinstance(outcome, Denied) and outcome.status == 503
+    record = only_record(audit_on)
+    assert (record.m2m_status, record.m2m_error, record.m2m_client_id) == (  # type: ignore[attr-defined]
+        503,
+        "temporarily_unavailable",
+        None,
+    )
+
+
+def test_public_paths_are_not_audited(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture
+) -> None:
+    for credentials in ((None, None), (None, world.good.key), (None, world.malformed)):
+        assert isinstance(check(world.engine, "GET", "/health", *credentials), Allowed)
+    assert audit_records(audit_on) == []
+    # Control: the same engine audits a protected path.
+    check(world.engine, "GET", "/x", None, None)
+    assert len(audit_records(audit_on)) == 1
+
+
+def run_every_outcome(world: World, check: Check) -> list[Allowed | Denied]:
+    engine, key = world.engine, world.good.key
+    outcomes = [
+        check(engine, "GET", "/orders", None, key),
+        check(engine, "GET", "/orders", f"Bearer {key}", None),  # rate limited
+        check(engine, "GET", "/orders", None, world.no_scope.key),
+        check(engine, "GET", "/x", None, world.limited.key),
+        check(engine, "GET", "/x", None, world.limited.key),  # quota exceeded
+        check(engine, "GET", "/x", None, world.revoked),
+        check(engine, "GET", "/x", None, world.expired),
+        check(engine, "GET", "/x", None, world.unknown),
+        check(engine, "GET", "/x", f"Bearer {world.malformed}", None),
+        check(engine, "GET", "/x", f"Bearer {key}", world.unknown),
+        check(engine, "GET", "/x", None, None),
+    ]
+    world.store.down = True
+    outcomes.append(check(engine, "GET", "/x", None, world.busy.key))
+    world.store.down = False
+    return outcomes
+
+
+def test_no_record_holds_a_credential_or_its_hash(
+    world: World, check: Check, audit_on: pytest.LogCaptureFixture
+) -> None:
+    outcomes = run_every_outcome(world, check)
+    records = audit_records(audit_on)
+    assert len(records) == len(outcomes) == 12  # one per request
+    assert sorted({o.status if isinstance(o, Denied) else 200 for o in outcomes}) == [
+        200, 400, 401, 403, 429, 503
+    ]  # fmt: skip
+    for record in records:
+        text = record.getMessage() + repr(record.args) + repr(vars(record))
+        for secret in world.secrets():
+            assert secret not in text
+
+
+def test_nothing_is_audited_when_the_audit_logger_is_above_info(
+    world: World,
+    check: Check,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[object] = []
+    real = engine_module._audit
+
+    def spy(*args: Any) -> None:
+        built.append(args)
+        real(*args)
+
+    monkeypatch.setattr(engine_module, "_audit", spy)
+    caplog.set_level(logging.WARNING, logger=AUDIT)
+    run_every_outcome(world, check)
+    assert audit_records(caplog) == []
+    assert built == []  # not even the fields are put together
+    # Control: at INFO the same requests are audited.
+    caplog.set_level(logging.INFO, logger=AUDIT)
+    run_every_outcome(World(), check)
+    assert len(built) == len(audit_records(caplog)) == 12

@@ -1,0 +1,67 @@
+"""The limiter on its own: in-process fixed windows (``memory://``), with time injected.
+
+``Limiter.charge(..., now=...)`` takes the time from the caller, so windows
+can be opened, run out and swept without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from m2m_middleware import Settings
+from m2m_middleware.limiting import Charge, Limiter, MemoryWindows
+
+
+def memory_limiter(**fields: Any) -> tuple[Limiter, MemoryWindows]:
+    limiter = Limiter(Settings(key_store="memory://", rate_limit_storage="memory://", **fields))
+    assert limiter.windows is not None  # memory:// with fixed windows is counted in-process
+    return limiter, limiter.windows
+
+
+def remaining(charge: Charge) -> str:
+    """The ``RateLimit`` header of an admitted charge."""
+    assert charge.allowed
+    values = [value for name, value in charge.headers if name == "RateLimit"]
+    assert len(values) == 1, charge.headers
+    return values[0]
+
+
+def test_a_window_runs_out_after_its_period_and_a_fresh_one_opens() -> None:
+    limiter, _ = memory_limiter(default_limits="2/minute")
+    plan = limiter.plan(None, ())
+    t0 = float(int(time.time()))  # whole seconds: exact sums below
+    assert remaining(limiter.charge(plan, "client-a", 1, now=t0)) == '"default-60s";r=1;t=60'
+    assert remaining(limiter.charge(plan, "client-a", 1, now=t0 + 10)) == '"default-60s";r=0;t=50'
+    assert not limiter.charge(plan, "client-a", 1, now=t0 + 59.9).allowed
+    # Another client has a window of its own.
+    assert limiter.charge(plan, "client-b", 1, now=t0 + 59.9).allowed
+    # At the window's end the budget is whole again, in a window that starts now.
+    assert remaining(limiter.charge(plan, "client-a", 1, now=t0 + 60)) == '"default-60s";r=1;t=60'
+    assert remaining(limiter.charge(plan, "client-a", 1, now=t0 + 61)) == '"default-60s";r=0;t=59'
+    assert not limiter.charge(plan, "client-a", 1, now=t0 + 62).allowed
+
+
+def test_each_limit_of_a_plan_expires_on_its_own() -> None:
+    limiter, _ = memory_limiter(default_limits="1/second;3/minute")
+    plan = limiter.plan(None, ())
+    t0 = float(int(time.time()))
+    admitted = [limiter.charge(plan, "client-a", 1, now=t0 + i * 0.5).allowed for i in range(8)]
+    # One a second, until the minute's three are spent.
+    assert admitted == [True, False, True, False, True, False, False, False]
+    assert limiter.charge(plan, "client-a", 1, now=t0 + 60).allowed  # the minute ran out
+
+
+def test_the_sweep_drops_expired_windows_and_keeps_live_ones() -> None:
+    limiter, windows = memory_limiter(default_limits="1/second", tiers={"slow": "1/hour"})
+    short, long = limiter.plan(None, ()), limiter.plan("slow", ())
+    t0 = float(int(time.time()))
+    for i in range(5):
+        assert limiter.charge(short, f"short-{i}", 1, now=t0).allowed
+    assert limiter.charge(long, "long", 1, now=t0).allowed
+    assert len(windows._windows) == 6
+
+    assert limiter.charge(short, "late", 1, now=t0 + windows.sweep_interval).allowed
+    assert sorted(key.rsplit("/", 1)[1] for key in windows._windows) == ["late", "long"]
+    # The window the sweep kept still counts: its hour is not over.
+    assert not limiter.charge(long, "long", 1, now=t0 + windows.sweep_interval + 1).allowed
