@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from adapter_support import config
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.test import AsyncClient, Client, override_settings
 from django.urls import path
@@ -89,17 +90,6 @@ sys.modules[URLCONF] = _urls
 @pytest.fixture
 def store() -> KeyStore:
     return open_key_store("memory://")
-
-
-def config(store: KeyStore, **overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "key_store": store,
-        "rate_limit_storage": "memory://",
-        "default_limits": "100/minute",
-        "public_paths": ["/health", "/public/*"],
-    }
-    values.update(overrides)
-    return values
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import flask
 import pytest
+from adapter_support import config
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from m2m_middleware import Client, ConfigError, Engine, KeyStore, Settings, open_key_store
@@ -18,17 +19,6 @@ from m2m_middleware.stores import MemoryKeyStore
 @pytest.fixture
 def store() -> KeyStore:
     return open_key_store("memory://")
-
-
-def config(store: KeyStore, **overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "key_store": store,
-        "rate_limit_storage": "memory://",
-        "default_limits": "100/minute",
-        "public_paths": ["/health", "/public/*"],
-    }
-    values.update(overrides)
-    return values
 
 
 def add_views(app: flask.Flask, calls: list[str] | None = None) -> flask.Flask:
