@@ -43,3 +43,8 @@ def extract_credential(
     if credential is not None and len(credential) > max_length:
         raise InvalidToken(f"the credential is longer than {max_length} characters")
     return credential
+
+
+def looks_like_jwt(credential: str) -> bool:
+    """JWTs and API keys are told apart by shape: a JWT has dots, an API key never does."""
+    return "." in credential

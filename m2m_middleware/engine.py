@@ -14,13 +14,13 @@ import math
 from dataclasses import dataclass, replace
 from hashlib import sha256
 from time import monotonic, time
+from typing import TYPE_CHECKING
 
 from . import keys as keyformat
 from .client import Client
-from .credentials import extract_credential
+from .credentials import extract_credential, looks_like_jwt
 from .errors import (
     AuthError,
-    ConfigError,
     InsufficientScope,
     InvalidToken,
     MissingCredentials,
@@ -35,6 +35,9 @@ from .settings import Route, Settings
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
 
+if TYPE_CHECKING:
+    from .tokens import TokenVerifier
+
 logger = logging.getLogger("m2m_middleware")
 #: One INFO record per authentication attempt (allowed or denied), never a secret.
 audit = logging.getLogger("m2m_middleware.audit")
@@ -45,7 +48,7 @@ _ROUTE_CACHE_SIZE = 10_000
 
 @dataclass(slots=True)
 class _CachedKey:
-    record: KeyRecord
+    record: KeyRecord | None  # None for a verified JWT
     client: Client
     dead_at: float  # epoch seconds when the key stops working (revoked or expired)
     fresh_until: float  # monotonic seconds after which the store is asked again
@@ -100,6 +103,16 @@ class KeyCache:
             self._hash_by_key_id[record.key_id] = key_hash
         return entry
 
+    def put_token(self, token_hash: str, client: Client, dead_at: float) -> _CachedKey:
+        """A verified JWT: kept until it expires (or the TTL ends) at the latest."""
+        entry = _CachedKey(None, client, dead_at, monotonic() + self.ttl)
+        if self.size and self.ttl:
+            if len(self._entries) >= self.size:
+                with contextlib.suppress(StopIteration, RuntimeError):
+                    self._drop(next(iter(self._entries)))
+            self._entries[token_hash] = entry
+        return entry
+
     def invalidate(self, key_id: str) -> None:
         self.generation += 1
         key_hash = self._hash_by_key_id.get(key_id)
@@ -108,7 +121,7 @@ class KeyCache:
 
     def _drop(self, key_hash: str) -> None:
         entry = self._entries.pop(key_hash, None)
-        if entry is not None:
+        if entry is not None and entry.record is not None:
             self._hash_by_key_id.pop(entry.record.key_id, None)
 
     def clear(self) -> None:
@@ -120,8 +133,14 @@ class KeyCache:
 class Engine:
     def __init__(self, settings: Settings | None = None, *, store: KeyStore | None = None) -> None:
         self.settings = settings = settings or Settings()
+        self.tokens: TokenVerifier | None = None
         if "jwt" in settings.schemes:
-            raise ConfigError("schemes", "'jwt' is not supported by this release yet")
+            from .tokens import TokenVerifier  # joserfc loads only when JWTs are on
+
+            self.tokens = TokenVerifier(settings)
+        self._api_keys = "api_key" in settings.schemes
+        if store is None and not self._api_keys and isinstance(settings.key_store, str):
+            store = open_key_store("memory://")  # JWT only: no key file to create
         self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
@@ -187,7 +206,8 @@ class Engine:
                 charge = self._limits_down()
             if not charge.allowed:
                 return self._rate_limited(charge, entry.client)
-            if self.store.mark_used(entry.record.key_id, now):
+            record = entry.record
+            if record is not None and self.store.mark_used(record.key_id, now):
                 self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
@@ -199,9 +219,10 @@ class Engine:
         """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry."""
         plan, cost = self._authorize(entry, method, path)
         store = self.store
-        key_id = entry.record.key_id
+        record = entry.record
+        key_id = record.key_id if record is not None else ""
         took_use = False
-        if entry.record.remaining_uses is not None:
+        if record is not None and record.remaining_uses is not None:
             # Take the use before charging the limits: a request refused
             # for quota never holds (or spends) the client's rate budget.
             try:
@@ -221,7 +242,7 @@ class Engine:
             if took_use and not self._allow_on_outage:
                 self._return_use(key_id)
             charge = self._limits_down()
-        if store.mark_used(key_id):
+        if record is not None and store.mark_used(key_id):
             self._flush_last_used()
         return Allowed(entry.client, charge.headers)
 
@@ -254,7 +275,8 @@ class Engine:
             if not charge.allowed:
                 return self._rate_limited(charge, entry.client)
             store = self.store
-            if store.mark_used(entry.record.key_id, now):
+            record = entry.record
+            if record is not None and store.mark_used(record.key_id, now):
                 if store.blocking:
                     await asyncio.to_thread(self._flush_last_used)
                 else:
@@ -268,9 +290,10 @@ class Engine:
     async def _adecide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
         plan, cost = self._authorize(entry, method, path)
         store = self.store
-        key_id = entry.record.key_id
+        record = entry.record
+        key_id = record.key_id if record is not None else ""
         took_use = False
-        if entry.record.remaining_uses is not None:
+        if record is not None and record.remaining_uses is not None:
             try:
                 if store.blocking:
                     left = await asyncio.to_thread(store.take_use, key_id)
@@ -295,7 +318,7 @@ class Engine:
             if took_use and not self._allow_on_outage:
                 await self._areturn_use(key_id)
             charge = self._limits_down()
-        if store.mark_used(key_id):
+        if record is not None and store.mark_used(key_id):
             if store.blocking:
                 await asyncio.to_thread(self._flush_last_used)
             else:
@@ -303,6 +326,10 @@ class Engine:
         return Allowed(entry.client, charge.headers)
 
     def _lookup(self, credential: str, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
+        tokens = self.tokens
+        if tokens is not None and looks_like_jwt(credential):
+            verified = tokens.verify(credential)
+            return self.keys.put_token(key_hash, verified.client, verified.dead_at)
         self._precheck(credential, stale)
         generation = self.keys.generation
         try:
@@ -314,6 +341,10 @@ class Engine:
     async def _alookup(
         self, credential: str, key_hash: str, stale: _CachedKey | None
     ) -> _CachedKey:
+        tokens = self.tokens
+        if tokens is not None and looks_like_jwt(credential):
+            verified = await tokens.averify(credential)
+            return self.keys.put_token(key_hash, verified.client, verified.dead_at)
         self._precheck(credential, stale)
         generation = self.keys.generation
         store = self.store
@@ -338,8 +369,9 @@ class Engine:
             )
         return credential
 
-    @staticmethod
-    def _precheck(credential: str, stale: _CachedKey | None) -> None:
+    def _precheck(self, credential: str, stale: _CachedKey | None) -> None:
+        if not self._api_keys:
+            raise InvalidToken("API keys are not accepted here; send a JWT")
         # Only keys that were never verified get here without a cache entry;
         # the checksum turns typos and guesses away before the store sees them.
         if stale is None and not keyformat.is_well_formed(credential):
@@ -350,7 +382,7 @@ class Engine:
     ) -> _CachedKey:
         self._store_ok()
         if record is None:
-            if stale is not None:
+            if stale is not None and stale.record is not None:
                 self.keys.invalidate(stale.record.key_id)
             raise InvalidToken("the API key is not recognised")
         return self.keys.put(key_hash, record, generation)
@@ -372,7 +404,7 @@ class Engine:
     @staticmethod
     def _note_uses(entry: _CachedKey, left: int | None) -> None:
         """Remember a key that is used up, so the next request is refused from the cache."""
-        if left is None or left == 0:
+        if entry.record is not None and (left is None or left == 0):
             entry.record = replace(entry.record, remaining_uses=0)
         if left is None:
             raise QuotaExceeded("this key has no uses left")
@@ -394,12 +426,15 @@ class Engine:
 
     def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
         """Expiry, scopes and uses left: the plan and cost to charge, or an AuthError."""
+        record = entry.record
         if entry.dead_at <= time():
-            reason = "was revoked" if entry.record.revoked_at is not None else "has expired"
+            if record is None:
+                raise InvalidToken("the token has expired")
+            reason = "was revoked" if record.revoked_at is not None else "has expired"
             raise InvalidToken(f"the API key {reason}")
         client = entry.client
+        remaining = record.remaining_uses if record is not None else None
         if not self._routes:
-            remaining = entry.record.remaining_uses
             if remaining is not None and remaining <= 0:
                 raise QuotaExceeded("this key has no uses left")
             plan = self.limiter.plan(client.tier, ())
@@ -418,7 +453,6 @@ class Engine:
                     f"this route needs the scope(s): {' '.join(sorted(required))}",
                     scopes=tuple(sorted(required)),
                 )
-        remaining = entry.record.remaining_uses
         if remaining is not None and remaining <= 0:
             raise QuotaExceeded("this key has no uses left")
         return self.limiter.plan(client.tier, routes), cost

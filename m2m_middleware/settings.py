@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse_many
 
@@ -129,10 +130,15 @@ class Settings:
     key_prefix: str = "m2m"
     jwt_issuer: str | None = None
     jwt_audience: str | tuple[str, ...] | None = None
-    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    jwt_algorithms: tuple[str, ...] | None = None
     jwt_keys: Any = None
     jwt_jwks_url: str | None = None
     jwt_leeway: float = 0.0
+    jwt_typ: str | None = None
+    jwt_client_id_claims: tuple[str, ...] = ("client_id", "sub")
+    jwt_tier_claim: str | None = None
+    jwt_jwks_timeout: float = 3.0
+    jwt_jwks_refetch_interval: float = 30.0
     default_limits: Any = ()
     tiers: Mapping[str, Any] = field(default_factory=dict)
     rate_limit_storage: str = "memory://"
@@ -153,6 +159,7 @@ class Settings:
     )
     route_rules: tuple[Route, ...] = field(init=False, repr=False, compare=False)
     public_path_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    jwt_key_ring: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -175,15 +182,7 @@ class Settings:
             validate_prefix(self.key_prefix)
         except (TypeError, ValueError) as exc:
             raise ConfigError("key_prefix", str(exc)) from None
-        if self.jwt_issuer is not None and not isinstance(self.jwt_issuer, str):
-            raise ConfigError("jwt_issuer", "expected a string")
-        if self.jwt_audience is not None:
-            set_(self, "jwt_audience", _string_tuple("jwt_audience", self.jwt_audience))
-        algorithms = _string_tuple("jwt_algorithms", self.jwt_algorithms)
-        if any(a.lower() == "none" for a in algorithms):
-            raise ConfigError("jwt_algorithms", "'none' is never accepted")
-        set_(self, "jwt_algorithms", algorithms)
-        _number("jwt_leeway", self.jwt_leeway, minimum=0, maximum=600)
+        self._validate_jwt()
         set_(self, "default_limit_items", parse_limits("default_limits", self.default_limits))
         if not isinstance(self.tiers, Mapping):
             raise ConfigError(
@@ -232,6 +231,83 @@ class Settings:
             integer=True,
         )
 
+    def _validate_jwt(self) -> None:
+        set_ = object.__setattr__
+        for name in ("jwt_issuer", "jwt_typ", "jwt_tier_claim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(name, f"expected a non-empty string, got {value!r}")
+        if self.jwt_audience is not None:
+            set_(self, "jwt_audience", _string_tuple("jwt_audience", self.jwt_audience))
+        set_(
+            self,
+            "jwt_client_id_claims",
+            _string_tuple("jwt_client_id_claims", self.jwt_client_id_claims),
+        )
+        if not self.jwt_client_id_claims:
+            raise ConfigError("jwt_client_id_claims", "name at least one claim, e.g. 'sub'")
+        _number("jwt_leeway", self.jwt_leeway, minimum=0, maximum=600)
+        _number("jwt_jwks_timeout", self.jwt_jwks_timeout, minimum=0.1, maximum=60)
+        _number(
+            "jwt_jwks_refetch_interval", self.jwt_jwks_refetch_interval, minimum=0, maximum=86400
+        )
+        url = self.jwt_jwks_url
+        if url is not None:
+            _check_jwks_url(url)
+        wanted = "jwt" in self.schemes
+        if self.jwt_algorithms is not None:
+            algorithms = _string_tuple("jwt_algorithms", self.jwt_algorithms)
+            if any(a.lower() == "none" for a in algorithms):
+                raise ConfigError("jwt_algorithms", "'none' is never accepted")
+            if not algorithms:
+                raise ConfigError("jwt_algorithms", "name at least one algorithm, e.g. 'ES256'")
+            set_(self, "jwt_algorithms", algorithms)
+        ring = None
+        if not wanted and self.jwt_keys is None:
+            set_(self, "jwt_key_ring", None)
+            return
+        from .jwtkeys import (
+            DEFAULT_ALGORITHMS,
+            SUPPORTED_ALGORITHMS,
+            load_keys,
+        )  # joserfc loads only for JWT
+
+        if self.jwt_algorithms is not None:
+            for alg in self.jwt_algorithms:
+                if alg not in SUPPORTED_ALGORITHMS:
+                    raise ConfigError(
+                        "jwt_algorithms",
+                        f"unknown algorithm {alg!r}; choose from {', '.join(SUPPORTED_ALGORITHMS)}",
+                    )
+        if self.jwt_keys is not None:
+            ring = load_keys(self.jwt_keys)
+        set_(self, "jwt_key_ring", ring)
+        if not wanted:
+            return
+        if ring is None and url is None:
+            raise ConfigError(
+                "jwt_keys", "to accept JWTs, set jwt_keys (keys or a secret) or jwt_jwks_url"
+            )
+        if self.jwt_algorithms is None:
+            # The algorithms the keys can verify: an HMAC secret gives HS*, an
+            # RSA key RS*/PS*, and so on; a JWKS URL brings asymmetric keys only.
+            fitting = [
+                alg
+                for alg in DEFAULT_ALGORITHMS
+                if (ring is not None and ring.fits_any([alg]))
+                or (url is not None and not alg.startswith("HS"))
+            ]
+            if not fitting:
+                raise ConfigError("jwt_keys", "none of these keys can verify any JWS algorithm")
+            set_(self, "jwt_algorithms", tuple(fitting))
+        elif url is None and ring is not None and not ring.fits_any(self.jwt_algorithms):
+            raise ConfigError(
+                "jwt_algorithms",
+                f"none of {', '.join(self.jwt_algorithms)} can be verified with the "
+                "keys in jwt_keys (an HMAC secret needs HS256, an RSA key RS256 or PS256, "
+                "an EC P-256 key ES256, an Ed25519 key EdDSA)",
+            )
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> Settings:
         """Build from Flask config or Django settings: the same field names, in lower case."""
@@ -255,6 +331,19 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
+
+
+def _check_jwks_url(url: object) -> None:
+    if not isinstance(url, str):
+        raise ConfigError("jwt_jwks_url", f"expected a URL, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"):
+        return  # a local identity provider, or a test
+    raise ConfigError(
+        "jwt_jwks_url", f"expected an https:// URL (http only for localhost), got {url!r}"
+    )
 
 
 def _number(

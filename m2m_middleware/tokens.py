@@ -1,0 +1,297 @@
+"""JWT bearer tokens: parsed strictly, verified with joserfc, claims checked -> Client.
+
+The parse is ours and deliberately narrow (RFC 8725): three base64url
+segments of a capped size, a JSON header with no duplicate members and an
+``alg`` from the allow-list, no ``crit``, no key or URL taken from the header
+(``jwk``, ``jku``, ``x5u``, ``x5c`` are ignored), ``kid`` used only as an exact
+lookup. The signature is then checked by joserfc's algorithm for that one
+``alg``, with a key of the matching type. Every failure is an
+:class:`InvalidToken` (401), never an exception escaping to the framework.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import math
+import re
+from base64 import urlsafe_b64decode
+from collections.abc import Mapping
+from dataclasses import dataclass
+from time import time
+from types import MappingProxyType
+from typing import Any
+
+from joserfc.jws import JWSRegistry
+
+from .client import Client
+from .errors import InvalidToken, TemporarilyUnavailable
+from .jwks import JWKSClient
+from .jwtkeys import Key, KeyRing
+from .settings import Settings
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+#: Headers no sane IdP makes large; refused before JSON parsing.
+MAX_HEADER_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    client: Client
+    #: Epoch seconds from which the token is expired (``exp`` plus the leeway).
+    dead_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    header: Mapping[str, Any]
+    alg: str
+    kid: str | None
+    signing_input: bytes
+    signature: bytes
+    payload: bytes
+
+
+def _b64decode(segment: str) -> bytes:
+    try:
+        return urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidToken("the token is not valid base64url") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member")
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidToken(f"the token's {what} is not a JSON object") from None
+    if not isinstance(value, dict):
+        raise InvalidToken(f"the token's {what} is not a JSON object")
+    return value
+
+
+class TokenVerifier:
+    """Verifies JWTs against the keys in settings and/or a JWKS URL."""
+
+    def __init__(self, settings: Settings, *, jwks: JWKSClient | None = None) -> None:
+        self.algorithms = frozenset(settings.jwt_algorithms or ())
+        self._models = {alg: JWSRegistry.algorithms[alg] for alg in self.algorithms}
+        self.static: KeyRing | None = settings.jwt_key_ring
+        self.jwks = jwks
+        if self.jwks is None and settings.jwt_jwks_url is not None:
+            self.jwks = JWKSClient(
+                settings.jwt_jwks_url,
+                timeout=settings.jwt_jwks_timeout,
+                refetch_interval=settings.jwt_jwks_refetch_interval,
+            )
+        self.issuer = settings.jwt_issuer
+        audience = settings.jwt_audience
+        self.audience = frozenset((audience,) if isinstance(audience, str) else audience or ())
+        self.leeway = float(settings.jwt_leeway)
+        self.typ = _media_type(settings.jwt_typ) if settings.jwt_typ else None
+        self.client_id_claims = settings.jwt_client_id_claims
+        self.tier_claim = settings.jwt_tier_claim
+
+    # -- the two front doors --------------------------------------------------
+
+    def verify(self, token: str, now: float | None = None) -> VerifiedToken:
+        parsed = self.parse(token)
+        jwks = self.jwks
+        if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
+            jwks.refresh(parsed.kid)
+        return self.finish(parsed, now)
+
+    async def averify(self, token: str, now: float | None = None) -> VerifiedToken:
+        import asyncio
+
+        parsed = self.parse(token)
+        jwks = self.jwks
+        if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
+            await asyncio.to_thread(jwks.refresh, parsed.kid)
+        return self.finish(parsed, now)
+
+    # -- steps ----------------------------------------------------------------
+
+    def parse(self, token: str) -> _Parsed:
+        """Shape and header checks: everything that needs no key."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            if len(parts) == 5:
+                raise InvalidToken("encrypted tokens (JWE) are not accepted")
+            raise InvalidToken("a JWT has three dot-separated parts")
+        header_part, payload_part, signature_part = parts
+        for part in parts:
+            if not _SEGMENT.fullmatch(part):
+                raise InvalidToken("the token has an empty part or characters outside base64url")
+        if len(header_part) > MAX_HEADER_BYTES:
+            raise InvalidToken("the token's header is too large")
+        header = _json_object(_b64decode(header_part), "header")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise InvalidToken(
+                f"the token's algorithm is not one of: {', '.join(sorted(self.algorithms))}"
+            )
+        if "crit" in header:
+            raise InvalidToken("the token has critical header extensions (crit) we do not support")
+        if header.get("b64") is not None:
+            raise InvalidToken("unencoded payloads (b64) are not accepted")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("the token's kid is not a string")
+        if self.typ is not None:
+            typ = header.get("typ")
+            if not isinstance(typ, str) or _media_type(typ) != self.typ:
+                raise InvalidToken(f"the token's type (typ) must be {self.typ}")
+        return _Parsed(
+            header,
+            alg,
+            kid,
+            f"{header_part}.{payload_part}".encode("ascii"),
+            _b64decode(signature_part),
+            _b64decode(payload_part),
+        )
+
+    def finish(self, parsed: _Parsed, now: float | None = None) -> VerifiedToken:
+        """Signature, then claims."""
+        keys = self._candidates(parsed)
+        model = self._models[parsed.alg]
+        for key in keys:
+            try:
+                model.check_key(key)
+                if model.verify(parsed.signing_input, parsed.signature, key):
+                    break
+            except Exception:  # noqa: S112 - a library error is a failed check, never a 500
+                continue
+        else:
+            raise InvalidToken("the token's signature does not verify")
+        claims = _json_object(parsed.payload, "payload")
+        return self.check_claims(claims, time() if now is None else now)
+
+    def _static_knows(self, parsed: _Parsed) -> bool:
+        static = self.static
+        return static is not None and bool(static.candidates(parsed.kid, parsed.alg))
+
+    def _candidates(self, parsed: _Parsed) -> list[Key]:
+        keys: list[Key] = []
+        if self.static is not None:
+            keys.extend(self.static.candidates(parsed.kid, parsed.alg))
+        jwks = self.jwks
+        if jwks is not None:
+            ring = jwks.ring
+            if ring is None and not keys:
+                raise TemporarilyUnavailable(
+                    "the identity provider's keys cannot be fetched; try again shortly"
+                )
+            if ring is not None:
+                keys.extend(ring.candidates(parsed.kid, parsed.alg))
+        if not keys:
+            if parsed.kid is not None:
+                raise InvalidToken("no key with the token's kid can verify it")
+            raise InvalidToken("no configured key can verify the token's algorithm")
+        return keys
+
+    def check_claims(self, claims: dict[str, Any], now: float) -> VerifiedToken:
+        leeway = self.leeway
+        exp = _time_claim(claims, "exp")
+        if exp is None:
+            raise InvalidToken("the token has no expiry (exp)")
+        if now >= exp + leeway:
+            raise InvalidToken("the token has expired")
+        nbf = _time_claim(claims, "nbf")
+        if nbf is not None and nbf > now + leeway:
+            raise InvalidToken("the token is not valid yet (nbf)")
+        iat = _time_claim(claims, "iat")
+        if iat is not None and iat > now + leeway:
+            raise InvalidToken("the token was issued in the future (iat)")
+        if self.issuer is not None:
+            iss = claims.get("iss")
+            if not isinstance(iss, str) or iss != self.issuer:
+                raise InvalidToken("the token's issuer (iss) is not the expected one")
+        self._check_audience(claims)
+        return VerifiedToken(self._client(claims), exp + leeway)
+
+    def _check_audience(self, claims: dict[str, Any]) -> None:
+        if "aud" not in claims:
+            if self.audience:
+                raise InvalidToken("the token has no audience (aud)")
+            return
+        aud = claims["aud"]
+        if isinstance(aud, str):
+            values = [aud]
+        elif isinstance(aud, list) and all(isinstance(v, str) for v in aud):
+            values = aud
+        else:
+            raise InvalidToken("the token's audience (aud) is not a string or a list of strings")
+        if not self.audience:
+            # RFC 7519 section 4.1.3: a token meant for someone must name us.
+            raise InvalidToken("the token names an audience (aud) but jwt_audience is not set")
+        if self.audience.isdisjoint(values):
+            raise InvalidToken("the token is not meant for this audience (aud)")
+
+    def _client(self, claims: dict[str, Any]) -> Client:
+        client_id = None
+        for name in self.client_id_claims:
+            value = claims.get(name)
+            if value is not None:
+                if not isinstance(value, str) or not value:
+                    raise InvalidToken(f"the token's {name} claim is not a non-empty string")
+                client_id = value
+                break
+        if client_id is None:
+            names = " or ".join(self.client_id_claims)
+            raise InvalidToken(f"the token names no client ({names})")
+        tier = None
+        if self.tier_claim is not None:
+            tier = claims.get(self.tier_claim)
+            if tier is not None and not isinstance(tier, str):
+                raise InvalidToken(f"the token's {self.tier_claim} claim is not a string")
+        return Client(
+            client_id=client_id,
+            scheme="jwt",
+            scopes=_scopes(claims),
+            tier=tier,
+            key_id=None,
+            claims=MappingProxyType(claims),
+        )
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> float | None:
+    if name not in claims:
+        return None
+    value = claims[name]
+    try:
+        if type(value) in (int, float) and math.isfinite(value):
+            return float(value)
+    except OverflowError:  # an integer too large for a float
+        pass
+    raise InvalidToken(f"the token's {name} claim is not a number")
+
+
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """``scope`` (space-delimited, RFC 8693/9068) or ``scp`` (a list, or a string)."""
+    for name in ("scope", "scp"):
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, str):
+            return frozenset(value.split())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return frozenset(value)
+        raise InvalidToken(f"the token's {name} claim is not a string or a list of strings")
+    return frozenset()
+
+
+def _media_type(value: str) -> str:
+    """RFC 7515 section 4.1.9: ``typ`` compares case-insensitively, ``application/`` optional."""
+    value = value.strip().lower()
+    return value.removeprefix("application/")
