@@ -234,7 +234,7 @@ class TokenVerifier:
             raise InvalidToken("the token's audience (aud) is not a string or a list of strings")
         if not self.audience:
             # RFC 7519 section 4.1.3: a token meant for someone must name us.
-            raise InvalidToken("the token names an audience (aud) but jwt_audience is not set")
+            raise InvalidToken("the token names an audience (aud), and this API accepts none")
         if self.audience.isdisjoint(values):
             raise InvalidToken("the token is not meant for this audience (aud)")
 

@@ -77,6 +77,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 check(validated)
             except ConfigError as exc:
                 messages.append(_e002(exc))
+        if "jwt" in validated.schemes and not (validated.jwt_audience or validated.jwt_issuer):
+            messages.append(
+                Warning(
+                    "M2M_AUTH accepts JWTs without checking their audience or issuer: "
+                    "any token these keys verify is accepted, whoever it was meant for.",
+                    hint="Set jwt_audience (and jwt_issuer) in M2M_AUTH (RFC 8725 section 3.9).",
+                    id="m2m_middleware.W002",
+                )
+            )
     # MIDDLEWARE may be a list or a tuple.
     if MIDDLEWARE_PATH not in (getattr(settings, "MIDDLEWARE", None) or ()):
         messages.append(

@@ -181,3 +181,37 @@ def test_w001_reads_a_list_or_a_tuple(middleware: Any) -> None:
         assert [m.id for m in checks.run_checks()] == ["m2m_middleware.W001"]
     with override_settings(M2M_AUTH=VALID, MIDDLEWARE=type(middleware)([MIDDLEWARE_PATH])):
         assert checks.run_checks() == []
+
+
+JWT_SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+
+def test_jwts_without_audience_or_issuer_are_w002() -> None:
+    with override_settings(M2M_AUTH={"schemes": ["jwt"], "jwt_keys": JWT_SECRET}):
+        messages = checks.run_checks()
+    assert [m.id for m in messages] == ["m2m_middleware.W002"]
+    assert messages[0].level == checks.WARNING
+    assert "jwt_audience" in messages[0].hint
+
+
+@pytest.mark.parametrize("pin", [{"jwt_audience": "orders-api"}, {"jwt_issuer": "https://idp"}])
+def test_jwts_pinned_to_an_audience_or_issuer_pass(pin: dict[str, str]) -> None:
+    with override_settings(M2M_AUTH={"schemes": ["jwt"], "jwt_keys": JWT_SECRET, **pin}):
+        assert checks.run_checks() == []
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"schemes": ["jwt"]}, "jwt_keys"),
+        ({"schemes": ["jwt"], "jwt_keys": "short"}, "jwt_keys"),
+        ({"schemes": ["jwt"], "jwt_keys": JWT_SECRET, "jwt_algorithms": []}, "jwt_algorithms"),
+        ({"schemes": ["jwt"], "jwt_jwks_url": "http://idp.example/jwks"}, "jwt_jwks_url"),
+    ],
+    ids=["no_keys", "short_secret", "no_algorithms", "plain_http_jwks"],
+)
+def test_bad_jwt_settings_are_e002(value: dict[str, Any], field: str) -> None:
+    with override_settings(M2M_AUTH=value):
+        messages = checks.run_checks()
+    assert [m.id for m in messages] == ["m2m_middleware.E002"]
+    assert messages[0].obj == field
