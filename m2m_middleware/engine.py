@@ -155,7 +155,11 @@ class Engine:
         self._store_down = False
         #: True when neither the key store nor the limits can block: async
         #: adapters may then call :meth:`check` and skip a coroutine.
-        self.never_blocks = not self.store.blocking and self.limiter.in_memory
+        self.never_blocks = (
+            not self.store.blocking
+            and self.limiter.in_memory
+            and (self.tokens is None or self.tokens.jwks is None)  # a JWKS fetch blocks
+        )
 
     # -- the two front doors --------------------------------------------------
 

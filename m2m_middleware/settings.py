@@ -131,7 +131,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | tuple[str, ...] | None = None
     jwt_algorithms: tuple[str, ...] | None = None
-    jwt_keys: Any = None
+    jwt_keys: Any = field(default=None, repr=False)  # may hold an HMAC secret
     jwt_jwks_url: str | None = None
     jwt_leeway: float = 0.0
     jwt_typ: str | None = None

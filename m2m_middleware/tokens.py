@@ -11,6 +11,7 @@ lookup. The signature is then checked by joserfc's algorithm for that one
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import math
@@ -32,7 +33,7 @@ from .settings import Settings
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 #: Headers no sane IdP makes large; refused before JSON parsing.
-MAX_HEADER_BYTES = 1024
+MAX_HEADER_BYTES = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,6 @@ class TokenVerifier:
         return self.finish(parsed, now)
 
     async def averify(self, token: str, now: float | None = None) -> VerifiedToken:
-        import asyncio
-
         parsed = self.parse(token)
         jwks = self.jwks
         if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
