@@ -23,7 +23,6 @@ import urllib.request
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
-from urllib.error import URLError
 
 from .jwtkeys import KeyRing, import_jwk
 
@@ -121,7 +120,7 @@ class JWKSClient:
             try:
                 body, cache_control = self.fetch(self.url, self.timeout)
                 ring = parse_key_set(body)
-            except (OSError, URLError, ValueError) as exc:
+            except Exception as exc:  # any failure (HTTP, JSON, a library): keep the last set
                 self._hold_until = self.clock() + self.refetch_interval
                 if not self._failing:
                     self._failing = True

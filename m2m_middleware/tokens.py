@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import json
+import logging
 import math
 import re
 from base64 import urlsafe_b64decode
@@ -26,11 +27,12 @@ from typing import Any
 from joserfc.jws import JWSRegistry
 
 from .client import Client
-from .errors import InvalidToken, TemporarilyUnavailable
+from .errors import AuthError, InvalidToken, TemporarilyUnavailable
 from .jwks import JWKSClient
 from .jwtkeys import Key, KeyRing
 from .settings import Settings
 
+logger = logging.getLogger("m2m_middleware")
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 #: Headers no sane IdP makes large; refused before JSON parsing.
 MAX_HEADER_BYTES = 2048
@@ -106,18 +108,28 @@ class TokenVerifier:
     # -- the two front doors --------------------------------------------------
 
     def verify(self, token: str, now: float | None = None) -> VerifiedToken:
-        parsed = self.parse(token)
-        jwks = self.jwks
-        if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
-            jwks.refresh(parsed.kid)
-        return self.finish(parsed, now)
+        try:
+            parsed = self.parse(token)
+            jwks = self.jwks
+            if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
+                jwks.refresh(parsed.kid)
+            return self.finish(parsed, now)
+        except AuthError:
+            raise
+        except Exception as exc:  # defence in depth: a 401, never a 500
+            raise _unexpected(exc) from None
 
     async def averify(self, token: str, now: float | None = None) -> VerifiedToken:
-        parsed = self.parse(token)
-        jwks = self.jwks
-        if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
-            await asyncio.to_thread(jwks.refresh, parsed.kid)
-        return self.finish(parsed, now)
+        try:
+            parsed = self.parse(token)
+            jwks = self.jwks
+            if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
+                await asyncio.to_thread(jwks.refresh, parsed.kid)
+            return self.finish(parsed, now)
+        except AuthError:
+            raise
+        except Exception as exc:
+            raise _unexpected(exc) from None
 
     # -- steps ----------------------------------------------------------------
 
@@ -262,6 +274,11 @@ class TokenVerifier:
             key_id=None,
             claims=MappingProxyType(claims),
         )
+
+
+def _unexpected(exc: Exception) -> InvalidToken:
+    logger.warning("unexpected %s while verifying a JWT", type(exc).__name__)  # no token text
+    return InvalidToken("the token cannot be verified")
 
 
 def _time_claim(claims: dict[str, Any], name: str) -> float | None:
