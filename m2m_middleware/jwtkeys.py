@@ -62,7 +62,7 @@ def key_fits(key: Key, alg: str) -> bool:
 class KeyRing:
     """Verification keys, found by exact ``kid`` (no pattern, no path, no URL)."""
 
-    __slots__ = ("by_kid", "keys", "unnamed")
+    __slots__ = ("_fitting", "by_kid", "keys", "unnamed")
 
     def __init__(self, keys: Iterable[Key]) -> None:
         self.keys: tuple[Key, ...] = tuple(keys)
@@ -75,6 +75,8 @@ class KeyRing:
             else:
                 unnamed.append(key)
         self.unnamed: tuple[Key, ...] = tuple(unnamed)
+        # (kid, alg) -> fitting keys, for kids the ring holds: a bounded memo.
+        self._fitting: dict[tuple[str | None, str], list[Key]] = {}
 
     def knows(self, kid: str | None) -> bool:
         return kid is None or kid in self.by_kid or bool(self.unnamed)
@@ -86,11 +88,18 @@ class KeyRing:
         the keys that have none (a single PEM key, say); a token without one
         is tried against every key that fits its algorithm.
         """
+        memo = (kid, alg)
+        found = self._fitting.get(memo)
+        if found is not None:
+            return found
         if kid is None:
             pool: Sequence[Key] = self.keys
         else:
             pool = self.by_kid.get(kid) or self.unnamed
-        return [key for key in pool if key_fits(key, alg)]
+        found = [key for key in pool if key_fits(key, alg)]
+        if (kid is None or kid in self.by_kid) and len(self._fitting) < 1024:
+            self._fitting[memo] = found  # never for forged kids: they are unbounded
+        return found
 
     def fits_any(self, algorithms: Iterable[str]) -> bool:
         return any(key_fits(key, alg) for key in self.keys for alg in algorithms)

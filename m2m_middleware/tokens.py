@@ -73,9 +73,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: Strict JSON: no duplicate members (parsers disagree on which one wins), no NaN.
+_decode_json = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+).decode
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = _decode_json(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidToken(f"the token's {what} is not a JSON object") from None
     if not isinstance(value, dict):
