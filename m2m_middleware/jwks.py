@@ -70,6 +70,10 @@ def parse_key_set(body: bytes) -> KeyRing:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("the key set is not a JSON object with a 'keys' list")
     keys = [key for key in map(import_jwk, document["keys"]) if key is not None]
+    if not keys:
+        # An outage or a misconfiguration upstream, not a reason to refuse
+        # every token: the last good key set keeps serving.
+        raise ValueError("the key set holds no usable verification key")
     return KeyRing(keys)
 
 

@@ -10,9 +10,14 @@ JWK states them) fit the token's algorithm.
 
 from __future__ import annotations
 
+import binascii
+from base64 import urlsafe_b64decode
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
@@ -79,7 +84,13 @@ class KeyRing:
         self._fitting: dict[tuple[str | None, str], list[Key]] = {}
 
     def knows(self, kid: str | None) -> bool:
-        return kid is None or kid in self.by_kid or bool(self.unnamed)
+        """Whether a token with this ``kid`` names a key the ring holds.
+
+        Keys without a ``kid`` still verify such a token (see :meth:`candidates`),
+        but they do not make every ``kid`` known: a new ``kid`` is how an
+        identity provider announces a rotation.
+        """
+        return kid is None or kid in self.by_kid
 
     def candidates(self, kid: str | None, alg: str) -> list[Key]:
         """The keys that may verify a token with this ``kid`` and ``alg``.
@@ -126,6 +137,9 @@ def _load_one(value: object, field: str) -> Key:
     if isinstance(value, (OctKey, RSAKey, ECKey, OKPKey)):
         key = value
     elif isinstance(value, Mapping):
+        weak = _weakness(value)
+        if weak is not None:
+            raise ConfigError(field, weak)
         try:
             key = JWKRegistry.import_key(dict(value))
         except (JoseError, ValueError, TypeError, KeyError) as exc:
@@ -155,6 +169,13 @@ def _load_one(value: object, field: str) -> Key:
 def _import_pem(data: bytes, field: str) -> Key:
     if b"PRIVATE KEY" in data:
         raise ConfigError(field, "this is a private key; give the verifier the public key only")
+    try:
+        public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        public = None
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        # Checked before joserfc sees it, which would only warn.
+        raise ConfigError(field, _RSA_TOO_SHORT)
     for key_type in ("RSA", "EC", "OKP"):
         try:
             return JWKRegistry.import_key(data, key_type)
@@ -170,13 +191,40 @@ def _checked(key: Key, field: str) -> Key:
     elif key.is_private and not isinstance(key, OctKey):
         raise ConfigError(field, "this is a private key; give the verifier the public key only")
     if isinstance(key, RSAKey) and key.public_key.key_size < MIN_RSA_BITS:
-        raise ConfigError(field, f"RSA keys must have at least {MIN_RSA_BITS} bits")
+        raise ConfigError(field, _RSA_TOO_SHORT)
     return key
+
+
+_RSA_TOO_SHORT = f"RSA keys must have at least {MIN_RSA_BITS} bits"
+
+
+def _weakness(jwk: Mapping[Any, Any]) -> str | None:
+    """Why a JWK is too weak to use, checked before importing it (joserfc only warns)."""
+    kty = jwk.get("kty")
+    member = "k" if kty == "oct" else "n" if kty == "RSA" else None
+    if member is None or not isinstance(jwk.get(member), str):
+        return None  # nothing to measure here; the import judges the rest
+    try:
+        size = len(urlsafe_b64decode(jwk[member] + "=" * (-len(jwk[member]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if kty == "oct" and size < MIN_HMAC_BYTES:
+        return f"an HMAC secret must be at least {MIN_HMAC_BYTES} bytes"
+    if kty == "RSA" and size * 8 < MIN_RSA_BITS:
+        return _RSA_TOO_SHORT
+    return None
+
+
+#: Key types a published key set may contribute. Never ``oct``: a symmetric key
+#: in a public document is a secret anyone can read, and would let them sign.
+PUBLISHED_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
 
 
 def import_jwk(value: Any) -> Key | None:
     """One JWK from a fetched key set, or None when it is unusable for verifying."""
     if not isinstance(value, Mapping) or value.get("use", "sig") != "sig":
+        return None
+    if value.get("kty") not in PUBLISHED_KEY_TYPES or _weakness(value) is not None:
         return None
     try:
         key = JWKRegistry.import_key(dict(value))
