@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import re
-from base64 import urlsafe_b64decode
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Mapping
 from dataclasses import dataclass
 from time import time
@@ -60,6 +60,19 @@ def _b64decode(segment: str) -> bytes:
         return urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise InvalidToken("the token is not valid base64url") from None
+
+
+def _signature_bytes(segment: str) -> bytes:
+    """The signature, in its one canonical spelling only (RFC 4648 section 3.5).
+
+    Lenient decoding ignores the unused low bits of the last character, so
+    one signature would have several accepted spellings: tokens that differ
+    yet verify, which defeats anyone deduplicating or revoking by token.
+    """
+    raw = _b64decode(segment)
+    if urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
+        raise InvalidToken("the token's signature is not canonical base64url")
+    return raw
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -174,7 +187,7 @@ class TokenVerifier:
             alg,
             kid,
             f"{header_part}.{payload_part}".encode("ascii"),
-            _b64decode(signature_part),
+            _signature_bytes(signature_part),
             _b64decode(payload_part),
         )
 
@@ -195,8 +208,19 @@ class TokenVerifier:
         return self.check_claims(claims, time() if now is None else now)
 
     def _static_knows(self, parsed: _Parsed) -> bool:
+        """Whether a static key is named by the token's ``kid`` (so no fetch is needed).
+
+        Only an exact ``kid`` counts: a static key without one (a PEM) would
+        otherwise stand in for every ``kid`` and hide the JWKS URL's keys.
+        """
         static = self.static
-        return static is not None and bool(static.candidates(parsed.kid, parsed.alg))
+        kid = parsed.kid
+        return (
+            static is not None
+            and kid is not None
+            and kid in static.by_kid
+            and bool(static.candidates(kid, parsed.alg))
+        )
 
     def _candidates(self, parsed: _Parsed) -> list[Key]:
         keys: list[Key] = []
