@@ -6,7 +6,13 @@ Never the query string: URLs end up in access logs, browser history and
 
 from __future__ import annotations
 
+import re
+
 from .errors import InvalidRequest, InvalidToken
+
+# A comma followed by "<auth-scheme> " starts a second Authorization value
+# (RFC 9110 section 5.3 joins repeated headers with commas).
+_ANOTHER_SCHEME = re.compile(r",\s*[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*\s")
 
 
 def extract_credential(
@@ -15,15 +21,19 @@ def extract_credential(
     """The credential sent, or None when there is none.
 
     Headers that arrived several times are joined with commas (as WSGI and
-    the ASGI adapters do), so a comma means more than one value was sent.
+    the ASGI adapters do): a comma before another ``<scheme> `` in
+    ``Authorization``, or a comma in the API-key header, means more than one
+    value was sent.
     """
     bearer = None
     if authorization:
         scheme, _, rest = authorization.strip().partition(" ")
         if scheme.lower() == "bearer":
             bearer = rest.strip()
-            if "," in bearer:
+            if "," in bearer and _ANOTHER_SCHEME.search(bearer):
                 raise InvalidRequest("more than one Authorization header was sent")
+            # Any other comma (a JWS JSON serialization, say) is part of one
+            # malformed credential, which verification refuses as invalid_token.
             if not bearer:
                 raise InvalidToken("the Bearer credential is empty")
         # Other schemes (Basic for a proxy, say) are not ours to judge.

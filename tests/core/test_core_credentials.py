@@ -98,3 +98,13 @@ def test_every_error_is_an_auth_error() -> None:
     ):
         with pytest.raises(AuthError):
             call()
+
+
+def test_a_comma_inside_one_bearer_value_is_one_bad_credential_not_two_headers() -> None:
+    # A JWS JSON serialization has commas but no second "<scheme> ": it is one
+    # credential (refused later as invalid_token), not a 400 for repeated headers.
+    json_jws = '{"payload":"e30","signatures":[{"protected":"e30","signature":"AA"}]}'
+    assert extract(authorization=f"Bearer {json_jws}") == json_jws
+    for joined in (f"Bearer {KEY}, Bearer {OTHER}", f"Bearer {KEY},Basic dXNlcjpwdw=="):
+        with pytest.raises(InvalidRequest, match="more than one Authorization"):
+            extract(authorization=joined)
