@@ -8,9 +8,9 @@ network limit storages).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from hashlib import sha256
 from time import monotonic, time
@@ -73,7 +73,7 @@ class KeyCache:
         self.ttl = ttl
         self.size = size
         self.generation = 0
-        self._entries: dict[str, _CachedKey] = {}
+        self._entries: OrderedDict[str, _CachedKey] = OrderedDict()
         self._hash_by_key_id: dict[str, str] = {}
         subscribe_invalidations(store.location, self.invalidate)
 
@@ -96,9 +96,7 @@ class KeyCache:
         )
         if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
-                # StopIteration/RuntimeError: emptied or resized by another thread.
-                with contextlib.suppress(StopIteration, RuntimeError):
-                    self._drop(next(iter(self._entries)))
+                self._evict_oldest()
             self._entries[key_hash] = entry
             self._hash_by_key_id[record.key_id] = key_hash
         return entry
@@ -108,8 +106,7 @@ class KeyCache:
         entry = _CachedKey(None, client, dead_at, monotonic() + self.ttl)
         if self.size and self.ttl:
             if len(self._entries) >= self.size:
-                with contextlib.suppress(StopIteration, RuntimeError):
-                    self._drop(next(iter(self._entries)))
+                self._evict_oldest()
             self._entries[token_hash] = entry
         return entry
 
@@ -118,6 +115,16 @@ class KeyCache:
         key_hash = self._hash_by_key_id.get(key_id)
         if key_hash is not None:
             self._drop(key_hash)
+
+    def _evict_oldest(self) -> None:
+        # O(1) on an OrderedDict; next(iter(dict)) would walk the slots that
+        # earlier evictions left empty, microseconds per insert once full.
+        try:
+            _, entry = self._entries.popitem(last=False)
+        except KeyError:  # emptied by another thread meanwhile
+            return
+        if entry.record is not None:
+            self._hash_by_key_id.pop(entry.record.key_id, None)
 
     def _drop(self, key_hash: str) -> None:
         entry = self._entries.pop(key_hash, None)
