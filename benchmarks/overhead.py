@@ -17,6 +17,8 @@ app of the same framework.
 Run ``python benchmarks/overhead.py --help`` for the options. Needs the
 ``bench`` extra: ``pip install -e ".[bench]"``. Not a pytest test: it calls
 ``django.conf.settings.configure()``, so run it in its own process.
+``jwt_overhead.py`` imports this module's drivers and apps to do the same for
+JWT bearer tokens.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import asyncio
 import gc
 import hashlib
 import io
+import itertools
 import logging
 import platform
 import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -47,6 +50,9 @@ clock = CLOCKS["wall"]  # set from --clock before anything is timed
 
 # (status, headers, body) of a single request, for the pre-flight checks.
 Reply = tuple[int, dict[str, str], bytes]
+# A header whose value differs on every request: its name, and a function that
+# hands out the next n values (called before the timed loop, never inside it).
+Rotating = tuple[str, Callable[[int], list[str]]]
 
 
 @dataclass
@@ -111,8 +117,27 @@ def wsgi_request(app: Any, path: str, headers: dict[str, str]) -> Reply:
     return int(status.split()[0]), {k.lower(): v for k, v in response_headers}, body
 
 
-def wsgi_runner(app: Any, path: str, headers: dict[str, str]) -> Callable[[int], tuple[int, int]]:
+def _requests(
+    base: dict[str, Any], n: int, rotating: Rotating | None, key: str, convert: Callable[[str], Any]
+) -> Iterator[dict[str, Any]]:
+    """n times the request ``base``; with ``rotating``, ``base[key]`` set anew before each."""
+    if rotating is None:
+        return itertools.repeat(base, n)
+    values = [convert(value) for value in rotating[1](n)]
+
+    def each() -> Iterator[dict[str, Any]]:
+        for value in values:
+            base[key] = value
+            yield base
+
+    return each()
+
+
+def wsgi_runner(
+    app: Any, path: str, headers: dict[str, str], rotating: Rotating | None = None
+) -> Callable[[int], tuple[int, int]]:
     base = wsgi_environ(path, headers)
+    key = "HTTP_" + rotating[0].upper().replace("-", "_") if rotating else ""
     box = [""]
 
     def write(data: bytes) -> None:
@@ -125,10 +150,11 @@ def wsgi_runner(app: Any, path: str, headers: dict[str, str]) -> Callable[[int],
     def run(n: int) -> tuple[int, int]:
         bad = 0
         ok = "200 OK"
+        environs = _requests(base, n, rotating, key, str)
         perf = clock
         t0 = perf()
-        for _ in range(n):
-            body = app(base.copy(), start_response)
+        for environ in environs:
+            body = app(environ.copy(), start_response)
             for _chunk in body:
                 pass
             close = getattr(body, "close", None)
@@ -184,10 +210,19 @@ def asgi_request(
 
 
 def asgi_runner(
-    loop: asyncio.AbstractEventLoop, app: Any, path: str, headers: dict[str, str]
+    loop: asyncio.AbstractEventLoop,
+    app: Any,
+    path: str,
+    headers: dict[str, str],
+    rotating: Rotating | None = None,
 ) -> Callable[[int], tuple[int, int]]:
     base = asgi_scope(path, headers)
     box = [0]
+    name = rotating[0].lower().encode("latin-1") if rotating else b""
+    fixed = [h for h in base["headers"] if h[0] != name]
+
+    def header_list(value: str) -> list[tuple[bytes, bytes]]:
+        return [*fixed, (name, value.encode("latin-1"))]
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -195,11 +230,12 @@ def asgi_runner(
 
     async def many(n: int) -> tuple[int, int]:
         bad = 0
+        scopes = _requests(base, n, rotating, "headers", header_list)
         perf = clock
         receive = _receive
         t0 = perf()
-        for _ in range(n):
-            await app(base.copy(), receive, send)
+        for scope in scopes:
+            await app(scope.copy(), receive, send)
             if box[0] != 200:
                 bad += 1
         return perf() - t0, bad
@@ -216,10 +252,12 @@ def check_variant(
     good_headers: dict[str, str],
     deny_status: int | None,
     role: str,
+    wrong_headers: dict[str, str] | None = None,
 ) -> None:
     """The authenticated request must be a 200; one without a key must be refused.
 
-    Also makes sure each variant really runs the stack it is named after: only
+    So must one with a wrong credential (by default a made-up API key). Also
+    makes sure each variant really runs the stack it is named after: only
     m2m-middleware adds ``RateLimit-Policy``.
     """
     status, headers, body = request(good_headers)
@@ -234,9 +272,57 @@ def check_variant(
             raise SystemExit(
                 f"{label}: expected {deny_status} without a key, got {status}: {body[:300]!r}"
             )
-        status, _, body = request({"X-API-Key": "m2m_not-a-real-key"})
+        status, _, body = request(wrong_headers or {"X-API-Key": "m2m_not-a-real-key"})
         if status not in (401, 403):
-            raise SystemExit(f"{label}: expected 401/403 for a wrong key, got {status}")
+            raise SystemExit(f"{label}: expected 401/403 for a wrong credential, got {status}")
+
+
+def wsgi_variant(
+    framework: str,
+    stack: str,
+    role: str,
+    app: Any,
+    path: str,
+    headers: dict[str, str],
+    deny_status: int | None,
+    *,
+    wrong_headers: dict[str, str] | None = None,
+    rotating: Rotating | None = None,
+) -> Variant:
+    """A checked (see :func:`check_variant`) WSGI variant."""
+    check_variant(
+        f"{framework}/{stack}",
+        lambda h: wsgi_request(app, path, h),
+        headers,
+        deny_status,
+        role,
+        wrong_headers,
+    )
+    return Variant(framework, stack, role, wsgi_runner(app, path, headers, rotating))
+
+
+def asgi_variant(
+    loop: asyncio.AbstractEventLoop,
+    framework: str,
+    stack: str,
+    role: str,
+    app: Any,
+    headers: dict[str, str],
+    deny_status: int | None,
+    *,
+    wrong_headers: dict[str, str] | None = None,
+    rotating: Rotating | None = None,
+) -> Variant:
+    """A checked (see :func:`check_variant`) ASGI variant, requesting ``/``."""
+    check_variant(
+        f"{framework}/{stack}",
+        lambda h: asgi_request(loop, app, "/", h),
+        headers,
+        deny_status,
+        role,
+        wrong_headers,
+    )
+    return Variant(framework, stack, role, asgi_runner(loop, app, "/", headers, rotating))
 
 
 # -- the raw floor ----------------------------------------------------------------------------
@@ -270,12 +356,65 @@ def build_floor() -> list[Variant]:
 # -- Starlette ---------------------------------------------------------------------------------
 
 
-def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
-    from slowapi import Limiter as SlowLimiter
+def starlette_app(middleware: list[Any] | None = None, endpoint: Any = None) -> Any:
+    """One route, ``/``, answering ``ok`` in plain text (``endpoint`` replaces the default)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/", endpoint or hello)], middleware=middleware)
+
+
+def _starlette_unauthorized(conn: Any, exc: Exception) -> Any:
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(str(exc), status_code=401)
+
+
+def _starlette_client(request: Any) -> str:
+    return str(request.user.username)
+
+
+def starlette_auth_middleware(backend: Any) -> Any:
+    """Starlette's ``AuthenticationMiddleware`` with ``backend``; refusals are 401s."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.authentication import AuthenticationMiddleware
+
+    return Middleware(AuthenticationMiddleware, backend=backend, on_error=_starlette_unauthorized)
+
+
+def _with_slowapi(app: Any, limiter: Any) -> Any:
     from slowapi import _rate_limit_exceeded_handler
     from slowapi.errors import RateLimitExceeded
+
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    return app
+
+
+def starlette_slowapi_decorated(backend: Any) -> Any:
+    """Peer: ``AuthenticationMiddleware`` + slowapi's ``@limiter.limit``, keyed on the user."""
+    from slowapi import Limiter as SlowLimiter
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+
+    limiter = SlowLimiter(key_func=_starlette_client, storage_uri="memory://")
+
+    @limiter.limit(LIMIT)
+    async def limited_hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return _with_slowapi(
+        starlette_app([starlette_auth_middleware(backend)], limited_hello), limiter
+    )
+
+
+def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
+    from slowapi import Limiter as SlowLimiter
     from slowapi.middleware import SlowAPIASGIMiddleware
-    from starlette.applications import Starlette
     from starlette.authentication import (
         AuthCredentials,
         AuthenticationBackend,
@@ -283,10 +422,7 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
         SimpleUser,
     )
     from starlette.middleware import Middleware
-    from starlette.middleware.authentication import AuthenticationMiddleware
-    from starlette.requests import HTTPConnection, Request
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
+    from starlette.requests import HTTPConnection
 
     from m2m_middleware import Settings, open_key_store
     from m2m_middleware.starlette import M2MMiddleware
@@ -296,12 +432,9 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
     good = {"X-API-Key": key}
     table = {_sha256_hex(key): CLIENT_ID}
 
-    async def hello(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
+    bare = starlette_app()
 
-    bare = Starlette(routes=[Route("/", hello)])
-
-    ours = Starlette(routes=[Route("/", hello)])
+    ours = starlette_app()
     ours.add_middleware(
         M2MMiddleware,
         settings=Settings(key_store=store, default_limits=LIMIT, rate_limit_storage="memory://"),
@@ -317,39 +450,19 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
                 raise AuthenticationError("invalid API key")
             return AuthCredentials(["authenticated"]), SimpleUser(client)
 
-    def unauthorized(conn: HTTPConnection, exc: Exception) -> PlainTextResponse:
-        return PlainTextResponse(str(exc), status_code=401)
-
-    def client_key(request: Request) -> str:
-        return request.user.username
-
     # Peer 1: AuthenticationMiddleware + slowapi's @limiter.limit decorator.
-    deco_limiter = SlowLimiter(key_func=client_key, storage_uri="memory://")
-
-    @deco_limiter.limit(LIMIT)
-    async def limited_hello(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    peer_deco = Starlette(
-        routes=[Route("/", limited_hello)],
-        middleware=[
-            Middleware(AuthenticationMiddleware, backend=HashedKeyBackend(), on_error=unauthorized)
-        ],
-    )
-    peer_deco.state.limiter = deco_limiter
-    peer_deco.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    peer_deco = starlette_slowapi_decorated(HashedKeyBackend())
 
     # Peer 2: AuthenticationMiddleware + slowapi's pure-ASGI middleware with default limits.
-    mw_limiter = SlowLimiter(key_func=client_key, default_limits=[LIMIT], storage_uri="memory://")
-    peer_mw = Starlette(
-        routes=[Route("/", hello)],
-        middleware=[
-            Middleware(AuthenticationMiddleware, backend=HashedKeyBackend(), on_error=unauthorized),
-            Middleware(SlowAPIASGIMiddleware),
-        ],
+    mw_limiter = SlowLimiter(
+        key_func=_starlette_client, default_limits=[LIMIT], storage_uri="memory://"
     )
-    peer_mw.state.limiter = mw_limiter
-    peer_mw.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    peer_mw = _with_slowapi(
+        starlette_app(
+            [starlette_auth_middleware(HashedKeyBackend()), Middleware(SlowAPIASGIMiddleware)]
+        ),
+        mw_limiter,
+    )
 
     specs = [
         ("bare (Route + PlainTextResponse)", "bare", bare, None),
@@ -357,25 +470,47 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
         ("peer: AuthenticationMiddleware + slowapi @limit", "peer", peer_deco, 401),
         ("peer: AuthenticationMiddleware + SlowAPIASGIMiddleware", "peer", peer_mw, 401),
     ]
-    variants = []
-    for stack, role, app, deny in specs:
-        check_variant(
-            f"starlette/{stack}",
-            lambda h, app=app: asgi_request(loop, app, "/", h),
-            good,
-            deny,
-            role,
-        )
-        variants.append(Variant("starlette", stack, role, asgi_runner(loop, app, "/", good)))
-    return variants
+    return [
+        asgi_variant(loop, "starlette", stack, role, app, good, deny)
+        for stack, role, app, deny in specs
+    ]
 
 
 # -- Flask -------------------------------------------------------------------------------------
 
 
-def build_flask() -> list[Variant]:
-    from flask import Flask, abort, g, request
+def flask_app() -> Any:
+    """A Flask app with one route, ``/``, answering ``ok``."""
+    from flask import Flask
+
+    app = Flask(__name__)
+
+    @app.get("/")
+    def hello() -> str:
+        return "ok"
+
+    return app
+
+
+def flask_limiter(app: Any) -> None:
+    """Flask-Limiter with default limits keyed on ``g.client_id``.
+
+    Call it after registering the ``before_request`` hook that sets
+    ``g.client_id``, so that hook runs first.
+    """
+    from flask import g
     from flask_limiter import Limiter
+
+    Limiter(
+        key_func=lambda: g.client_id,
+        app=app,
+        default_limits=[LIMIT],
+        storage_uri="memory://",
+    )
+
+
+def build_flask() -> list[Variant]:
+    from flask import abort, g, request
 
     from m2m_middleware import Settings, open_key_store
     from m2m_middleware.flask import M2MAuth
@@ -385,26 +520,16 @@ def build_flask() -> list[Variant]:
     good = {"X-API-Key": key}
     table = {_sha256_hex(key): CLIENT_ID}
 
-    def make_app() -> Flask:
-        app = Flask(__name__)
+    bare = flask_app()
 
-        @app.get("/")
-        def hello() -> str:
-            return "ok"
-
-        return app
-
-    bare = make_app()
-
-    ours = make_app()
+    ours = flask_app()
     M2MAuth(
         ours,
         settings=Settings(key_store=store, default_limits=LIMIT, rate_limit_storage="memory://"),
     )
 
-    peer = make_app()
+    peer = flask_app()
 
-    # Registered before Flask-Limiter's own before_request hook, so it runs first.
     @peer.before_request
     def check_api_key() -> None:
         supplied = request.headers.get("X-API-Key")
@@ -415,49 +540,36 @@ def build_flask() -> list[Variant]:
             abort(401)
         g.client_id = client
 
-    Limiter(
-        key_func=lambda: g.client_id,
-        app=peer,
-        default_limits=[LIMIT],
-        storage_uri="memory://",
-    )
+    flask_limiter(peer)
 
     specs = [
         ("bare (one route)", "bare", bare, None),
         ("ours: M2MAuth", "ours", ours, 401),
         ("peer: before_request sha256 check + Flask-Limiter", "peer", peer, 401),
     ]
-    variants = []
-    for stack, role, app, deny in specs:
-        check_variant(
-            f"flask/{stack}", lambda h, app=app: wsgi_request(app, "/", h), good, deny, role
-        )
-        variants.append(Variant("flask", stack, role, wsgi_runner(app, "/", good)))
-    return variants
+    return [
+        wsgi_variant("flask", stack, role, app, "/", good, deny) for stack, role, app, deny in specs
+    ]
 
 
 # -- Django ------------------------------------------------------------------------------------
 
 
-def build_django() -> list[Variant]:
+def configure_django(m2m_auth: dict[str, Any], **extra: Any) -> None:
+    """The one process-wide Django configuration, with ``M2M_AUTH`` and ``extra`` settings.
+
+    What differs per variant is the handler's middleware chain (fixed when the
+    handler is built, see :func:`django_handler`) and the URL it requests.
+    Runs ``django.setup()`` and the migrations (in-memory SQLite).
+    """
     import django
     from django.conf import settings
 
-    from m2m_middleware import open_key_store
-
-    store = open_key_store("memory://")
-    key = store.create_key(CLIENT_ID).key
-    good = {"X-API-Key": key}
-    table = {_sha256_hex(key): CLIENT_ID}
-
-    # One process-wide configuration serves every Django variant; what differs per
-    # variant is the handler's middleware chain (fixed when the handler is built)
-    # and the URL it requests.
     settings.configure(
         DEBUG=False,
         SECRET_KEY="benchmark-only-not-secret",
         ALLOWED_HOSTS=["*"],
-        ROOT_URLCONF="_m2m_bench_urls",
+        ROOT_URLCONF=_DJANGO_URLS,
         MIDDLEWARE=[],
         INSTALLED_APPS=[
             "django.contrib.contenttypes",
@@ -469,36 +581,82 @@ def build_django() -> list[Variant]:
         CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
         USE_TZ=True,
         LOGGING_CONFIG=None,
-        API_KEY_CUSTOM_HEADER="HTTP_X_API_KEY",
-        M2M_AUTH={
-            "key_store": store,
-            "default_limits": LIMIT,
-            "rate_limit_storage": "memory://",
-        },
+        M2M_AUTH=m2m_auth,
+        **extra,
     )
     django.setup()
     # The pre-flight checks send refused requests on purpose; don't log each one.
     logging.getLogger("django.request").setLevel(logging.ERROR)
 
     from django.core.management import call_command
-    from django.core.wsgi import get_wsgi_application
-    from django.http import HttpRequest, HttpResponse
-    from django.test.utils import override_settings
-    from django.urls import path
-    from rest_framework.authentication import BaseAuthentication
-    from rest_framework.exceptions import AuthenticationFailed
-    from rest_framework.permissions import IsAuthenticated
-    from rest_framework.renderers import JSONRenderer
-    from rest_framework.throttling import SimpleRateThrottle
-    from rest_framework.views import APIView
-    from rest_framework_api_key.models import APIKey
-    from rest_framework_api_key.permissions import HasAPIKey
 
     call_command("migrate", verbosity=0, interactive=False)
-    _, drf_key = APIKey.objects.create_key(name="bench")
+
+
+_DJANGO_URLS = "_m2m_bench_urls"
+
+
+def django_urls(views: dict[str, Any]) -> None:
+    """The URLconf: ``""`` answers ``ok`` in plain text; ``views`` maps more paths to views."""
+    from django.http import HttpRequest, HttpResponse
+    from django.urls import path
 
     def hello(request: HttpRequest) -> HttpResponse:
         return HttpResponse("ok", content_type="text/plain")
+
+    urls = types.ModuleType(_DJANGO_URLS)
+    urls.urlpatterns = [  # type: ignore[attr-defined]
+        path("", hello),
+        *(path(route, view) for route, view in views.items()),
+    ]
+    sys.modules[urls.__name__] = urls
+
+
+def django_handler(middleware: list[str]) -> Any:
+    """A WSGI handler with this middleware chain (loaded now, kept for its lifetime)."""
+    from django.core.wsgi import get_wsgi_application
+    from django.test.utils import override_settings
+
+    with override_settings(MIDDLEWARE=middleware):
+        return get_wsgi_application()
+
+
+def django_plain_view(**attributes: Any) -> Any:
+    """A DRF ``APIView`` answering ``ok`` in plain text, with these class attributes."""
+    from django.http import HttpResponse
+    from rest_framework.renderers import JSONRenderer
+    from rest_framework.views import APIView
+
+    class PlainTextView(APIView):
+        renderer_classes = (JSONRenderer,)
+
+        def get(self, request: Any) -> HttpResponse:
+            return HttpResponse("ok", content_type="text/plain")
+
+    return type("BenchView", (PlainTextView,), attributes).as_view()
+
+
+def build_django() -> list[Variant]:
+    from m2m_middleware import open_key_store
+
+    store = open_key_store("memory://")
+    key = store.create_key(CLIENT_ID).key
+    good = {"X-API-Key": key}
+    table = {_sha256_hex(key): CLIENT_ID}
+
+    configure_django(
+        {"key_store": store, "default_limits": LIMIT, "rate_limit_storage": "memory://"},
+        API_KEY_CUSTOM_HEADER="HTTP_X_API_KEY",
+    )
+
+    from rest_framework.authentication import BaseAuthentication
+    from rest_framework.exceptions import AuthenticationFailed
+    from rest_framework.permissions import IsAuthenticated
+    from rest_framework.throttling import SimpleRateThrottle
+    from rest_framework_api_key.models import APIKey
+    from rest_framework_api_key.permissions import HasAPIKey
+
+    _, drf_key = APIKey.objects.create_key(name="bench")
 
     class KeyClient:
         is_authenticated = True
@@ -539,38 +697,22 @@ def build_django() -> list[Variant]:
             prefix = request.META["HTTP_X_API_KEY"].partition(".")[0]
             return self.cache_format % {"scope": self.scope, "ident": prefix}
 
-    class HashedKeyView(APIView):
-        authentication_classes = (HashedAPIKeyAuthentication,)
-        permission_classes = (IsAuthenticated,)
-        throttle_classes = (ClientRateThrottle,)
-        renderer_classes = (JSONRenderer,)
-
-        def get(self, request: Any) -> HttpResponse:
-            return HttpResponse("ok", content_type="text/plain")
-
-    class APIKeyView(APIView):
-        authentication_classes = ()
-        permission_classes = (HasAPIKey,)
-        throttle_classes = (KeyPrefixRateThrottle,)
-        renderer_classes = (JSONRenderer,)
-
-        def get(self, request: Any) -> HttpResponse:
-            return HttpResponse("ok", content_type="text/plain")
-
-    urls = types.ModuleType("_m2m_bench_urls")
-    urls.urlpatterns = [  # type: ignore[attr-defined]
-        path("", hello),
-        path("drf", HashedKeyView.as_view()),
-        path("drf-api-key", APIKeyView.as_view()),
-    ]
-    sys.modules[urls.__name__] = urls
-
-    def handler(middleware: list[str]) -> Any:
-        with override_settings(MIDDLEWARE=middleware):
-            return get_wsgi_application()  # loads the middleware chain now
-
-    plain = handler([])
-    ours = handler(["m2m_middleware.django.M2MAuthMiddleware"])
+    django_urls(
+        {
+            "drf": django_plain_view(
+                authentication_classes=(HashedAPIKeyAuthentication,),
+                permission_classes=(IsAuthenticated,),
+                throttle_classes=(ClientRateThrottle,),
+            ),
+            "drf-api-key": django_plain_view(
+                authentication_classes=(),
+                permission_classes=(HasAPIKey,),
+                throttle_classes=(KeyPrefixRateThrottle,),
+            ),
+        }
+    )
+    plain = django_handler([])
+    ours = django_handler(["m2m_middleware.django.M2MAuthMiddleware"])
 
     specs = [
         ("bare (function view, no middleware)", "bare", plain, "/", good, None),
@@ -593,17 +735,10 @@ def build_django() -> list[Variant]:
             403,
         ),
     ]
-    variants = []
-    for stack, role, app, url, headers, deny in specs:
-        check_variant(
-            f"django/{stack}",
-            lambda h, app=app, url=url: wsgi_request(app, url, h),
-            headers,
-            deny,
-            role,
-        )
-        variants.append(Variant("django", stack, role, wsgi_runner(app, url, headers)))
-    return variants
+    return [
+        wsgi_variant("django", stack, role, app, url, headers, deny)
+        for stack, role, app, url, headers, deny in specs
+    ]
 
 
 # -- running and reporting ----------------------------------------------------------------------
@@ -631,42 +766,36 @@ def _fmt(value: float | None, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.2f}{suffix}"
 
 
+def overheads(variants: list[Variant]) -> dict[int, float | None]:
+    """Each variant's overhead (by ``id``): its median minus its framework's bare median.
+
+    A raw floor's overhead is its median; a bare app has none.
+    """
+    bare = {v.framework: v.median_us for v in variants if v.role == "bare"}
+    found: dict[int, float | None] = {}
+    for v in variants:
+        if v.role == "floor":
+            found[id(v)] = v.median_us
+        elif v.role == "bare":
+            found[id(v)] = None
+        else:
+            found[id(v)] = v.median_us - bare[v.framework]
+    return found
+
+
 def report(variants: list[Variant], verbose: bool) -> list[str]:
     bare = {v.framework: v.median_us for v in variants if v.role == "bare"}
     ours = {v.framework: v.median_us - bare[v.framework] for v in variants if v.role == "ours"}
+    overhead_of = overheads(variants)
     header = ["framework", "stack", "median us/request", "overhead us", "overhead ratio vs ours"]
     rows = []
     for v in variants:
-        overhead: float | None
-        if v.role == "floor":
-            overhead = v.median_us
-        elif v.role == "bare":
-            overhead = None
-        else:
-            overhead = v.median_us - bare[v.framework]
+        overhead = overhead_of[id(v)]
         ratio = None
         if overhead is not None and v.framework in ours and ours[v.framework] > 0:
             ratio = overhead / ours[v.framework]
         rows.append([v.framework, v.stack, _fmt(v.median_us), _fmt(overhead), _fmt(ratio, "x")])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {2, 3, 4}
-
-    def line(cells: list[str]) -> str:
-        padded = [
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    out = [line(header)]
-    out.append(
-        "|"
-        + "|".join(
-            ("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)
-        )
-        + "|"
-    )
-    out.extend(line(r) for r in rows)
+    out = markdown_table(header, rows)
     out.append("")
     floor = next((v.median_us for v in variants if v.role == "floor"), None)
     for framework in FRAMEWORKS:
@@ -685,11 +814,40 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
             text += f", ours/raw floor {_ratio(mine, floor)}"
         out.append(text)
     if verbose:
-        out.append("")
-        out.append("round means (us/request), in round order:")
-        for v in variants:
-            means = " ".join(f"{m:.2f}" for m in v.round_means_us)
-            out.append(f"  {v.framework}/{v.stack}: {means}")
+        out += round_means(variants)
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, every column but the first two right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = set(range(2, len(header)))
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    out = [line(header)]
+    out.append(
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
+    out.extend(line(r) for r in rows)
+    return out
+
+
+def round_means(variants: list[Variant]) -> list[str]:
+    """For ``--verbose``: every variant's per-round means."""
+    out = ["", "round means (us/request), in round order:"]
+    for v in variants:
+        means = " ".join(f"{m:.2f}" for m in v.round_means_us)
+        out.append(f"  {v.framework}/{v.stack}: {means}")
     return out
 
 
@@ -697,8 +855,8 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "n/a"
 
 
-def versions(frameworks: Iterable[str]) -> str:
-    wanted = ["m2m-middleware", "limits"]
+def versions(frameworks: Iterable[str], extra: Iterable[str] = ()) -> str:
+    wanted = ["m2m-middleware", "limits", *extra]
     per_framework = {
         "starlette": ["starlette", "slowapi"],
         "flask": ["flask", "werkzeug", "flask-limiter"],
@@ -718,13 +876,16 @@ def versions(frameworks: Iterable[str]) -> str:
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Per-request overhead of API-key auth + rate limiting, per framework."
-    )
+def parse_args(
+    argv: list[str] | None, description: str, requests: int = 2000
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
     parser.add_argument(
-        "--requests", type=int, default=None, help="requests per variant per round (default 2000)"
+        "--requests",
+        type=int,
+        default=None,
+        help=f"requests per variant per round (default {requests})",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a few small rounds: a smoke run for CI, not numbers"
@@ -733,7 +894,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         choices=FRAMEWORKS,
-        help="measure only this framework (repeatable); the raw floor is always measured",
+        help="measure only this framework (repeatable); the raw floors are always measured",
     )
     parser.add_argument(
         "--clock",
@@ -747,33 +908,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
     if args.requests is None:
-        args.requests = 100 if args.quick else 2000
+        args.requests = 100 if args.quick else requests
     if args.rounds < 1 or args.requests < 1:
         parser.error("--rounds and --requests must be at least 1")
     args.warmup = max(20, args.requests // 4)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_all(
+    args: argparse.Namespace, frameworks: list[str], loop: asyncio.AbstractEventLoop
+) -> list[Variant]:
+    variants = build_floor()
+    if "starlette" in frameworks:
+        variants += build_starlette(loop)
+    if "flask" in frameworks:
+        variants += build_flask()
+    if "django" in frameworks:
+        variants += build_django()
+    return variants
+
+
+def run_benchmark(
+    argv: list[str] | None,
+    *,
+    description: str,
+    build: Callable[[argparse.Namespace, list[str], asyncio.AbstractEventLoop], list[Variant]],
+    report: Callable[[list[Variant], bool], list[str]],
+    packages: Iterable[str] = (),
+    requests: int = 2000,
+) -> int:
+    """Parse the options, build the variants, time them and print the report.
+
+    ``build(args, frameworks, loop)`` returns the checked variants; ``packages``
+    are more distributions whose versions the report names; ``requests`` is the
+    default of ``--requests``.
+    """
     global clock
-    args = parse_args(argv)
+    args = parse_args(argv, description, requests)
     clock = CLOCKS[args.clock]
     frameworks = [f for f in FRAMEWORKS if not args.only or f in args.only]
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     started = time.perf_counter()
     try:
-        variants = build_floor()
-        if "starlette" in frameworks:
-            variants += build_starlette(loop)
-        if "flask" in frameworks:
-            variants += build_flask()
-        if "django" in frameworks:
-            variants += build_django()
+        variants = build(args, frameworks, loop)
         measure(variants, args.rounds, args.requests, args.warmup)
     finally:
         loop.close()
-    print(versions(frameworks))
+    print(versions(frameworks, packages))
     print(
         f"{args.rounds} interleaved rounds x {args.requests} requests per variant "
         f"(warm-up {args.warmup}), {args.clock} clock; median of per-round means; "
@@ -786,6 +968,15 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     print(f"\n(total {time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_benchmark(
+        argv,
+        description="Per-request overhead of API-key auth + rate limiting, per framework.",
+        build=build_all,
+        report=report,
+    )
 
 
 if __name__ == "__main__":

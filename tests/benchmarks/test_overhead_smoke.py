@@ -1,8 +1,9 @@
-"""The benchmark still runs: every variant answers correctly and the table prints.
+"""The benchmarks still run: every variant answers correctly and the tables print.
 
 Numbers from ``--quick`` are meaningless; this only keeps ``benchmarks/`` from
-rotting (each variant is checked for 200 with a key, 401 without, and only ours
-sends RateLimit headers, before anything is timed).
+rotting (each variant is checked for 200 with its credential, 401 without one
+and 401/403 with a wrong one, and only ours sends RateLimit headers, before
+anything is timed).
 """
 
 from __future__ import annotations
@@ -14,21 +15,50 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+FRAMEWORKS = ("starlette", "flask", "django")
+RATIO = r"(?:-?[\d.]+x|n/a)"  # quick numbers may even be negative
 
 
-@pytest.mark.slow
-def test_the_overhead_benchmark_runs_and_reports_every_framework() -> None:
+def run_quick(script: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for framework in ("starlette", "flask", "django"):  # quick numbers may even be negative
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_runs_and_reports_every_framework() -> None:
+    out = run_quick("overhead.py")
+    for framework in FRAMEWORKS:
+        assert re.search(rf"^{framework}: ours [+-]-?[\d.]+ us, fastest peer", out, re.M), out
+    assert "raw floor" in out
+
+
+@pytest.mark.slow
+def test_the_jwt_benchmark_reports_both_targets_and_every_framework() -> None:
+    out = run_quick("jwt_overhead.py")
+    assert re.search(
+        rf"^core: cached JWT / API key: HS256 {RATIO}, ES256 {RATIO} \(target <= 1.5x: ", out, re.M
+    ), out
+    assert re.search(
+        rf"^core: cold ES256 / \(raw joserfc ES256 \+ API key\): .* = {RATIO} \(target <= 1.3x: ",
+        out,
+        re.M,
+    ), out
+    for framework in FRAMEWORKS:
+        assert re.search(rf"^{framework}: cached JWT / API key overhead: HS256 {RATIO}", out, re.M)
         assert re.search(
-            rf"^{framework}: ours [+-]-?[\d.]+ us, fastest peer", result.stdout, re.M
-        ), result.stdout
-    assert "raw floor" in result.stdout
+            rf"^{framework}: cold ES256 / \(raw joserfc ES256 in a bare view \+ API key\): ",
+            out,
+            re.M,
+        ), out
+        assert re.search(rf"^{framework}: peer/ours \(", out, re.M), out
+    for alg in ("HS256", "ES256"):
+        assert f"raw: joserfc jws.deserialize_compact, {alg}" in out
+        assert f"core: Engine.check, JWT {alg} cold" in out
