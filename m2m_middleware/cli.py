@@ -2,8 +2,8 @@
 
     m2m keys create --client billing --scope "orders:read orders:write" --expires-in 90d
     m2m keys list [--client billing] [--json]
-    m2m keys revoke key_...
-    m2m keys rotate key_... --grace 1h
+    m2m keys revoke key_... [--notify redis://...]
+    m2m keys rotate key_... --grace 1h [--notify redis://...]
     m2m demo [--once] [--port 8000]
 
 Every ``keys`` command takes ``--store URL`` (default: ``$M2M_KEY_STORE``,
@@ -36,6 +36,7 @@ from .stores import KeyRecord, KeyStore, SQLiteKeyStore, open_key_store
 
 PROG = "m2m"
 STORE_ENV = "M2M_KEY_STORE"
+NOTIFY_ENV = "M2M_INVALIDATION_URL"
 DEFAULT_STORE = "sqlite:///m2m_keys.db"
 
 #: Longest accepted duration: beyond this, datetimes overflow and nobody means it.
@@ -307,7 +308,22 @@ def cmd_keys_list(args: argparse.Namespace, store: KeyStore) -> int:
     return 0
 
 
+def _notify(args: argparse.Namespace) -> None:
+    """Publish the revocation to running instances over Redis, when a URL is given."""
+    url = args.notify if args.notify is not None else os.environ.get(NOTIFY_ENV, "")
+    if not url:
+        return
+    from .settings import INVALIDATION_SCHEMES
+
+    if not url.startswith(INVALIDATION_SCHEMES):
+        raise UsageError(f"--notify: expected a redis:// URL, got {url.partition('://')[0]!r}")
+    from .invalidation import redis_bus
+
+    redis_bus(url, listen=False)
+
+
 def cmd_keys_revoke(args: argparse.Namespace, store: KeyStore) -> int:
+    _notify(args)
     _require_existing(store)
     before = store.get_key(args.key_id)
     if before.revoked_at is not None and before.revoked_at <= _utcnow():
@@ -323,6 +339,7 @@ def cmd_keys_revoke(args: argparse.Namespace, store: KeyStore) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace, store: KeyStore) -> int:
     grace = _duration_option("--grace", args.grace, allow_zero=True)
+    _notify(args)
     _require_existing(store)
     old = store.get_key(args.key_id)
     if old.remaining_uses == 0:
@@ -425,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
     )
 
+    notify_options = argparse.ArgumentParser(add_help=False)
+    notify_options.add_argument(
+        "--notify",
+        metavar="REDIS_URL",
+        help=f"publish the change to running instances over Redis, so they drop the key at "
+        f"once instead of within key_cache_ttl (default: ${NOTIFY_ENV}, if set)",
+    )
+
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
@@ -460,14 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_keys_list)
 
     revoke = keys_commands.add_parser(
-        "revoke", parents=[store_options], help="revoke a key at once"
+        "revoke", parents=[store_options, notify_options], help="revoke a key at once"
     )
     revoke.add_argument("key_id", metavar="KEY_ID")
     revoke.set_defaults(handler=cmd_keys_revoke)
 
     rotate = keys_commands.add_parser(
         "rotate",
-        parents=[store_options],
+        parents=[store_options, notify_options],
         help="issue a successor key; the old one keeps working for the grace period",
     )
     rotate.add_argument("key_id", metavar="KEY_ID")

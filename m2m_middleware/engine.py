@@ -31,11 +31,12 @@ from .errors import (
 )
 from .limiting import Charge, Limiter, LimitPlan, StorageDown
 from .outcome import PUBLIC, Allowed, Denied, deny
-from .settings import Route, Settings
+from .settings import Route, Settings, invalidation_url
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
 
 if TYPE_CHECKING:
+    from .invalidation import RedisBus
     from .tokens import TokenVerifier
 
 logger = logging.getLogger("m2m_middleware")
@@ -141,6 +142,7 @@ class Engine:
     def __init__(self, settings: Settings | None = None, *, store: KeyStore | None = None) -> None:
         self.settings = settings = settings or Settings()
         self.tokens: TokenVerifier | None = None
+        self.bus: RedisBus | None = None
         if "jwt" in settings.schemes:
             from .tokens import TokenVerifier  # joserfc loads only when JWTs are on
 
@@ -151,6 +153,12 @@ class Engine:
         self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
+        bus_url = invalidation_url(settings)
+        if bus_url is not None:
+            from .invalidation import redis_bus
+
+            #: Carries revocations to and from other instances (None: the TTL is the bound).
+            self.bus = redis_bus(bus_url, settings.storage_timeout)
         self._cached = self.keys._entries.get  # the dict itself: one call less per request
         self.realm = settings.realm
         self.header_name = settings.api_key_header
@@ -196,12 +204,7 @@ class Engine:
             public = self._public
             if public is not None and public.match(path):
                 return PUBLIC
-            if authorization is None and api_key:  # one API-key header: the usual case
-                credential = api_key.strip()
-                if not credential or "," in credential or len(credential) > self._max_length:
-                    credential = self._credential(authorization, api_key)
-            else:
-                credential = self._credential(authorization, api_key)
+            credential = self._credential(authorization, api_key)
             key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
             entry = self._cached(key_hash)
             if entry is None or entry.fresh_until < monotonic():
@@ -265,12 +268,7 @@ class Engine:
             public = self._public
             if public is not None and public.match(path):
                 return PUBLIC
-            if authorization is None and api_key:  # one API-key header: the usual case
-                credential = api_key.strip()
-                if not credential or "," in credential or len(credential) > self._max_length:
-                    credential = self._credential(authorization, api_key)
-            else:
-                credential = self._credential(authorization, api_key)
+            credential = self._credential(authorization, api_key)
             key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()  # hash_key
             entry = self._cached(key_hash)
             if entry is None or entry.fresh_until < monotonic():
@@ -371,14 +369,26 @@ class Engine:
     # -- steps shared by both -------------------------------------------------
 
     def _credential(self, authorization: str | None, api_key: str | None) -> str:
-        credential = extract_credential(
+        # The two usual cases, one header in its plain form, without the full
+        # parse; anything unusual (a comma, both headers, odd spacing, an
+        # oversize or empty value) takes the general path below.
+        if authorization is None:
+            if api_key:
+                credential = api_key.strip()
+                if credential and "," not in credential and len(credential) <= self._max_length:
+                    return credential
+        elif api_key is None and authorization.startswith("Bearer ") and "," not in authorization:
+            credential = authorization[7:].strip()
+            if credential and len(credential) <= self._max_length:
+                return credential
+        found = extract_credential(
             authorization, api_key, header_name=self.header_name, max_length=self._max_length
         )
-        if credential is None:
+        if found is None:
             raise MissingCredentials(
                 f"send a credential in the Authorization header (Bearer) or in {self.header_name}"
             )
-        return credential
+        return found
 
     def _precheck(self, credential: str, stale: _CachedKey | None) -> None:
         if not self._api_keys:

@@ -17,18 +17,33 @@ but the in-process one, counted by ``limits``:
   testing and charging all of a request's limits, so all-or-nothing needs no
   rollback, and expired windows are swept in bulk.
 
-Network storages get their ``limits.aio`` twin on the async path, so the event
-loop never waits on a socket; in-process counting never blocks, so both paths
-share it (a Django project serving sync and async views keeps one budget).
+- Redis (``redis://``, ``rediss://``, ``redis+unix://``, ``redis+sentinel://``,
+  ``redis+cluster://``) with fixed windows runs one Lua script on the
+  connection ``limits`` opened: every limit of a request is tested, charged
+  (all or none) and read back for the headers in **one round trip**, where
+  the generic path costs two per limit. The keys of one client share a Redis
+  Cluster hash tag, so the script runs on clusters too.
+
+Network storages get their ``limits.aio`` twin on the async path (Redis through
+``redis.asyncio``, one client per event loop), so the event loop never waits on
+a socket; in-process counting never blocks, so both paths share it (a Django
+project serving sync and async views keeps one budget). Network calls time out
+after ``storage_timeout`` seconds and are retried once at once (a connection
+that died while idle, say after a Redis restart, is replaced without failing
+a request); a storage that still fails is an outage, handled by the engine's
+``on_storage_error`` policy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +93,58 @@ class Charge:
 
 class StorageDown(Exception):
     """The limit storage could not be reached."""
+
+
+#: All-or-nothing fixed windows for one request, in one round trip.
+#: KEYS[i]: limit i's counter; ARGV[1]: the cost; ARGV[2i], ARGV[2i+1]: limit i's
+#: amount and window in seconds. Returns {i, count, pttl} for the first limit
+#: that would overflow (nothing is charged), else {0, count1, pttl1, ...}
+#: after charging every limit.
+REDIS_FIXED_WINDOWS = """
+local cost = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if current + cost > tonumber(ARGV[2 * i]) then
+    return {i, current, redis.call('PTTL', KEYS[i])}
+  end
+end
+local out = {0}
+for i = 1, #KEYS do
+  local count = redis.call('INCRBY', KEYS[i], cost)
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < 0 then
+    ttl = tonumber(ARGV[2 * i + 1]) * 1000
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  out[2 * i] = count
+  out[2 * i + 1] = ttl
+end
+return out
+"""
+
+#: limits storage schemes served by redis-py, which the script above can use.
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
+
+
+def _scheme(uri: str) -> str:
+    return uri.partition("://")[0].lower()
+
+
+def _redis_options(timeout: float, asynchronous: bool) -> dict[str, Any]:
+    """Short socket timeouts and one immediate retry, instead of redis-py's
+    default of three retries with exponential backoff (seconds per request
+    while Redis is down)."""
+    if asynchronous:
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.backoff import NoBackoff
+
+        retry: Any = AsyncRetry(NoBackoff(), 1)
+    else:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        retry = Retry(NoBackoff(), 1)
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry}
 
 
 class MemoryWindows:
@@ -155,6 +222,33 @@ def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...
     return tuple(out)
 
 
+async def _close_with_loop(client: Any) -> AsyncIterator[None]:
+    """Closes ``client`` when its event loop shuts down.
+
+    A started async generator is closed by ``loop.shutdown_asyncgens()``,
+    which ``asyncio.run``, uvicorn and asgiref all call before closing the
+    loop, so the connections are released on the loop that owns them rather
+    than left to warn in ``__del__`` (a test that runs a loop per request
+    would otherwise leak one client per loop).
+    """
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def _script_call(plan: LimitPlan, client_id: str, cost: int) -> tuple[list[str], list[int]]:
+    """The script's keys and arguments. The client id in braces is a Redis Cluster
+    hash tag, so all of a request's counters live in one slot."""
+    tag = f"m2m:{{{client_id}}}:"
+    keys = [tag + lim.key_prefix for lim in plan.limits]
+    args = [cost]
+    for lim in plan.limits:
+        args += (lim.amount, lim.expiry)
+    return keys, args
+
+
 def _policy_header(limits_: Sequence[Limit]) -> str:
     return ", ".join(f'"{lim.policy}";q={lim.amount};w={lim.expiry}' for lim in limits_)
 
@@ -168,17 +262,29 @@ class Limiter:
         self.windows: MemoryWindows | None = None
         if self.fixed and uri.partition("?")[0] == "memory://":
             self.windows = MemoryWindows()
+        self.redis = _scheme(uri) in REDIS_SCHEMES
+        options = _redis_options(settings.storage_timeout, False) if self.redis else {}
+        self.storage: Any
         try:
-            self.storage: Any = limits.storage.storage_from_string(uri)
+            self.storage = limits.storage.storage_from_string(uri, **options)
         except Exception as exc:  # limits raises ConfigurationError / ImportError
-            raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}") from None
+            hint = ' (pip install "m2m-middleware[redis]")' if self.redis else ""
+            raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}{hint}") from None
+        #: The one-round-trip script, on the connection limits opened (Redis, fixed windows).
+        self._script: Any = None
+        if self.redis and self.fixed:
+            self._script = self.storage.get_connection().register_script(REDIS_FIXED_WINDOWS)
         self.in_memory = isinstance(self.storage, limits.storage.MemoryStorage)
         if self.windows is not None:
             # Counted by MemoryWindows: stop the storage's timer thread now.
             timer = getattr(self.storage, "timer", None)
             if timer is not None:
                 timer.cancel()
-        self._astorage: Any = None
+        #: event loop -> (storage, strategy, script, closer): redis.asyncio clients
+        #: are bound to the loop that opened them.
+        self._aio: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Any, Any, Any, Any]
+        ] = weakref.WeakKeyDictionary()
         strategy_cls: Any = {
             "fixed-window": limits.strategies.FixedWindowRateLimiter,
             "moving-window": limits.strategies.MovingWindowRateLimiter,
@@ -270,7 +376,10 @@ class Limiter:
                 )
             return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
         try:
-            if self.fixed:
+            if self._script is not None:
+                keys, args = _script_call(plan, client_id, cost)
+                result = self._script_result(plan, client_id, self._script(keys, args))
+            elif self.fixed:
                 result = self._charge_fixed(plan, client_id, cost)
             else:
                 result = self._charge_strategy(plan, client_id, cost)
@@ -331,27 +440,44 @@ class Limiter:
 
     # -- async ----------------------------------------------------------------
 
-    def _async_storage(self) -> Any:
-        if self._astorage is None:
+    async def _async_storage(self) -> tuple[Any, Any, Any]:
+        """This event loop's (storage, strategy, script), made on first use."""
+        loop = asyncio.get_running_loop()
+        found = self._aio.get(loop)
+        if found is None:
             uri = self.settings.rate_limit_storage
-            self._astorage = limits.storage.storage_from_string(f"async+{uri}")
+            options: dict[str, Any] = {}
+            if self.redis:
+                options = _redis_options(self.settings.storage_timeout, True)
+                options["implementation"] = "redispy"  # the redis package, not coredis
+            storage: Any = limits.storage.storage_from_string(f"async+{uri}", **options)
             cls: Any = {
                 "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
                 "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
                 "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
             }[self.settings.rate_limit_strategy]
-            self._astrategy = cls(self._astorage)
-        return self._astorage
+            script = closer = None
+            if self.redis:
+                client = storage.bridge.get_connection()
+                if self.fixed:
+                    script = client.register_script(REDIS_FIXED_WINDOWS)
+                closer = _close_with_loop(client)
+                await closer.__anext__()
+            found = self._aio[loop] = (storage, cls(storage), script, closer)
+        return found[0], found[1], found[2]
 
     async def acharge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
         if self.in_memory or not plan.limits:  # in-process: never blocks
             return self.charge(plan, client_id, cost)
         try:
-            storage = self._async_storage()
-            if self.fixed:
+            storage, strategy, script = await self._async_storage()
+            if script is not None:
+                keys, args = _script_call(plan, client_id, cost)
+                result = self._script_result(plan, client_id, await script(keys, args))
+            elif self.fixed:
                 result = await self._acharge_fixed(storage, plan, client_id, cost)
             else:
-                result = await self._acharge_strategy(plan, client_id, cost)
+                result = await self._acharge_strategy(strategy, plan, client_id, cost)
         except StorageDown:
             raise
         except Exception as exc:
@@ -380,8 +506,9 @@ class Limiter:
             [(lim.amount - c, r) for lim, c, r in zip(plan.limits, counts, resets, strict=True)],
         )
 
-    async def _acharge_strategy(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
-        strategy = self._astrategy
+    async def _acharge_strategy(
+        self, strategy: Any, plan: LimitPlan, client_id: str, cost: int
+    ) -> Charge:
         for lim in plan.limits:
             if not await strategy.test(lim.item, lim.key_prefix, client_id, cost=cost):
                 stats = await strategy.get_window_stats(lim.item, lim.key_prefix, client_id)
@@ -397,6 +524,25 @@ class Limiter:
             for lim in plan.limits
         ]
         return self._allowed(plan, [(w.remaining, w.reset_time) for w in windows])
+
+    # -- the Redis script -----------------------------------------------------
+
+    def _script_result(self, plan: LimitPlan, client_id: str, result: Any) -> Charge:
+        now = time.time()
+        refused = int(result[0])
+        if refused:
+            lim = plan.limits[refused - 1]
+            ttl = int(result[2])
+            return self._denied(plan, lim, now + (ttl / 1000 if ttl > 0 else lim.expiry), client_id)
+        if not self.send_headers:
+            return Charge(True, [])
+        return self._allowed(
+            plan,
+            [
+                (lim.amount - int(result[2 * i + 1]), now + int(result[2 * i + 2]) / 1000)
+                for i, lim in enumerate(plan.limits)
+            ],
+        )
 
     # -- headers --------------------------------------------------------------
 

@@ -146,6 +146,8 @@ class Settings:
     rate_limit_headers: bool = True
     public_paths: tuple[str, ...] = ()
     on_storage_error: str = "deny"
+    storage_timeout: float = 1.0
+    invalidation_url: str | None = None
     key_cache_ttl: float = 30.0
     key_cache_size: int = 10_000
     routes: tuple[Any, ...] = ()
@@ -214,6 +216,16 @@ class Settings:
             raise ConfigError(
                 "on_storage_error", f"{self.on_storage_error!r}; choose 'allow' or 'deny'"
             )
+        _number("storage_timeout", self.storage_timeout, minimum=0.05, maximum=60)
+        url = self.invalidation_url
+        if url is not None and (not isinstance(url, str) or url != ""):
+            shown = url.partition("://")[0] if isinstance(url, str) else url
+            if not isinstance(url, str) or not url.startswith(INVALIDATION_SCHEMES):
+                raise ConfigError(
+                    "invalidation_url",
+                    f"expected a redis:// (or rediss://, redis+unix://) URL, or '' for none, "
+                    f"got {shown!r}",
+                )
         _number("key_cache_ttl", self.key_cache_ttl, minimum=0, maximum=86400)
         _number("key_cache_size", self.key_cache_size, minimum=0, maximum=10_000_000, integer=True)
         routes = self.routes
@@ -331,6 +343,18 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
+
+
+#: URLs a key-invalidation bus can use: Redis pub/sub on one server.
+INVALIDATION_SCHEMES = ("redis://", "rediss://", "redis+unix://", "unix://")
+
+
+def invalidation_url(settings: Settings) -> str | None:
+    """The Redis URL revocations travel on: the setting, else the limit storage's Redis."""
+    url = settings.invalidation_url
+    if url is None and settings.rate_limit_storage.startswith(INVALIDATION_SCHEMES):
+        url = settings.rate_limit_storage
+    return url or None
 
 
 def _check_jwks_url(url: object) -> None:

@@ -72,3 +72,42 @@ def break_limit_storage(monkeypatch: pytest.MonkeyPatch) -> Any:
             monkeypatch.setattr(limiter.storage, "decr", refuse)
 
     return breaker
+
+
+# -- real servers (see servers.py) -----------------------------------------------------
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import servers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The machine's Redis; skipped without one (failed under CI=true)."""
+    if not servers.reachable(servers.REDIS_URL):
+        servers.unavailable(f"no Redis at {servers.REDIS_URL}")
+    return servers.REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def postgres_base_url() -> str:
+    if not servers.reachable(servers.POSTGRES_URL):
+        servers.unavailable(f"no PostgreSQL at {servers.POSTGRES_URL}")
+    return servers.POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_base_url: str) -> Iterator[str]:
+    """A URL of the machine's PostgreSQL whose search_path is a fresh schema of this test's."""
+    with servers.postgres_schema(postgres_base_url) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[servers.RedisServer]:
+    """A redis-server of this test's own, started; the test may stop and restart it."""
+    server = servers.RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -307,14 +307,17 @@ def _compare(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
 
 
-# -- in-process invalidation ---------------------------------------------------
+# -- invalidation ----------------------------------------------------------------
 #
 # Every verified-key cache registers here under its store's location, so a
 # revocation made through any store object in this process reaches them all
-# at once. Other processes see it when their cache entry's TTL runs out.
+# at once. Publishers (``invalidation.RedisBus``) carry it to other processes,
+# whose buses hand it to ``notify_local``; without one, other processes see it
+# when their cache entry's TTL runs out.
 
 _listeners: dict[str, list[Any]] = {}
 _listeners_lock = threading.Lock()
+_publishers: list[Any] = []
 
 
 def subscribe_invalidations(location: str, callback: Any) -> None:
@@ -323,7 +326,20 @@ def subscribe_invalidations(location: str, callback: Any) -> None:
         _listeners.setdefault(location, []).append(ref)
 
 
-def _notify_invalidated(location: str, key_id: str) -> None:
+def add_publisher(publish: Any) -> None:
+    """``publish(location, key_id)`` is called on every revocation made in this process."""
+    with _listeners_lock:
+        _publishers.append(publish)
+
+
+def remove_publisher(publish: Any) -> None:
+    with _listeners_lock:
+        if publish in _publishers:
+            _publishers.remove(publish)
+
+
+def notify_local(location: str, key_id: str) -> None:
+    """Drop ``key_id`` from every cache in this process of the data at ``location``."""
     with _listeners_lock:
         refs = list(_listeners.get(location, ()))
         alive = [ref for ref in refs if ref() is not None]
@@ -332,3 +348,9 @@ def _notify_invalidated(location: str, key_id: str) -> None:
         callback = ref()
         if callback is not None:
             callback(key_id)
+
+
+def _notify_invalidated(location: str, key_id: str) -> None:
+    notify_local(location, key_id)
+    for publish in list(_publishers):
+        publish(location, key_id)

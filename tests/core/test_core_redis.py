@@ -1,0 +1,374 @@
+"""Limits in Redis, outages of Redis, and revocations carried over Redis.
+
+Against real servers: the machine's Redis for shared budgets (each test its
+own client id, so parallel workers never meet), and a ``redis-server`` of the
+test's own where the test kills it or counts its commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import servers
+from core_support import header, make_engine, sqlite_url
+
+from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings, open_key_store
+from m2m_middleware.stores import MemoryKeyStore
+
+pytestmark = pytest.mark.redis
+
+Check = Callable[..., "Allowed | Denied"]
+
+
+def redis_engine(store: KeyStore, url: str, **fields: Any) -> Engine:
+    fields.setdefault("default_limits", "5/minute")
+    fields.setdefault("invalidation_url", "")  # no bus unless the test is about it
+    return make_engine(store, rate_limit_storage=url, **fields)
+
+
+def new_key(store: KeyStore, **fields: Any) -> str:
+    return store.create_key(servers.unique("client"), **fields).key
+
+
+def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts what redis-py sends to a server, sync and async: one count per round trip."""
+    import redis.asyncio.connection
+    import redis.connection
+
+    sent = [0]
+    for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
+        original = cls.send_packed_command
+
+        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            sent[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "send_packed_command", counting)
+    return sent
+
+
+# -- shared budgets --------------------------------------------------------------------
+
+
+def test_exactly_the_limit_is_admitted_and_headers_count_down(check: Check, redis_url: str) -> None:
+    store = MemoryKeyStore()
+    engine = redis_engine(store, redis_url)
+    key = new_key(store)
+    outcomes = [check(engine, "GET", "/", None, key) for _ in range(7)]
+    assert [o.allowed for o in outcomes] == [True] * 5 + [False] * 2
+    assert [header(o, "RateLimit") for o in outcomes[:5]] == [
+        f'"default-60s";r={left};t=60' for left in (4, 3, 2, 1, 0)
+    ]
+    refused = outcomes[5]
+    assert isinstance(refused, Denied)
+    assert refused.status == 429 and refused.error == "rate_limited"
+    assert 55 <= int(header(refused, "Retry-After") or 0) <= 60
+
+
+def test_two_engines_share_one_budget_through_both_front_doors(redis_url: str) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    first, second = redis_engine(store, redis_url), redis_engine(store, redis_url)
+
+    async def via_async(engine: Engine) -> Allowed | Denied:
+        return await engine.acheck("GET", "/", None, key)
+
+    allowed = 0
+    for i in range(10):
+        engine = first if i % 2 else second
+        outcome = engine.check("GET", "/", None, key) if i % 3 else asyncio.run(via_async(engine))
+        allowed += outcome.allowed
+    assert allowed == 5
+
+
+def test_threads_racing_on_one_budget_admit_exactly_the_limit(redis_url: str) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engines = [redis_engine(store, redis_url, default_limits="40/minute") for _ in range(4)]
+    start = threading.Barrier(16)
+    admitted = []
+
+    def worker(n: int) -> None:
+        engine = engines[n % len(engines)]
+        start.wait(timeout=10)
+        admitted.append(sum(engine.check("GET", "/", None, key).allowed for _ in range(10)))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sum(admitted) == 40
+
+
+def test_tasks_racing_on_the_async_path_admit_exactly_the_limit(redis_url: str) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(store, redis_url, default_limits="30/minute")
+
+    async def burst() -> int:
+        outcomes = await asyncio.gather(*(engine.acheck("GET", "/", None, key) for _ in range(100)))
+        return sum(o.allowed for o in outcomes)
+
+    assert asyncio.run(burst()) == 30
+
+
+def test_a_refusal_by_one_limit_charges_none_of_the_others(check: Check, redis_url: str) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(
+        store,
+        redis_url,
+        default_limits="10/minute",
+        routes=[{"path": "/export", "limits": "2/minute"}],
+    )
+    for _ in range(2):
+        assert check(engine, "GET", "/export", None, key).allowed
+    refused = check(engine, "GET", "/export", None, key)
+    assert isinstance(refused, Denied) and refused.status == 429
+    assert header(refused, "RateLimit") == '"route.0-60s";r=0;t=60'
+    # Only the two admitted requests were charged to the default limit.
+    allowed = check(engine, "GET", "/other", None, key)
+    assert header(allowed, "RateLimit") == '"default-60s";r=7;t=60'
+
+
+def test_costs_are_charged_to_every_limit(check: Check, redis_url: str) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(
+        store,
+        redis_url,
+        default_limits="10/minute;100/hour",
+        routes=[{"path": "/bulk", "cost": 4}],
+    )
+    first = check(engine, "POST", "/bulk", None, key)
+    assert header(first, "RateLimit") == '"default-60s";r=6;t=60, "default-3600s";r=96;t=3600'
+    assert check(engine, "POST", "/bulk", None, key).allowed
+    assert not check(engine, "POST", "/bulk", None, key).allowed  # 8 + 4 > 10
+    assert check(engine, "GET", "/", None, key).allowed  # 9: a cost of one still fits
+
+
+def test_one_round_trip_per_request_whatever_the_number_of_limits(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(
+        store,
+        redis_url,
+        default_limits="1000/minute;10000/hour;100000/day",
+        routes=[{"path": "/*", "limits": "500/minute"}],
+    )
+
+    async def twenty() -> list[Allowed | Denied]:
+        await engine.acheck("GET", "/", None, key)  # connects, loads the script
+        sent[0] = 0
+        return [await engine.acheck("GET", "/", None, key) for _ in range(20)]
+
+    engine.check("GET", "/", None, key)  # connects, loads the script
+    sent = count_round_trips(monkeypatch)
+    assert all(engine.check("GET", "/", None, key).allowed for _ in range(20))
+    assert sent[0] == 20  # four limits, one EVALSHA per request
+    assert all(o.allowed for o in asyncio.run(twenty()))
+    assert sent[0] == 20
+
+
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
+def test_the_other_strategies_count_in_redis_through_limits(
+    check: Check, redis_url: str, strategy: str
+) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(store, redis_url, default_limits="3/minute", rate_limit_strategy=strategy)
+    assert [check(engine, "GET", "/", None, key).allowed for _ in range(5)] == [True] * 3 + [
+        False
+    ] * 2
+
+
+def test_a_bad_redis_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="rate_limit_storage"):
+        Settings(rate_limit_storage="redis")
+    with pytest.raises(ConfigError, match="storage_timeout"):
+        Settings(storage_timeout=0)
+    with pytest.raises(ConfigError, match="invalidation_url"):
+        Settings(invalidation_url="http://example.com")
+
+
+# -- outages -----------------------------------------------------------------------------
+
+
+def traffic(check: Check, engine: Engine, key: str, n: int) -> list[Allowed | Denied]:
+    return [check(engine, "GET", "/", None, key) for _ in range(n)]
+
+
+def test_deny_policy_answers_503_while_redis_is_down_and_recovers_by_itself(
+    check: Check, redis_server: servers.RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(store, redis_server.url, default_limits="1000/minute")
+    caplog.set_level(logging.WARNING, logger="m2m_middleware")
+    assert all(o.allowed for o in traffic(check, engine, key, 3))
+
+    redis_server.stop()
+    started = time.monotonic()
+    during = traffic(check, engine, key, 5)
+    assert time.monotonic() - started < 5  # refused connections fail fast, no hang
+    for outcome in during:
+        assert isinstance(outcome, Denied)
+        assert (outcome.status, outcome.error) == (503, "temporarily_unavailable")
+        assert header(outcome, "Retry-After") is not None
+        assert json.loads(outcome.body)["status"] == 503
+
+    redis_server.start()  # an empty Redis, on the same port
+    after = traffic(check, engine, key, 3)
+    assert all(o.allowed for o in after)
+    assert header(after[-1], "RateLimit") == '"default-60s";r=997;t=60'
+    messages = [r.getMessage() for r in caplog.records if r.name == "m2m_middleware"]
+    assert len([m for m in messages if "unreachable" in m]) == 1, messages
+    assert len([m for m in messages if "reachable again" in m]) == 1, messages
+
+
+def test_allow_policy_admits_without_counting_while_redis_is_down(
+    check: Check, redis_server: servers.RedisServer
+) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(store, redis_server.url, on_storage_error="allow")
+    redis_server.stop()
+    during = traffic(check, engine, key, 8)  # more than the limit of 5
+    assert all(isinstance(o, Allowed) for o in during)
+    assert all(header(o, "RateLimit") is None for o in during)  # nothing was counted
+    redis_server.start()
+    assert [o.allowed for o in traffic(check, engine, key, 6)] == [True] * 5 + [False]
+
+
+def test_a_server_that_never_answers_times_out_within_the_setting(check: Check) -> None:
+    import socket
+
+    # A listening socket that is never accepted from: connects, then silence.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)
+        port = silent.getsockname()[1]
+        store = MemoryKeyStore()
+        key = new_key(store)
+        engine = redis_engine(store, f"redis://127.0.0.1:{port}/0", storage_timeout=0.2)
+        started = time.monotonic()
+        outcome = check(engine, "GET", "/", None, key)
+        elapsed = time.monotonic() - started
+    assert isinstance(outcome, Denied) and outcome.status == 503
+    assert elapsed < 2  # two attempts of 0.2 s, not redis-py's default retries
+
+
+# -- revocation across instances ---------------------------------------------------------
+
+
+CLI = (sys.executable, "-m", "m2m_middleware", "keys")
+
+
+def revoke_elsewhere(store_url: str, key_id: str, *extra: str) -> None:
+    """Revoke through the CLI in another process, as an operator would."""
+    result = subprocess.run(
+        [*CLI, "revoke", key_id, "--store", store_url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
+    tmp_path: Path, redis_server: servers.RedisServer
+) -> None:
+    url = sqlite_url(tmp_path / "keys.db")
+    store = open_key_store(url)
+    issued = store.create_key("client-a")
+    # An hour of caching: without the bus this instance would go on accepting the key.
+    engine = make_engine(
+        store, rate_limit_storage=redis_server.url, default_limits="1000/minute", key_cache_ttl=3600
+    )
+    assert engine.bus is not None and engine.bus.ready.wait(10)
+    assert engine.check("GET", "/", None, issued.key).allowed
+
+    revoke_elsewhere(url, issued.key_id, "--notify", redis_server.url)
+    wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, timeout=2)
+    refused = engine.check("GET", "/", None, issued.key)
+    assert isinstance(refused, Denied) and refused.error == "invalid_token"
+    store.close()
+
+
+@pytest.mark.slow
+def test_without_the_bus_a_revocation_elsewhere_is_seen_within_the_cache_ttl(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path / "keys.db")
+    store = open_key_store(url)
+    issued = store.create_key("client-a")
+    engine = make_engine(store, default_limits="1000/minute", key_cache_ttl=0.5)
+    assert engine.bus is None
+    assert engine.check("GET", "/", None, issued.key).allowed
+    revoke_elsewhere(url, issued.key_id)
+    waited = wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, 3)
+    assert waited <= 0.5 + 0.2
+    store.close()
+
+
+def test_the_cli_refuses_a_notify_url_that_is_not_redis(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "keys.db")
+    store = open_key_store(url)
+    issued = store.create_key("client-a")
+    store.close()
+    result = subprocess.run(
+        [*CLI, "revoke", issued.key_id, "--store", url, "--notify", "http://example.com"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--notify" in result.stderr and "Traceback" not in result.stderr
+    assert open_key_store(url).get_key(issued.key_id).revoked_at is None
+
+
+def test_one_event_loop_rides_out_a_redis_restart(redis_server: servers.RedisServer) -> None:
+    # As under uvicorn: one loop, one pooled async client, whose connections
+    # die with the server and must be replaced without a restart of the app.
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(store, redis_server.url, default_limits="1000/minute")
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        async def statuses(n: int) -> list[int]:
+            outcomes = [await engine.acheck("GET", "/", None, key) for _ in range(n)]
+            return [200 if o.allowed else o.status for o in outcomes]  # type: ignore[union-attr]
+
+        before = await statuses(3)
+        redis_server.stop()
+        during = await statuses(3)
+        redis_server.start()
+        return before, during, await statuses(3)
+
+    before, during, after = asyncio.run(scenario())
+    assert (before, during, after) == ([200] * 3, [503] * 3, [200] * 3)

@@ -1,0 +1,130 @@
+"""Real Redis and PostgreSQL for the tests that need them.
+
+A test that needs a server asks for one of the fixtures in ``tests/conftest.py``
+(``redis_url``, ``postgres_url``, ``redis_server``). When the server is not
+there the test is skipped with the reason, except under ``CI=true``, where a
+missing server is a failure: CI machines have both, and a suite that quietly
+skipped them would prove nothing.
+
+The addresses default to the machine's own servers and can be moved with
+``M2M_TEST_REDIS_URL`` and ``M2M_TEST_POSTGRES_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+REDIS_URL = os.environ.get("M2M_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("M2M_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str) -> None:
+    """Skip the test, or under CI fail it: the server must be there."""
+    if in_ci():
+        pytest.fail(f"{what} (CI=true: tests that need a server must run)", pytrace=False)
+    pytest.skip(what)
+
+
+def reachable(url: str, timeout: float = 0.5) -> bool:
+    parts = urlsplit(url)
+    try:
+        with closing(socket.create_connection((parts.hostname, parts.port), timeout=timeout)):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or xdist worker, or earlier run) uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+# -- PostgreSQL: one schema per test ------------------------------------------------
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    """A fresh schema, dropped afterwards: the URL whose search_path points at it."""
+    import psycopg
+
+    schema = unique("m2m_test")
+    with psycopg.connect(base_url, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in base_url else "?"
+    try:
+        yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+# -- Redis: a server of the test's own, that it may kill -------------------------------
+
+
+class RedisServer:
+    """A ``redis-server`` on a free port that the test may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        self.binary = str(binary)
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not reachable(self.url, timeout=0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Kill it outright, as a crash would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
