@@ -310,7 +310,9 @@ def cmd_keys_list(args: argparse.Namespace, store: KeyStore) -> int:
 
 def _notify(args: argparse.Namespace) -> None:
     """Publish the revocation to running instances over Redis, when a URL is given."""
-    url = args.notify if args.notify is not None else os.environ.get(NOTIFY_ENV, "")
+    url = args.notify
+    if url is None:
+        url = getattr(args, "app_notify", None) or os.environ.get(NOTIFY_ENV, "")
     if not url:
         return
     from .settings import INVALIDATION_SCHEMES
@@ -403,6 +405,14 @@ _KeysCommand = Callable[[argparse.Namespace, KeyStore], int]
 
 
 def _run_keys_command(args: argparse.Namespace, handler: _KeysCommand) -> int:
+    app_store = getattr(args, "app_store", None)
+    if args.store is None and isinstance(app_store, KeyStore):
+        # The app's own store object: use it, flush what we wrote, leave it open.
+        code = handler(args, app_store)
+        app_store.flush_last_used()
+        return code
+    if args.store is None and isinstance(app_store, str):
+        args.store = app_store
     store = _open_store(_store_url(args))
     try:
         code = handler(args, store)
@@ -427,31 +437,29 @@ def _port(text: str) -> int:
     return port
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Manage m2m-middleware API keys and run the demo.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_keys_commands(
+    parser: argparse.ArgumentParser,
+    *,
+    store_help: str = f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+    notify_help: str = f"${NOTIFY_ENV}, if set",
+) -> None:
+    """The ``create``, ``list``, ``revoke`` and ``rotate`` actions, under ``parser``."""
     store_options = argparse.ArgumentParser(add_help=False)
     store_options.add_argument(
         "--store",
         metavar="URL",
-        help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+        help=store_help,
     )
 
     notify_options = argparse.ArgumentParser(add_help=False)
     notify_options.add_argument(
         "--notify",
         metavar="REDIS_URL",
-        help=f"publish the change to running instances over Redis, so they drop the key at "
-        f"once instead of within key_cache_ttl (default: ${NOTIFY_ENV}, if set)",
+        help="publish the change to running instances over Redis, so they drop the key at "
+        f"once instead of within key_cache_ttl (default: {notify_help})",
     )
 
-    keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
-    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    keys_commands = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
     create = keys_commands.add_parser(
         "create", parents=[store_options], help="issue a new key (printed once)"
@@ -505,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--json", action="store_true", help="print the result as JSON")
     rotate.set_defaults(handler=cmd_keys_rotate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage m2m-middleware API keys and run the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
+    add_keys_commands(keys)
+
     demo = commands.add_parser("demo", help="run the demo")
     demo.add_argument("--once", action="store_true", help="run one round and exit")
     demo.add_argument("--port", type=_port, metavar="N", help="port to listen on")
@@ -521,9 +541,9 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     return _run_keys_command(args, handler)
 
 
-def _fail(message: str, exit_code: int) -> int:
+def _fail(prog: str, message: str, exit_code: int) -> int:
     text = " ".join(message.split()) or "unexpected failure"
-    print(f"{PROG}: error: {text}", file=sys.stderr)
+    print(f"{prog}: error: {text}", file=sys.stderr)
     return exit_code
 
 
@@ -535,21 +555,50 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _guarded(prog: str, run: Callable[[], int]) -> int:
+    """Run a command: failures become one line on stderr and an exit status."""
     try:
-        return _dispatch(parser, argv)
+        return run()
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         _silence_stdout()
         return 1
     except CommandError as exc:
-        return _fail(str(exc), exc.exit_code)
+        return _fail(prog, str(exc), exc.exit_code)
     except ConfigError as exc:
-        return _fail(str(exc), 2)
+        return _fail(prog, str(exc), 2)
     except (M2MError, ValueError, OSError, OverflowError, sqlite3.Error) as exc:
-        return _fail(str(exc), 1)
+        return _fail(prog, str(exc), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return _guarded(PROG, lambda: _dispatch(parser, argv))
+
+
+def keys_main(
+    argv: Sequence[str], *, prog: str, store: KeyStore | str, notify: str | None = None
+) -> int:
+    """The ``keys`` actions on an app's own store: ``flask m2m keys`` and
+    ``manage.py m2m_keys``. The same options and output as ``m2m keys``, but
+    ``--store`` defaults to the app's ``key_store`` and ``--notify`` to its
+    ``invalidation_url``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Create, list, revoke and rotate API keys in this app's key store."
+    )
+    add_keys_commands(
+        parser,
+        store_help="key-store URL (default: the app's key_store setting)",
+        notify_help="the app's invalidation_url, if it has one",
+    )
+    parser.set_defaults(app_store=store, app_notify=notify)
+
+    def run() -> int:
+        args = parser.parse_args(list(argv))
+        return _run_keys_command(args, args.handler)
+
+    return _guarded(prog, run)
 
 
 if __name__ == "__main__":  # pragma: no cover

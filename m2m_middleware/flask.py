@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 try:
+    import click
     from flask import Flask, Response, current_app, g, request
+    from flask.cli import AppGroup
     from werkzeug.local import LocalProxy
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -35,7 +37,7 @@ from .client import Client
 from .engine import Engine
 from .errors import InsufficientScope, MissingCredentials
 from .outcome import Denied, deny, status_line
-from .settings import Settings
+from .settings import Settings, invalidation_url
 
 EXTENSION_KEY = "m2m_middleware"
 #: Where the gate leaves the authenticated client for the request (None: public path).
@@ -123,6 +125,7 @@ class M2MAuth:
             return
         app.wsgi_app = _Gate(app.wsgi_app, state)  # type: ignore[method-assign]
         app.before_request(_attach_client)
+        app.cli.add_command(m2m_cli)
 
     @staticmethod
     def engine(app: Flask | None = None) -> Engine:
@@ -130,6 +133,29 @@ class M2MAuth:
         target = app if app is not None else current_app
         state: _State = target.extensions[EXTENSION_KEY]
         return state.engine
+
+
+#: ``flask m2m ...``: key management on the app's own store.
+m2m_cli = AppGroup("m2m", help="m2m-middleware: API keys in this app's key store.")
+
+
+@m2m_cli.command(
+    "keys",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def _keys_command(args: tuple[str, ...]) -> None:
+    """create | list | revoke | rotate, as `m2m keys` (see `flask m2m keys --help`)."""
+    from .cli import keys_main
+
+    engine = M2MAuth.engine()
+    code = keys_main(
+        args,
+        prog="flask m2m keys",
+        store=engine.store,
+        notify=invalidation_url(engine.settings),
+    )
+    raise SystemExit(code)
 
 
 def _attach_client() -> None:
