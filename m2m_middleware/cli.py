@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -573,6 +574,9 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # With no logging set up, the pool's reconnection warnings would reach
+    # stderr beside our own one-line error; the error says what matters.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     parser = build_parser()
     return _guarded(PROG, lambda: _dispatch(parser, argv))
 

@@ -150,7 +150,9 @@ class Engine:
         self._api_keys = "api_key" in settings.schemes
         if store is None and not self._api_keys and isinstance(settings.key_store, str):
             store = open_key_store("memory://")  # JWT only: no key file to create
-        self.store = store or open_key_store(settings.key_store, prefix=settings.key_prefix)
+        self.store = store or open_key_store(
+            settings.key_store, prefix=settings.key_prefix, timeout=settings.storage_timeout
+        )
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
         bus_url = invalidation_url(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import keys as keyformat
@@ -9,6 +10,9 @@ from ..errors import ConfigError
 from .base import IssuedKey, KeyRecord, KeyStore
 from .memory import MemoryKeyStore
 from .sqlite import SQLiteKeyStore
+
+if TYPE_CHECKING:  # imported on first use instead: see __getattr__ below
+    from .postgres import PostgresKeyStore as PostgresKeyStore
 
 __all__ = [
     "IssuedKey",
@@ -20,11 +24,20 @@ __all__ = [
 ]
 
 
-def open_key_store(url: str | KeyStore, *, prefix: str = keyformat.DEFAULT_PREFIX) -> KeyStore:
-    """Open ``memory://``, ``sqlite:///relative.db`` or ``sqlite:////absolute.db``.
+def open_key_store(
+    url: str | KeyStore,
+    *,
+    prefix: str = keyformat.DEFAULT_PREFIX,
+    timeout: float | None = None,
+) -> KeyStore:
+    """Open ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute.db``
+    or ``postgresql://user:password@host:port/dbname`` (also ``postgres://``).
 
     ``prefix`` is the prefix of the keys the opened store issues. A ``KeyStore``
     object passed in is returned as it is, keeping its own prefix.
+    ``timeout`` bounds each step of a PostgreSQL call (default 2 seconds), so
+    that an unreachable server counts as an outage instead of a hang; SQLite
+    waits for its file lock on its own terms, and memory never waits.
     """
     if isinstance(url, KeyStore):
         return url
@@ -41,12 +54,30 @@ def open_key_store(url: str | KeyStore, *, prefix: str = keyformat.DEFAULT_PREFI
             )
         return SQLiteKeyStore(path, prefix=prefix)
     if scheme in ("postgresql", "postgres"):
-        raise ConfigError(
-            "key_store", "the PostgreSQL key store is not available in this release yet"
-        )
+        try:
+            from .postgres import PostgresKeyStore
+        except ImportError as exc:
+            raise ConfigError(
+                "key_store",
+                'the PostgreSQL key store needs psycopg 3: pip install "m2m-middleware[postgres]"',
+            ) from exc
+        if timeout is None:
+            return PostgresKeyStore(url, prefix=prefix)
+        return PostgresKeyStore(url, prefix=prefix, timeout=timeout)
     parts = urlsplit(url)
     shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else url[:40]
     raise ConfigError(
         "key_store",
-        f"unsupported key-store URL {shown!r}: use memory://, sqlite:///path.db",
+        f"unsupported key-store URL {shown!r}: use memory://, sqlite:///path.db or "
+        "postgresql://...",
     )
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresKeyStore is imported on first use, so that importing the package
+    # never needs psycopg (an optional extra).
+    if name == "PostgresKeyStore":
+        from .postgres import PostgresKeyStore
+
+        return PostgresKeyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

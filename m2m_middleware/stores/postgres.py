@@ -43,7 +43,8 @@ try:
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        'the PostgreSQL key store needs psycopg 3 and psycopg_pool: pip install "m2m-middleware[postgres]"'
+        "the PostgreSQL key store needs psycopg 3 and psycopg_pool: "
+        'pip install "m2m-middleware[postgres]"'
     ) from exc
 
 from .. import keys as keyformat
@@ -181,8 +182,9 @@ class PostgresKeyStore(KeyStore):
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
             # libpq quotes the offending part, which may be the password.
+            detail = " ".join(str(exc).split())
             raise ConfigError(
-                "key_store", self._redact(f"not a valid PostgreSQL URL: {exc}")
+                "key_store", self._redact(f"not a valid PostgreSQL URL: {detail}")
             ) from None
         self._secrets += _secrets_of_params(params)
         self.location = _location(params)
@@ -239,7 +241,7 @@ class PostgresKeyStore(KeyStore):
                 try:
                     conn = super().connect(conninfo, **kwargs)
                 except psycopg.Error as exc:
-                    store._connect_error = str(exc).strip()
+                    store._connect_error = " ".join(str(exc).split())  # libpq's is multi-line
                     raise
                 store._connect_error = None
                 return conn
@@ -308,6 +310,8 @@ class PostgresKeyStore(KeyStore):
             self._schema_ready = True
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             super().close()
         finally:
@@ -325,24 +329,24 @@ class PostgresKeyStore(KeyStore):
         return text
 
     def _no_connection(self) -> StoreUnavailable:
-        message = (
-            f"PostgreSQL key store {self.location}: no connection within {self.timeout:g} s"
-        )
+        message = f"PostgreSQL key store {self.location}: no connection within {self.timeout:g} s"
         cause = self._connect_error
         if cause:
             message += f" (last attempt: {cause})"
         return StoreUnavailable(self._redact(message))
 
+    def _describe(self, exc: BaseException) -> str:
+        detail = " ".join(str(exc).split()) or type(exc).__name__  # libpq's are multi-line
+        return self._redact(f"PostgreSQL key store {self.location}: {detail}")
+
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        detail = str(exc).strip() or type(exc).__name__
-        return StoreUnavailable(self._redact(f"PostgreSQL key store {self.location}: {detail}"))
+        return StoreUnavailable(self._describe(exc))
 
     def _translate(self, exc: psycopg.Error) -> KeyStoreError:
         # Bad data (a duplicate id, a value the column cannot hold) is the
         # caller's problem, not an outage: the engine must not treat it as one.
         if isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)):
-            detail = str(exc).strip()
-            return KeyStoreError(self._redact(f"PostgreSQL key store {self.location}: {detail}"))
+            return KeyStoreError(self._describe(exc))
         return self._unavailable(exc)
 
     # -- storage primitives -----------------------------------------------------
@@ -406,19 +410,23 @@ class PostgresKeyStore(KeyStore):
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         # LEAST ignores NULL: the earliest revocation stands, so a retry is harmless.
         count = self._run(
-            lambda conn: conn.execute(
-                "UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) WHERE key_id = %s",
-                (when, key_id),
-            ).rowcount,
+            lambda conn: (
+                conn.execute(
+                    "UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) WHERE key_id = %s",
+                    (when, key_id),
+                ).rowcount
+            ),
             retry=True,
         )
         return count == 1
 
     def _set_expiry(self, key_id: str, when: datetime) -> bool:
         count = self._run(
-            lambda conn: conn.execute(
-                "UPDATE m2m_api_keys SET expires_at = %s WHERE key_id = %s", (when, key_id)
-            ).rowcount,
+            lambda conn: (
+                conn.execute(
+                    "UPDATE m2m_api_keys SET expires_at = %s WHERE key_id = %s", (when, key_id)
+                ).rowcount
+            ),
             retry=True,
         )
         return count == 1

@@ -15,16 +15,20 @@ from m2m_middleware import Allowed, Denied, Engine, KeyStore, open_key_store
 from m2m_middleware.stores import MemoryKeyStore
 
 
-def make_store(kind: str, tmp_path: Path) -> KeyStore:
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> KeyStore:
     if kind == "memory":
         return MemoryKeyStore()
+    if kind == "postgres":
+        # Asked for only here, so the other kinds never need a server.
+        return open_key_store(request.getfixturevalue("postgres_url"))
     return open_key_store(sqlite_url(tmp_path / "k.db"))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
-    """Each store kind in turn; the SQLite one in a fresh file."""
-    the_store = make_store(request.param, tmp_path)
+    """Each store kind in turn; the SQLite one in a fresh file, the PostgreSQL one
+    in a fresh schema."""
+    the_store = make_store(request.param, tmp_path, request)
     yield the_store
     the_store.close()
 

@@ -1,4 +1,4 @@
-"""Key stores (memory and SQLite): lifecycle, lookup, usage limits under concurrency."""
+"""Key stores (memory, SQLite, PostgreSQL): lifecycle, lookup, usage limits under concurrency."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from core_support import make_engine, sqlite_url
 
 from m2m_middleware import (
     Allowed,
+    ConfigError,
     Denied,
     IssuedKey,
     KeyNotFound,
@@ -21,6 +22,7 @@ from m2m_middleware import (
     open_key_store,
 )
 from m2m_middleware.keys import hash_key, is_well_formed
+from m2m_middleware.stores import SQLiteKeyStore
 
 
 def now() -> datetime:
@@ -238,8 +240,11 @@ def test_max_uses_is_exact_under_thread_concurrency(store: KeyStore) -> None:
         barrier.wait()
         for _ in range(per_thread):
             mine.append(engine.check("GET", "/x", None, issued.key))
-        # Release this thread's SQLite connection before the thread ends.
-        store.close()
+        # Release this thread's SQLite connection before the thread ends; the
+        # other stores have no per-thread connection, and closing them would
+        # end the store for every thread still checking.
+        if isinstance(store, SQLiteKeyStore):
+            store.close()
         with lock:
             outcomes.extend(mine)
 
@@ -313,3 +318,22 @@ def test_max_uses_is_exact_across_processes(tmp_path: Path) -> None:
         assert reopened.get_key(issued.key_id).remaining_uses == 0
     finally:
         reopened.close()
+
+
+def test_the_package_imports_no_database_driver() -> None:
+    code = (
+        "import sys, m2m_middleware, m2m_middleware.stores\n"
+        "m2m_middleware.open_key_store('memory://')\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_postgresql_url_without_psycopg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "m2m_middleware.stores.postgres", raising=False)
+    for url in ("postgresql://db.internal/keys", "postgres://db.internal/keys"):
+        with pytest.raises(ConfigError) as caught:
+            open_key_store(url)
+        assert caught.value.field == "key_store"
+        assert 'pip install "m2m-middleware[postgres]"' in str(caught.value)

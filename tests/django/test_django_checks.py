@@ -90,7 +90,7 @@ def test_a_missing_middleware_is_w001() -> None:
     [
         ({"key_store": "mysql://db/keys"}, "key_store"),
         ({"key_store": "sqlite://keys.db"}, "key_store"),
-        ({"key_store": "postgresql://db/keys"}, "key_store"),
+        ({"key_store": "postgresql://db/keys?nosuchoption=1"}, "key_store"),
         ({"key_store": "sqlite:///keys\0.db"}, "key_store"),
         ({"key_store": "memory://", "rate_limit_storage": "nosuch://host"}, "rate_limit_storage"),
     ],
