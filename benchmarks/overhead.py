@@ -17,8 +17,8 @@ app of the same framework.
 Run ``python benchmarks/overhead.py --help`` for the options. Needs the
 ``bench`` extra: ``pip install -e ".[bench]"``. Not a pytest test: it calls
 ``django.conf.settings.configure()``, so run it in its own process.
-``jwt_overhead.py`` imports this module's drivers and apps to do the same for
-JWT bearer tokens.
+``jwt_overhead.py`` and ``redis_overhead.py`` import this module's drivers and
+apps to do the same for JWT bearer tokens and for limits counted in Redis.
 """
 
 from __future__ import annotations
@@ -395,15 +395,44 @@ def _with_slowapi(app: Any, limiter: Any) -> Any:
     return app
 
 
-def starlette_slowapi_decorated(backend: Any) -> Any:
+def starlette_key_backend(table: dict[str, str]) -> Any:
+    """An ``AuthenticationBackend``: the SHA-256 of ``X-API-Key`` looked up in ``table``.
+
+    ``table`` maps hex digests to client ids; the user is a ``SimpleUser`` named
+    after the client. No key, or an unknown one, is an ``AuthenticationError``.
+    """
+    from starlette.authentication import (
+        AuthCredentials,
+        AuthenticationBackend,
+        AuthenticationError,
+        SimpleUser,
+    )
+    from starlette.requests import HTTPConnection
+
+    class HashedKeyBackend(AuthenticationBackend):
+        async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+            supplied = conn.headers.get("x-api-key")
+            if supplied is None:
+                raise AuthenticationError("missing API key")
+            client = table.get(hashlib.sha256(supplied.encode()).hexdigest())
+            if client is None:
+                raise AuthenticationError("invalid API key")
+            return AuthCredentials(["authenticated"]), SimpleUser(client)
+
+    return HashedKeyBackend()
+
+
+def starlette_slowapi_decorated(
+    backend: Any, limit: str = LIMIT, storage_uri: str = "memory://"
+) -> Any:
     """Peer: ``AuthenticationMiddleware`` + slowapi's ``@limiter.limit``, keyed on the user."""
     from slowapi import Limiter as SlowLimiter
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse
 
-    limiter = SlowLimiter(key_func=_starlette_client, storage_uri="memory://")
+    limiter = SlowLimiter(key_func=_starlette_client, storage_uri=storage_uri)
 
-    @limiter.limit(LIMIT)
+    @limiter.limit(limit)
     async def limited_hello(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
@@ -415,14 +444,7 @@ def starlette_slowapi_decorated(backend: Any) -> Any:
 def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
     from slowapi import Limiter as SlowLimiter
     from slowapi.middleware import SlowAPIASGIMiddleware
-    from starlette.authentication import (
-        AuthCredentials,
-        AuthenticationBackend,
-        AuthenticationError,
-        SimpleUser,
-    )
     from starlette.middleware import Middleware
-    from starlette.requests import HTTPConnection
 
     from m2m_middleware import Settings, open_key_store
     from m2m_middleware.starlette import M2MMiddleware
@@ -440,18 +462,8 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
         settings=Settings(key_store=store, default_limits=LIMIT, rate_limit_storage="memory://"),
     )
 
-    class HashedKeyBackend(AuthenticationBackend):
-        async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
-            supplied = conn.headers.get("x-api-key")
-            if supplied is None:
-                raise AuthenticationError("missing API key")
-            client = table.get(hashlib.sha256(supplied.encode()).hexdigest())
-            if client is None:
-                raise AuthenticationError("invalid API key")
-            return AuthCredentials(["authenticated"]), SimpleUser(client)
-
     # Peer 1: AuthenticationMiddleware + slowapi's @limiter.limit decorator.
-    peer_deco = starlette_slowapi_decorated(HashedKeyBackend())
+    peer_deco = starlette_slowapi_decorated(starlette_key_backend(table))
 
     # Peer 2: AuthenticationMiddleware + slowapi's pure-ASGI middleware with default limits.
     mw_limiter = SlowLimiter(
@@ -459,7 +471,10 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
     )
     peer_mw = _with_slowapi(
         starlette_app(
-            [starlette_auth_middleware(HashedKeyBackend()), Middleware(SlowAPIASGIMiddleware)]
+            [
+                starlette_auth_middleware(starlette_key_backend(table)),
+                Middleware(SlowAPIASGIMiddleware),
+            ]
         ),
         mw_limiter,
     )
@@ -492,7 +507,25 @@ def flask_app() -> Any:
     return app
 
 
-def flask_limiter(app: Any) -> None:
+def flask_key_check(app: Any, table: dict[str, str]) -> None:
+    """A ``before_request`` hook: the SHA-256 of ``X-API-Key`` looked up in ``table``.
+
+    Sets ``g.client_id``, or aborts with 401 when the key is missing or unknown.
+    """
+    from flask import abort, g, request
+
+    @app.before_request
+    def check_api_key() -> None:
+        supplied = request.headers.get("X-API-Key")
+        if supplied is None:
+            abort(401)
+        client = table.get(hashlib.sha256(supplied.encode()).hexdigest())
+        if client is None:
+            abort(401)
+        g.client_id = client
+
+
+def flask_limiter(app: Any, limits: str = LIMIT, storage_uri: str = "memory://") -> None:
     """Flask-Limiter with default limits keyed on ``g.client_id``.
 
     Call it after registering the ``before_request`` hook that sets
@@ -504,14 +537,12 @@ def flask_limiter(app: Any) -> None:
     Limiter(
         key_func=lambda: g.client_id,
         app=app,
-        default_limits=[LIMIT],
-        storage_uri="memory://",
+        default_limits=[limits],
+        storage_uri=storage_uri,
     )
 
 
 def build_flask() -> list[Variant]:
-    from flask import abort, g, request
-
     from m2m_middleware import Settings, open_key_store
     from m2m_middleware.flask import M2MAuth
 
@@ -529,17 +560,7 @@ def build_flask() -> list[Variant]:
     )
 
     peer = flask_app()
-
-    @peer.before_request
-    def check_api_key() -> None:
-        supplied = request.headers.get("X-API-Key")
-        if supplied is None:
-            abort(401)
-        client = table.get(hashlib.sha256(supplied.encode()).hexdigest())
-        if client is None:
-            abort(401)
-        g.client_id = client
-
+    flask_key_check(peer, table)
     flask_limiter(peer)
 
     specs = [
@@ -555,8 +576,12 @@ def build_flask() -> list[Variant]:
 # -- Django ------------------------------------------------------------------------------------
 
 
-def configure_django(m2m_auth: dict[str, Any], **extra: Any) -> None:
+def configure_django(
+    m2m_auth: dict[str, Any], *, caches: dict[str, Any] | None = None, **extra: Any
+) -> None:
     """The one process-wide Django configuration, with ``M2M_AUTH`` and ``extra`` settings.
+
+    ``CACHES`` has a ``LocMemCache`` as ``default``; ``caches`` adds more aliases.
 
     What differs per variant is the handler's middleware chain (fixed when the
     handler is built, see :func:`django_handler`) and the URL it requests.
@@ -578,7 +603,10 @@ def configure_django(m2m_auth: dict[str, Any], **extra: Any) -> None:
             "rest_framework_api_key",
         ],
         DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
-        CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+        CACHES={
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            **(caches or {}),
+        },
         USE_TZ=True,
         LOGGING_CONFIG=None,
         M2M_AUTH=m2m_auth,
@@ -636,27 +664,15 @@ def django_plain_view(**attributes: Any) -> Any:
     return type("BenchView", (PlainTextView,), attributes).as_view()
 
 
-def build_django() -> list[Variant]:
-    from m2m_middleware import open_key_store
+def drf_key_authentication(table: dict[str, str]) -> type:
+    """A DRF authentication class: the SHA-256 of ``X-API-Key`` looked up in ``table``.
 
-    store = open_key_store("memory://")
-    key = store.create_key(CLIENT_ID).key
-    good = {"X-API-Key": key}
-    table = {_sha256_hex(key): CLIENT_ID}
-
-    configure_django(
-        {"key_store": store, "default_limits": LIMIT, "rate_limit_storage": "memory://"},
-        API_KEY_CUSTOM_HEADER="HTTP_X_API_KEY",
-    )
-
+    The user is an object with ``client_id`` (and ``pk``) set to the client;
+    no key means not authenticated, an unknown one ``AuthenticationFailed``.
+    Django must be configured first.
+    """
     from rest_framework.authentication import BaseAuthentication
     from rest_framework.exceptions import AuthenticationFailed
-    from rest_framework.permissions import IsAuthenticated
-    from rest_framework.throttling import SimpleRateThrottle
-    from rest_framework_api_key.models import APIKey
-    from rest_framework_api_key.permissions import HasAPIKey
-
-    _, drf_key = APIKey.objects.create_key(name="bench")
 
     class KeyClient:
         is_authenticated = True
@@ -680,12 +696,46 @@ def build_django() -> list[Variant]:
         def authenticate_header(self, request: Any) -> str:
             return 'ApiKey realm="api"'
 
-    class ClientRateThrottle(SimpleRateThrottle):
-        scope = "client"
-        rate = DRF_RATE
+    return HashedAPIKeyAuthentication
 
+
+def drf_client_throttle(rate: str = DRF_RATE, scope: str = "client", cache: Any = None) -> type:
+    """A ``SimpleRateThrottle`` at ``rate``, keyed on ``request.user.client_id``.
+
+    ``cache`` replaces DRF's default cache (``caches["default"]``); ``scope``
+    is part of the cache key, so throttles of one view need distinct scopes.
+    """
+    from rest_framework.throttling import SimpleRateThrottle
+
+    class ClientRateThrottle(SimpleRateThrottle):
         def get_cache_key(self, request: Any, view: Any) -> str:
             return self.cache_format % {"scope": self.scope, "ident": request.user.client_id}
+
+    attributes: dict[str, Any] = {"scope": scope, "rate": rate}
+    if cache is not None:
+        attributes["cache"] = cache
+    return type("ClientRateThrottle", (ClientRateThrottle,), attributes)
+
+
+def build_django() -> list[Variant]:
+    from m2m_middleware import open_key_store
+
+    store = open_key_store("memory://")
+    key = store.create_key(CLIENT_ID).key
+    good = {"X-API-Key": key}
+    table = {_sha256_hex(key): CLIENT_ID}
+
+    configure_django(
+        {"key_store": store, "default_limits": LIMIT, "rate_limit_storage": "memory://"},
+        API_KEY_CUSTOM_HEADER="HTTP_X_API_KEY",
+    )
+
+    from rest_framework.permissions import IsAuthenticated
+    from rest_framework.throttling import SimpleRateThrottle
+    from rest_framework_api_key.models import APIKey
+    from rest_framework_api_key.permissions import HasAPIKey
+
+    _, drf_key = APIKey.objects.create_key(name="bench")
 
     class KeyPrefixRateThrottle(SimpleRateThrottle):
         """drf-api-key identifies a key by the prefix before the dot."""
@@ -700,9 +750,9 @@ def build_django() -> list[Variant]:
     django_urls(
         {
             "drf": django_plain_view(
-                authentication_classes=(HashedAPIKeyAuthentication,),
+                authentication_classes=(drf_key_authentication(table),),
                 permission_classes=(IsAuthenticated,),
-                throttle_classes=(ClientRateThrottle,),
+                throttle_classes=(drf_client_throttle(),),
             ),
             "drf-api-key": django_plain_view(
                 authentication_classes=(),
@@ -744,11 +794,20 @@ def build_django() -> list[Variant]:
 # -- running and reporting ----------------------------------------------------------------------
 
 
-def measure(variants: list[Variant], rounds: int, requests: int, warmup: int) -> None:
+def measure(
+    variants: list[Variant],
+    rounds: int,
+    requests: int,
+    warmup: int,
+    after_warmup: Callable[[list[Variant]], None] | None = None,
+) -> None:
+    """Warm every variant up, call ``after_warmup(variants)``, then time the rounds."""
     for variant in variants:
         _elapsed, bad = variant.run(warmup)
         if bad:
             raise SystemExit(f"{variant.framework}/{variant.stack}: {bad} non-200s in warm-up")
+    if after_warmup is not None:
+        after_warmup(variants)
     for r in range(rounds):
         shift = r % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -877,9 +936,14 @@ def versions(frameworks: Iterable[str], extra: Iterable[str] = ()) -> str:
 
 
 def parse_args(
-    argv: list[str] | None, description: str, requests: int = 2000
+    argv: list[str] | None,
+    description: str,
+    requests: int = 2000,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if add_options is not None:
+        add_options(parser)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
     parser.add_argument(
         "--requests",
@@ -936,15 +1000,19 @@ def run_benchmark(
     report: Callable[[list[Variant], bool], list[str]],
     packages: Iterable[str] = (),
     requests: int = 2000,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+    after_warmup: Callable[[list[Variant], argparse.Namespace], None] | None = None,
 ) -> int:
     """Parse the options, build the variants, time them and print the report.
 
     ``build(args, frameworks, loop)`` returns the checked variants; ``packages``
     are more distributions whose versions the report names; ``requests`` is the
-    default of ``--requests``.
+    default of ``--requests``; ``add_options(parser)`` adds a script's own
+    options; ``after_warmup(variants, args)`` runs between the warm-up and the
+    first timed round (say, to count something per request, untimed).
     """
     global clock
-    args = parse_args(argv, description, requests)
+    args = parse_args(argv, description, requests, add_options)
     clock = CLOCKS[args.clock]
     frameworks = [f for f in FRAMEWORKS if not args.only or f in args.only]
     loop = asyncio.new_event_loop()
@@ -952,8 +1020,16 @@ def run_benchmark(
     started = time.perf_counter()
     try:
         variants = build(args, frameworks, loop)
-        measure(variants, args.rounds, args.requests, args.warmup)
+        measure(
+            variants,
+            args.rounds,
+            args.requests,
+            args.warmup,
+            None if after_warmup is None else lambda found: after_warmup(found, args),
+        )
     finally:
+        # As asyncio.run does: lets clients bound to the loop close on it.
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     print(versions(frameworks, packages))
     print(

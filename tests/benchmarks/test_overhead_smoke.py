@@ -18,11 +18,12 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 FRAMEWORKS = ("starlette", "flask", "django")
 RATIO = r"(?:-?[\d.]+x|n/a)"  # quick numbers may even be negative
+US = r"[+-]-?[\d.]+ us"
 
 
-def run_quick(script: str) -> str:
+def run_quick(script: str, *options: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick", *options],
         capture_output=True,
         text=True,
         timeout=180,
@@ -62,3 +63,20 @@ def test_the_jwt_benchmark_reports_both_targets_and_every_framework() -> None:
     for alg in ("HS256", "ES256"):
         assert f"raw: joserfc jws.deserialize_compact, {alg}" in out
         assert f"core: Engine.check, JWT {alg} cold" in out
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_the_redis_benchmark_reports_every_framework_and_one_round_trip_for_ours(
+    redis_url: str,
+) -> None:
+    out = run_quick("redis_overhead.py", "--redis-url", redis_url)
+    for framework in FRAMEWORKS:
+        for label in (framework, f"{framework}, 3 limits"):
+            assert re.search(
+                rf"^{label}: ours {US}, peer {US} \(.+\), peer/ours {RATIO}; "
+                r"Redis round trips/request: ours 1, peer [\d.]+$",
+                out,
+                re.M,
+            ), out
+    assert "raw floor: sha256 + dict lookup + limits hit on RedisStorage" in out
