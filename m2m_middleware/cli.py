@@ -4,7 +4,7 @@
     m2m keys list [--client billing] [--json]
     m2m keys revoke key_... [--notify redis://...]
     m2m keys rotate key_... --grace 1h [--notify redis://...]
-    m2m demo [--once] [--port 8000]
+    m2m demo [--once] [--port 8000] [--host 127.0.0.1] [--store URL]
 
 Every ``keys`` command takes ``--store URL`` (default: ``$M2M_KEY_STORE``,
 else ``sqlite:///m2m_keys.db``). A plaintext key is printed once, on standard
@@ -397,6 +397,10 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
         demo_argv.append("--once")
     if args.port is not None:
         demo_argv += ["--port", str(args.port)]
+    if args.host is not None:
+        demo_argv += ["--host", args.host]
+    if args.store is not None:
+        demo_argv += ["--store", args.store]
     demo_argv += extra
     result = demo_main(demo_argv)
     return result if isinstance(result, int) else 0
@@ -526,9 +530,24 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
     add_keys_commands(keys)
 
-    demo = commands.add_parser("demo", help="run the demo")
-    demo.add_argument("--once", action="store_true", help="run one round and exit")
-    demo.add_argument("--port", type=_port, metavar="N", help="port to listen on")
+    demo = commands.add_parser(
+        "demo",
+        help="run the example API and walk through its answers",
+        description="Run the Starlette example API with demo keys and a JWT, walk through its "
+        "answers over real HTTP, then serve it until Ctrl-C.",
+    )
+    demo.add_argument(
+        "--once", action="store_true", help="run the walkthrough and exit (0 when all went well)"
+    )
+    demo.add_argument(
+        "--port", type=_port, metavar="N", help="port to listen on (default: a free one)"
+    )
+    demo.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    demo.add_argument(
+        "--store",
+        metavar="URL",
+        help="key store for the demo keys (default: a temporary SQLite file, removed at exit)",
+    )
     return parser
 
 
