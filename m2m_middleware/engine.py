@@ -7,7 +7,6 @@ network limit storages).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections import OrderedDict
@@ -289,7 +288,7 @@ class Engine:
             record = entry.record
             if record is not None and store.mark_used(record.key_id, now):
                 if store.blocking:
-                    await asyncio.to_thread(self._flush_last_used)
+                    await store.run_blocking(self._flush_last_used)
                 else:
                     self._flush_last_used()
             return Allowed(entry.client, charge.headers)
@@ -307,7 +306,7 @@ class Engine:
         if record is not None and record.remaining_uses is not None:
             try:
                 if store.blocking:
-                    left = await asyncio.to_thread(store.take_use, key_id)
+                    left = await store.run_blocking(store.take_use, key_id)
                 else:
                     left = store.take_use(key_id)
             except StoreUnavailable as exc:
@@ -331,7 +330,7 @@ class Engine:
             charge = self._limits_down()
         if record is not None and store.mark_used(key_id):
             if store.blocking:
-                await asyncio.to_thread(self._flush_last_used)
+                await store.run_blocking(self._flush_last_used)
             else:
                 self._flush_last_used()
         return Allowed(entry.client, charge.headers)
@@ -361,7 +360,7 @@ class Engine:
         store = self.store
         try:
             if store.blocking:
-                record = await asyncio.to_thread(store.find_by_hash, key_hash)
+                record = await store.run_blocking(store.find_by_hash, key_hash)
             else:
                 record = store.find_by_hash(key_hash)
         except StoreUnavailable as exc:
@@ -443,7 +442,7 @@ class Engine:
 
     async def _areturn_use(self, key_id: str) -> None:
         if self.store.blocking:
-            await asyncio.to_thread(self._return_use, key_id)
+            await self.store.run_blocking(self._return_use, key_id)
         else:
             self._return_use(key_id)
 

@@ -34,9 +34,35 @@ def _configure_django() -> None:
         SECRET_KEY="m2m-middleware-tests-only",
         ALLOWED_HOSTS=["*"],
         ROOT_URLCONF=BASE_URLCONF,
-        INSTALLED_APPS=["m2m_middleware.django"],
+        # The admin and what it needs, for tests/django/test_django_admin.py, which
+        # also sets the admin's MIDDLEWARE; most tests keep ours alone.
+        INSTALLED_APPS=[
+            "django.contrib.admin",
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+            "django.contrib.messages",
+            "m2m_middleware.django",
+        ],
         MIDDLEWARE=["m2m_middleware.django.M2MAuthMiddleware"],
-        DATABASES={},
+        # Made and migrated only for the tests that ask for ``django_db``
+        # (see below); until then nothing connects to it.
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        TEMPLATES=[
+            {
+                "BACKEND": "django.template.backends.django.DjangoTemplates",
+                "APP_DIRS": True,
+                "OPTIONS": {
+                    "context_processors": [
+                        "django.template.context_processors.request",
+                        "django.contrib.auth.context_processors.auth",
+                        "django.contrib.messages.context_processors.messages",
+                    ]
+                },
+            }
+        ],
+        STATIC_URL="/static/",
+        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],  # fast logins
         USE_TZ=True,
         # Never the default (an SQLite file in the working directory): tests
         # that need keys override this with their own memory store.
@@ -111,3 +137,108 @@ def redis_server(tmp_path: Path) -> Iterator[servers.RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- a Django database --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Django's test database, made and migrated once per process (xdist worker).
+
+    A file, not ``:memory:``: the thread async code reaches the ORM on, and
+    the concurrency tests' threads, each open their own connection, and
+    SQLite's shared-cache memory databases refuse concurrent writers at once
+    instead of waiting for the lock.
+    """
+    from django.db import connections
+    from django.test.utils import setup_databases, teardown_databases
+
+    path = tmp_path_factory.mktemp("django") / "test.sqlite3"
+    connections["default"].settings_dict["TEST"]["NAME"] = str(path)
+    old_config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
+    yield
+    connections.close_all()
+    teardown_databases(old_config, verbosity=0)
+
+
+@pytest.fixture
+def django_db(django_test_database: None) -> Iterator[None]:
+    """The migrated test database, emptied after the test (as TransactionTestCase does).
+
+    Rows are committed, not rolled back, so threads see them too.
+    """
+    from django.core.management import call_command
+
+    yield
+    close_django_connections()
+    call_command("flush", verbosity=0, interactive=False)
+
+
+def close_django_connections() -> None:
+    """Close this thread's connections and those of asgiref's one sync thread.
+
+    Outside Django's ASGI handler (the test clients, asyncio.run) async code
+    reaches the ORM on that thread, which outlives every test.
+    """
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    connections.close_all()
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
+
+
+@pytest.fixture
+def django_key_store(django_db: None) -> Any:
+    """A ``django://`` store on the test database."""
+    from m2m_middleware import open_key_store
+
+    return open_key_store("django://")
+
+
+@pytest.fixture
+def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
+    """A ``django://`` store on the machine's PostgreSQL, in this test's own schema.
+
+    The database alias is added for the test and removed after it; the table
+    is made from the model (the migration is checked against the model in
+    tests/django/test_django_admin.py).
+    """
+    from contextlib import suppress
+    from functools import partial
+    from urllib.parse import parse_qs, urlsplit
+
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    from m2m_middleware import open_key_store
+    from m2m_middleware.django.models import APIKey
+
+    alias = "m2m_postgres"
+    parts = urlsplit(postgres_url)
+    config = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": parts.path.lstrip("/"),
+        "USER": parts.username or "",
+        "PASSWORD": parts.password or "",
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+        "OPTIONS": {"options": parse_qs(parts.query)["options"][0]},  # the search_path
+    }
+    connections.settings[alias] = connections.configure_settings(
+        {**connections.settings, alias: config}
+    )[alias]
+    try:
+        with connections[alias].schema_editor() as editor:
+            editor.create_model(APIKey)
+        store = open_key_store(f"django://{alias}")
+        yield store
+        store.close()
+    finally:
+        close_django_connections()
+        forget = partial(connections.__delitem__, alias)  # the wrappers keep the settings
+        with suppress(AttributeError):
+            forget()
+        with suppress(AttributeError):
+            SyncToAsync.single_thread_executor.submit(forget).result(timeout=30)
+        del connections.settings[alias]

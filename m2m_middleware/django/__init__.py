@@ -1,7 +1,9 @@
 """Django integration: ``MIDDLEWARE = [..., "m2m_middleware.django.M2MAuthMiddleware"]``.
 
 Settings come from the mapping ``settings.M2M_AUTH``. Add
-``"m2m_middleware.django"`` to ``INSTALLED_APPS`` for the system checks.
+``"m2m_middleware.django"`` to ``INSTALLED_APPS`` for the system checks, and
+for ``key_store="django://"``: keys in the project's database (the ``APIKey``
+model, after ``manage.py migrate``), managed in the admin.
 """
 
 from __future__ import annotations
@@ -14,5 +16,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .middleware import M2MAuthMiddleware, get_client, require_scopes
+from .store import DjangoKeyStore
 
-__all__ = ["M2MAuthMiddleware", "get_client", "require_scopes"]
+__all__ = ["DjangoKeyStore", "M2MAuthMiddleware", "get_client", "require_scopes"]

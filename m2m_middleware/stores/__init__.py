@@ -31,7 +31,9 @@ def open_key_store(
     timeout: float | None = None,
 ) -> KeyStore:
     """Open ``memory://``, ``sqlite:///relative.db``, ``sqlite:////absolute.db``
-    or ``postgresql://user:password@host:port/dbname`` (also ``postgres://``).
+    or ``postgresql://user:password@host:port/dbname`` (also ``postgres://``);
+    in a Django project with ``"m2m_middleware.django"`` installed, ``django://``
+    (the ``default`` database) or ``django://<alias>``.
 
     ``prefix`` is the prefix of the keys the opened store issues. A ``KeyStore``
     object passed in is returned as it is, keeping its own prefix.
@@ -64,6 +66,15 @@ def open_key_store(
         if timeout is None:
             return PostgresKeyStore(url, prefix=prefix)
         return PostgresKeyStore(url, prefix=prefix, timeout=timeout)
+    if scheme == "django":
+        try:
+            from ..django.store import store_from_url
+        except ImportError as exc:
+            raise ConfigError(
+                "key_store",
+                'the django:// key store needs Django: pip install "m2m-middleware[django]"',
+            ) from exc
+        return store_from_url(url, prefix=prefix)  # the project's DATABASES, via the ORM
     parts = urlsplit(url)
     shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else url[:40]
     raise ConfigError(

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import hmac
 import json
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
 from ..errors import KeyNotFound
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def utcnow() -> datetime:
@@ -153,6 +157,24 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     def _write_last_used(self, touches: Mapping[str, datetime]) -> None: ...
 
+    async def run_blocking(
+        self, function: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run a blocking call of this store from async code, off the event loop.
+
+        A worker thread by default; a store whose connections belong to a
+        framework (Django's ORM) hops the framework's way instead.
+        """
+        return await asyncio.to_thread(function, *args, **kwargs)
+
+    def _invalidated(self, key_id: str) -> None:
+        """Tell every cache of this store's data that ``key_id`` changed.
+
+        A store whose writes may sit in a caller's open transaction tells them
+        once it commits, so no cache reloads the old row in between.
+        """
+        _notify_invalidated(self.location, key_id)
+
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
         self.flush_last_used()
@@ -215,7 +237,7 @@ class KeyStore(abc.ABC):
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not self._set_revoked(key_id, utcnow()):
             raise KeyNotFound(key_id)
-        _notify_invalidated(self.location, key_id)
+        self._invalidated(key_id)
         return self.get_key(key_id)
 
     def rotate_key(self, key_id: str, grace_seconds: float = 0) -> IssuedKey:
@@ -252,7 +274,7 @@ class KeyStore(abc.ABC):
             self._set_revoked(key_id, new_expiry)
         elif old.expires_at is None or new_expiry < old.expires_at:
             self._set_expiry(key_id, new_expiry)
-        _notify_invalidated(self.location, key_id)
+        self._invalidated(key_id)
         return issued
 
     # -- used by the engine ---------------------------------------------------

@@ -21,13 +21,28 @@ def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Key
     if kind == "postgres":
         # Asked for only here, so the other kinds never need a server.
         return open_key_store(request.getfixturevalue("postgres_url"))
+    if kind.startswith("django"):
+        # django:// on Django's test database (tests/conftest.py), emptied after
+        # each test, or on PostgreSQL in a fresh schema.
+        fixture = "django_postgres_key_store" if kind == "django-postgres" else "django_key_store"
+        store: KeyStore = request.getfixturevalue(fixture)
+        return store
     return open_key_store(sqlite_url(tmp_path / "k.db"))
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "django",
+        pytest.param("django-postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
     """Each store kind in turn; the SQLite one in a fresh file, the PostgreSQL one
-    in a fresh schema."""
+    in a fresh schema, the Django ones in the emptied test database or a fresh
+    PostgreSQL schema."""
     the_store = make_store(request.param, tmp_path, request)
     yield the_store
     the_store.close()

@@ -1,4 +1,4 @@
-"""Key stores (memory, SQLite, PostgreSQL): lifecycle, lookup, usage limits under concurrency."""
+"""Key stores (memory, SQLite, PostgreSQL, Django): lifecycle, lookup, concurrent usage limits."""
 
 from __future__ import annotations
 
@@ -245,6 +245,10 @@ def test_max_uses_is_exact_under_thread_concurrency(store: KeyStore) -> None:
         # end the store for every thread still checking.
         if isinstance(store, SQLiteKeyStore):
             store.close()
+        elif type(store).__name__ == "DjangoKeyStore":
+            from django.db import connections
+
+            connections.close_all()  # this thread's own connections only
         with lock:
             outcomes.extend(mine)
 

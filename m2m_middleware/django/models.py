@@ -1,0 +1,98 @@
+"""API keys in the project's own database: the hash and the record, never the key.
+
+The table holds what :class:`~m2m_middleware.stores.base.KeyRecord` holds plus
+the SHA-256 of each key; the plaintext exists only in the response that
+issued it. Rows are written by :class:`~m2m_middleware.django.store.DjangoKeyStore`
+(``key_store="django://"``), which the admin uses too, so hashing and key format
+are the store's own and never reimplemented here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from django.db import models
+from django.utils import timezone
+
+from ..stores.base import KeyRecord
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # With USE_TZ = False Django hands back naive datetimes in TIME_ZONE;
+    # records are always timezone-aware.
+    if value is None or timezone.is_aware(value):
+        return value
+    return timezone.make_aware(value)
+
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # Field[what may be assigned, what is read back]: the types django-stubs'
+    # mypy plugin would infer, spelled out so that type checking needs no
+    # settings module. Annotations only: Django's fields are not generic at run time.
+    _NullableDateTime: TypeAlias = models.DateTimeField[datetime | None, datetime | None]
+
+
+class APIKey(models.Model):
+    key_id: models.CharField[str, str] = models.CharField(
+        "key id", max_length=64, primary_key=True, editable=False
+    )
+    # SHA-256 hex of the key: the lookup index of every request. Not editable,
+    # so no ModelForm (the admin's included) ever shows or accepts it.
+    key_hash: models.CharField[str, str] = models.CharField(
+        "key hash", max_length=64, unique=True, editable=False
+    )
+    client_id: models.CharField[str, str] = models.CharField(
+        "client id", max_length=255, db_index=True
+    )
+    name: models.CharField[str | None, str | None] = models.CharField(
+        "name", max_length=255, null=True, blank=True
+    )
+    #: Space-separated, sorted: a scope never contains a space.
+    scopes: models.TextField[str, str] = models.TextField("scopes", blank=True, default="")
+    tier: models.CharField[str | None, str | None] = models.CharField(
+        "tier", max_length=255, null=True, blank=True
+    )
+    created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField("created")
+    expires_at: _NullableDateTime = models.DateTimeField("expires", null=True, blank=True)
+    revoked_at: _NullableDateTime = models.DateTimeField("revoked", null=True, blank=True)
+    remaining_uses: models.PositiveIntegerField[int | None, int | None] = (
+        models.PositiveIntegerField("uses left", null=True, blank=True)
+    )
+    metadata: models.JSONField[Any, Any] = models.JSONField("metadata", default=dict, blank=True)
+    last_used_at: _NullableDateTime = models.DateTimeField("last used", null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        verbose_name_plural = "API keys"
+        ordering = ("-created_at", "key_id")
+
+    def __str__(self) -> str:
+        # Shown in the admin's history, breadcrumbs and delete pages: the
+        # key id and the client, never the hash.
+        return f"{self.key_id} ({self.client_id})"
+
+    def to_record(self) -> KeyRecord:
+        created = _aware(self.created_at)
+        assert created is not None  # NOT NULL column
+        metadata: dict[str, Any] = self.metadata if isinstance(self.metadata, dict) else {}
+        return KeyRecord(
+            key_id=self.key_id,
+            client_id=self.client_id,
+            name=self.name,
+            scopes=frozenset(self.scopes.split()),
+            tier=self.tier,
+            created_at=created,
+            expires_at=_aware(self.expires_at),
+            revoked_at=_aware(self.revoked_at),
+            remaining_uses=self.remaining_uses,
+            metadata=MappingProxyType(metadata),
+            last_used_at=_aware(self.last_used_at),
+        )
+
+    def status(self, now: datetime | None = None) -> str:
+        """``"active"``, ``"revoked"``, ``"expired"`` or ``"used_up"``, as the store sees it."""
+        return self.to_record().status(now)

@@ -1,0 +1,278 @@
+"""``key_store="django://"``: keys in the project's own database, through the ORM.
+
+Every primitive keeps the semantics of the SQLite store: one conditional
+``UPDATE`` takes a use, so ``max_uses`` is exact however many threads and
+processes race; a revocation keeps the earliest time; ``last_used_at`` only
+moves forward. The models are imported on first use, never at import time,
+because this module is imported by ``open_key_store`` and the middleware, which
+may run before the app registry is ready.
+
+Django owns the connections. Async callers reach the store on the request's
+sync thread (``sync_to_async(thread_sensitive=True)``, as Django asks of any
+ORM call from async code), so Django opens and closes them as for the views.
+A connection that failed is closed, outside a transaction, so the next call
+opens a fresh one instead of failing until the process restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
+from django.db.models import DateTimeField, F, Value
+from django.db.models.functions import Coalesce, Greatest, Least
+from django.utils import timezone
+
+from .. import keys as keyformat
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..stores.base import KeyRecord, KeyStore
+
+if TYPE_CHECKING:
+    from django.db.models import QuerySet
+
+    from .models import APIKey
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+SCHEME = "django"
+APP_NAME = "m2m_middleware.django"
+_INSTALL_HINT = f'add "{APP_NAME}" to INSTALLED_APPS and run "manage.py migrate"'
+
+
+def _model() -> type[APIKey]:
+    from .models import APIKey
+
+    return APIKey
+
+
+def _app_installed() -> bool:
+    from django.apps import apps
+
+    if apps.apps_ready:
+        return apps.is_installed(APP_NAME)
+    # Before django.setup() finishes: read the setting as the registry will.
+    return any(
+        entry == APP_NAME or entry.startswith(APP_NAME + ".")
+        for entry in getattr(settings, "INSTALLED_APPS", ())
+    )
+
+
+def check_usable(using: str) -> None:
+    """Raise ConfigError unless Django is configured, the app installed and ``using`` defined."""
+    if not settings.configured:
+        raise ConfigError(
+            "key_store",
+            f"{SCHEME}:// needs a configured Django project (DJANGO_SETTINGS_MODULE); "
+            f"then {_INSTALL_HINT}",
+        )
+    if not _app_installed():
+        raise ConfigError(
+            "key_store", f"{SCHEME}:// keeps keys in the APIKey model: {_INSTALL_HINT}"
+        )
+    if using not in connections.settings:
+        known = ", ".join(sorted(connections.settings)) or "none"
+        raise ConfigError("key_store", f"no database {using!r} in DATABASES (defined: {known})")
+
+
+def store_from_url(url: str, *, prefix: str = keyformat.DEFAULT_PREFIX) -> DjangoKeyStore:
+    """``django://`` (the ``default`` database) or ``django://<alias>``."""
+    alias = url[len(SCHEME) + 3 :]
+    if alias.endswith("/"):
+        alias = alias[:-1]
+    if "/" in alias or "?" in alias or "#" in alias:
+        raise ConfigError("key_store", f"{url!r}: write django:// or django://<database alias>")
+    alias = alias or "default"
+    check_usable(alias)
+    return DjangoKeyStore(alias, prefix=prefix)
+
+
+def _to_db(value: datetime | None) -> datetime | None:
+    # With USE_TZ = False the database holds naive datetimes in TIME_ZONE.
+    if value is None or settings.USE_TZ:
+        return value
+    return timezone.make_naive(value)
+
+
+class DjangoKeyStore(KeyStore):
+    """Keys in the ``APIKey`` table of the database ``using`` (a DATABASES alias)."""
+
+    blocking = True
+
+    def __init__(self, using: str = "default", *, prefix: str = keyformat.DEFAULT_PREFIX) -> None:
+        super().__init__(prefix=prefix)
+        self.using = using
+        self._location: str | None = None
+
+    # Computed once, on first use (when the engine subscribes its cache), not
+    # in __init__: a store object may be made in settings.py, before Django is
+    # configured. Fixed from then on, so notices and subscriptions always agree.
+    @property
+    def location(self) -> str:
+        if self._location is None:
+            check_usable(self.using)
+            name = connections[self.using].settings_dict.get("NAME") or ""
+            self._location = f"{SCHEME}://{self.using}/{name}"
+        return self._location
+
+    @location.setter
+    def location(self, value: str) -> None:
+        self._location = value
+
+    def __repr__(self) -> str:
+        return f"DjangoKeyStore(using={self.using!r})"
+
+    async def run_blocking(
+        self, function: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        # Django's way to reach the ORM from async code: on the request's own
+        # sync thread, whose connections Django closes when the request ends
+        # (CONN_MAX_AGE, health checks), never in a pool thread it never sees.
+        return await sync_to_async(function, thread_sensitive=True)(*args, **kwargs)
+
+    def _invalidated(self, key_id: str) -> None:
+        # Inside an atomic block (the admin's views, ATOMIC_REQUESTS) the
+        # revocation is not visible yet: a cache told now could reload the old
+        # row and keep it for its TTL. Tell them on commit (at once outside one).
+        notify = super()._invalidated
+        transaction.on_commit(lambda: notify(key_id), using=self.using)
+
+    @contextmanager
+    def _db(self) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError as exc:
+            raise KeyStoreError(f"Django key store {self.using!r}: {exc}") from exc
+        except (OperationalError, InterfaceError) as exc:
+            self._drop_broken_connection()
+            raise StoreUnavailable(f"Django key store {self.using!r}: {exc}") from exc
+        except DatabaseError as exc:  # ProgrammingError, DataError, ...
+            hint = ""
+            if "m2m_middleware_apikey" in str(exc):
+                hint = ' (has "manage.py migrate" run?)'
+            raise KeyStoreError(f"Django key store {self.using!r}: {exc}{hint}") from exc
+
+    def _drop_broken_connection(self) -> None:
+        # A connection the server dropped stays broken; close it so the next
+        # call reconnects. Inside a transaction that is the caller's to end.
+        connection = connections[self.using]
+        if not connection.in_atomic_block:
+            with suppress(DatabaseError):
+                connection.close()
+
+    def _rows(self) -> QuerySet[APIKey]:
+        return _model().objects.using(self.using)
+
+    # -- storage primitives --------------------------------------------------
+
+    def _insert(self, record: KeyRecord, key_hash: str) -> None:
+        with self._db():
+            self._rows().create(
+                key_id=record.key_id,
+                key_hash=key_hash,
+                client_id=record.client_id,
+                name=record.name,
+                scopes=" ".join(sorted(record.scopes)),
+                tier=record.tier,
+                created_at=_to_db(record.created_at),
+                expires_at=_to_db(record.expires_at),
+                revoked_at=_to_db(record.revoked_at),
+                remaining_uses=record.remaining_uses,
+                metadata=dict(record.metadata),
+                last_used_at=_to_db(record.last_used_at),
+            )
+
+    def _fetch(self, key_id: str) -> KeyRecord | None:
+        with self._db():
+            row = self._rows().filter(key_id=key_id).first()
+        return row.to_record() if row is not None else None
+
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        with self._db():
+            row = self._rows().filter(key_hash=key_hash).first()
+        return (row.to_record(), row.key_hash) if row is not None else None
+
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+        with self._db():
+            rows = self._rows().all()
+            if client_id is not None:
+                rows = rows.filter(client_id=client_id)
+            return [row.to_record() for row in rows]
+
+    def _set_revoked(self, key_id: str, when: datetime) -> bool:
+        at = Value(_to_db(when), output_field=DateTimeField())
+        # The earliest revocation wins. LEAST ignores NULL on PostgreSQL but
+        # is NULL with any NULL argument on SQLite (MIN) and MySQL; COALESCE
+        # makes both read "when" for a key never revoked.
+        with self._db():
+            changed = (
+                self._rows()
+                .filter(key_id=key_id)
+                .update(revoked_at=Coalesce(Least(F("revoked_at"), at), at))
+            )
+        return changed == 1
+
+    def _set_expiry(self, key_id: str, when: datetime) -> bool:
+        with self._db():
+            changed = self._rows().filter(key_id=key_id).update(expires_at=_to_db(when))
+        return changed == 1
+
+    def _take_use(self, key_id: str) -> int | None:
+        # One conditional UPDATE: the check and the decrement are one atomic
+        # step, so racing threads or processes can never overspend. The read
+        # after it sits in the same transaction, so it sees this decrement
+        # (the UPDATE holds the row, or SQLite's write lock, until commit).
+        with self._db(), transaction.atomic(using=self.using):
+            rows = self._rows().filter(key_id=key_id)
+            if (
+                rows.filter(remaining_uses__gt=0).update(remaining_uses=F("remaining_uses") - 1)
+                != 1
+            ):
+                return None
+            left = rows.values_list("remaining_uses", flat=True).first()
+        return int(left) if left is not None else 0
+
+    def _return_use(self, key_id: str) -> None:
+        with self._db():
+            self._rows().filter(key_id=key_id, remaining_uses__isnull=False).update(
+                remaining_uses=F("remaining_uses") + 1
+            )
+
+    def _drain_uses(self, key_id: str) -> int | None:
+        with self._db(), transaction.atomic(using=self.using):
+            rows = self._rows().filter(key_id=key_id)
+            if not connections[self.using].features.has_select_for_update:
+                # SQLite: a read first would hold a shared lock that cannot be
+                # upgraded while a racing take_use holds the write lock (it
+                # fails at once, "database is locked"). Take the write lock
+                # first with a no-op write, then read and reset under it.
+                rows.update(remaining_uses=F("remaining_uses"))
+            else:
+                rows = rows.select_for_update()
+            found = rows.values_list("remaining_uses", flat=True)[:1]
+            uses = list(found)
+            if not uses or uses[0] is None:
+                return None
+            self._rows().filter(key_id=key_id).update(remaining_uses=0)
+        return int(uses[0])
+
+    def _write_last_used(self, touches: Mapping[str, datetime]) -> None:
+        rows = self._rows()
+        with self._db(), transaction.atomic(using=self.using):
+            for key_id, when in sorted(touches.items()):  # one lock order for every writer
+                at = Value(_to_db(when), output_field=DateTimeField())
+                rows.filter(key_id=key_id).update(
+                    last_used_at=Coalesce(Greatest(F("last_used_at"), at), at)
+                )
