@@ -92,7 +92,32 @@ _decode_json = json.JSONDecoder(
 ).decode
 
 
+#: Deepest nesting of arrays and objects accepted in a header or payload. Python's
+#: JSON parser refuses ~1000 levels up to 3.12 and goes far deeper from 3.13 on:
+#: a limit of our own gives one answer everywhere, and no claim needs more.
+MAX_JSON_DEPTH = 64
+_JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(data: bytes) -> bool:
+    # The exact scan (strings skipped) only when there are enough brackets to matter.
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for match in _JSON_STRING_OR_BRACKET.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    if _too_deep(data):
+        raise InvalidToken(f"the token's {what} is nested too deeply")
     try:
         value = _decode_json(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):

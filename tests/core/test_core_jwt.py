@@ -1142,3 +1142,25 @@ def test_an_api_key_only_engine_never_verifies_jwts(memory_store: KeyStore, chec
     engine = make_engine(memory_store, jwt_keys=SECRET)  # keys given, scheme off
     assert engine.tokens is None
     assert denied(check(engine, "GET", "/x", bearer(hs256()), None), 401, "invalid_token")
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):  # the claim set itself is one level
+        value = [value]
+    return value
+
+
+def test_claims_nested_past_the_limit_are_refused_on_every_python() -> None:
+    # Python's JSON parser stops near 1000 levels up to 3.12 and goes far
+    # deeper from 3.13: the limit is ours, so every version answers alike.
+    from m2m_middleware.tokens import MAX_JSON_DEPTH
+
+    engine = jwt_engine()
+    fits = hs256(claims(x=_nested(MAX_JSON_DEPTH - 1)))
+    assert engine.check("GET", "/", bearer(fits), None).allowed
+    too_deep = hs256(claims(x=_nested(MAX_JSON_DEPTH)))
+    assert denied(engine.check("GET", "/", bearer(too_deep), None), 401, "invalid_token")
+    # Brackets inside strings are text, not nesting.
+    brackets = hs256(claims(note="[" * 500 + "{" * 500))
+    assert engine.check("GET", "/", bearer(brackets), None).allowed
