@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
@@ -88,6 +89,14 @@ class _Connection:
         self.closed = False
 
 
+def _close_all(conns: list[_Connection]) -> None:
+    for held in conns:
+        with held.lock:  # wait for a statement in flight in the owning thread
+            held.closed = True
+            with suppress(sqlite3.Error):  # close the rest regardless
+                held.conn.close()
+
+
 class SQLiteKeyStore(KeyStore):
     def __init__(self, path: str, *, timeout: float = 5.0, **kwargs: str) -> None:
         super().__init__(**kwargs)
@@ -101,6 +110,10 @@ class SQLiteKeyStore(KeyStore):
         # A thread whose connection was closed that way opens a fresh one.
         self._conns: list[_Connection] = []
         self._conns_lock = threading.Lock()
+        # A store dropped without close() (an app torn down in a test, say)
+        # still closes its connections, rather than leaving each one to warn
+        # in __del__ (a ResourceWarning from Python 3.13 on).
+        weakref.finalize(self, _close_all, self._conns)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
@@ -170,12 +183,9 @@ class SQLiteKeyStore(KeyStore):
     def close(self) -> None:
         super().close()
         with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for held in conns:
-            with held.lock:  # wait for a statement in flight in the owning thread
-                held.closed = True
-                with suppress(sqlite3.Error):  # close the rest regardless
-                    held.conn.close()
+            conns = list(self._conns)
+            self._conns.clear()  # in place: the finalizer holds this list
+        _close_all(conns)
         self._local.conn = None
 
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
