@@ -154,6 +154,14 @@ def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     from django.db import connections
     from django.test.utils import setup_databases, teardown_databases
 
+    # A connection opened before (Django 6.1's system checks open one to the
+    # ':memory:' database) would take the migrations and outlive the switch to
+    # the test file: Django ignores close() on an in-memory database, so the
+    # sqlite3 connection is closed directly.
+    default = connections["default"]
+    if default.connection is not None:
+        default.connection.close()
+        default.connection = None
     path = tmp_path_factory.mktemp("django") / "test.sqlite3"
     connections["default"].settings_dict["TEST"]["NAME"] = str(path)
     old_config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
