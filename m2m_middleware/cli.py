@@ -432,7 +432,8 @@ def _run_keys_command(args: argparse.Namespace, handler: _KeysCommand) -> int:
 # -- parser ----------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
+def parse_port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (0: any free port)."""
     try:
         port = int(text)
     except ValueError:
@@ -540,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="run the walkthrough and exit (0 when all went well)"
     )
     demo.add_argument(
-        "--port", type=_port, metavar="N", help="port to listen on (default: a free one)"
+        "--port", type=parse_port, metavar="N", help="port to listen on (default: a free one)"
     )
     demo.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     demo.add_argument(

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .cli import parse_port
 from .errors import ConfigError
 from .settings import Settings
 from .stores import KeyStore, open_key_store
@@ -617,16 +618,6 @@ def print_curl_lines(out: Output, demo: Demo) -> None:
 # -- main ------------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use 0 to 65535")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -637,7 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="run the walkthrough and exit (0 when all went well)"
     )
     parser.add_argument(
-        "--port", type=_port, default=0, metavar="N", help="port to listen on (default: a free one)"
+        "--port",
+        type=parse_port,
+        default=0,
+        metavar="N",
+        help="port to listen on (default: a free one)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
