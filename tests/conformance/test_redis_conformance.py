@@ -3,6 +3,7 @@ app recovers by itself when Redis is back."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +35,8 @@ def test_limits_in_redis_answer_429_with_the_headers(make_app: MakeApp, redis_ur
     app, key = redis_app(make_app, redis_url)
     replies = [app.get("/ping", key) for _ in range(4)]
     assert [r.status for r in replies] == [200, 200, 200, 429]
-    assert replies[2].headers["RateLimit"] == '"default-60s";r=0;t=60'
+    # Redis counts real seconds: a window opened a moment ago may say 59.
+    assert re.fullmatch(r'"default-60s";r=0;t=(59|60)', replies[2].headers["RateLimit"])
     refused = replies[3]
     assert refused.headers["Content-Type"] == "application/problem+json"
     assert refused.json()["error"] == "rate_limited"

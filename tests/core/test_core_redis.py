@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -40,6 +41,22 @@ def new_key(store: KeyStore, **fields: Any) -> str:
     return store.create_key(servers.unique("client"), **fields).key
 
 
+def items(value: str | None) -> list[tuple[str, int]]:
+    """A ``RateLimit`` header as (policy, remaining) pairs, each ``t`` checked for
+    plausibility: Redis counts real seconds, so a window opened a moment ago
+    may already say 59 rather than 60."""
+    assert value is not None
+    found = []
+    for item in value.split(", "):
+        match = re.fullmatch(r'"([^"]+)";r=(\d+);t=(\d+)', item)
+        assert match, value
+        name, remaining, reset = match.group(1), int(match.group(2)), int(match.group(3))
+        window = int(name.rsplit("-", 1)[1].rstrip("s'"))
+        assert window - 5 <= reset <= window, value
+        found.append((name, remaining))
+    return found
+
+
 def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts what redis-py sends to a server, sync and async: one count per round trip."""
     import redis.asyncio.connection
@@ -66,8 +83,8 @@ def test_exactly_the_limit_is_admitted_and_headers_count_down(check: Check, redi
     key = new_key(store)
     outcomes = [check(engine, "GET", "/", None, key) for _ in range(7)]
     assert [o.allowed for o in outcomes] == [True] * 5 + [False] * 2
-    assert [header(o, "RateLimit") for o in outcomes[:5]] == [
-        f'"default-60s";r={left};t=60' for left in (4, 3, 2, 1, 0)
+    assert [items(header(o, "RateLimit")) for o in outcomes[:5]] == [
+        [("default-60s", left)] for left in (4, 3, 2, 1, 0)
     ]
     refused = outcomes[5]
     assert isinstance(refused, Denied)
@@ -136,10 +153,10 @@ def test_a_refusal_by_one_limit_charges_none_of_the_others(check: Check, redis_u
         assert check(engine, "GET", "/export", None, key).allowed
     refused = check(engine, "GET", "/export", None, key)
     assert isinstance(refused, Denied) and refused.status == 429
-    assert header(refused, "RateLimit") == '"route.0-60s";r=0;t=60'
+    assert items(header(refused, "RateLimit")) == [("route.0-60s", 0)]
     # Only the two admitted requests were charged to the default limit.
     allowed = check(engine, "GET", "/other", None, key)
-    assert header(allowed, "RateLimit") == '"default-60s";r=7;t=60'
+    assert items(header(allowed, "RateLimit")) == [("default-60s", 7)]
 
 
 def test_costs_are_charged_to_every_limit(check: Check, redis_url: str) -> None:
@@ -152,7 +169,7 @@ def test_costs_are_charged_to_every_limit(check: Check, redis_url: str) -> None:
         routes=[{"path": "/bulk", "cost": 4}],
     )
     first = check(engine, "POST", "/bulk", None, key)
-    assert header(first, "RateLimit") == '"default-60s";r=6;t=60, "default-3600s";r=96;t=3600'
+    assert items(header(first, "RateLimit")) == [("default-60s", 6), ("default-3600s", 96)]
     assert check(engine, "POST", "/bulk", None, key).allowed
     assert not check(engine, "POST", "/bulk", None, key).allowed  # 8 + 4 > 10
     assert check(engine, "GET", "/", None, key).allowed  # 9: a cost of one still fits
@@ -233,7 +250,7 @@ def test_deny_policy_answers_503_while_redis_is_down_and_recovers_by_itself(
     redis_server.start()  # an empty Redis, on the same port
     after = traffic(check, engine, key, 3)
     assert all(o.allowed for o in after)
-    assert header(after[-1], "RateLimit") == '"default-60s";r=997;t=60'
+    assert items(header(after[-1], "RateLimit")) == [("default-60s", 997)]
     messages = [r.getMessage() for r in caplog.records if r.name == "m2m_middleware"]
     assert len([m for m in messages if "unreachable" in m]) == 1, messages
     assert len([m for m in messages if "reachable again" in m]) == 1, messages
