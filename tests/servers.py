@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -128,3 +130,88 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+# -- an HTTP server under test, in a process of its own ------------------------------------
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class HttpServer:
+    """A server process the test started, answering on 127.0.0.1:``port``."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def answers(self) -> bool:
+        """Poll /health until it answers 200; False if the process dies or time runs out."""
+        import httpx
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        return False
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The server runs in a session of its own (start_new_session): its pid is the group id.
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server and its workers; SIGKILL to whatever is left after a while."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+    # Workers that outlived their master (none should) go too.
+    _signal_group(process, signal.SIGKILL)
+
+
+def start_server(
+    name: str, command: Callable[[int], list[str]], workdir: Path, env: Mapping[str, str]
+) -> HttpServer:
+    """``command(port)`` on a free port, started and answering /health, or the test fails
+    with the server's output."""
+    output = ""
+    for attempt in range(3):  # another process may take the free port first
+        port = free_port()
+        log_path = workdir / f"{name}-{attempt}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command(port),
+                cwd=workdir,
+                env=dict(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = HttpServer(name, port, process, log_path)
+        if server.answers():
+            return server
+        stop_server(process)
+        output = server.output()
+        if "already in use" not in output.lower():
+            break
+    pytest.fail(f"{name} did not answer on /health within {START_TIMEOUT} s:\n{output}")

@@ -9,17 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import servers
 
 import m2m_middleware
 from m2m_middleware import open_key_store
@@ -31,7 +28,6 @@ EXAMPLES = ROOT / "example_apps"
 DJANGO_PROJECT = EXAMPLES / "django_project"
 #: Where the m2m_middleware this test process imported lives: the servers use the same one.
 PACKAGE_PARENT = Path(m2m_middleware.__file__).resolve().parents[1]
-START_TIMEOUT = 20.0
 
 PY = sys.executable
 COMMANDS: dict[str, Callable[[int], list[str]]] = {
@@ -73,73 +69,7 @@ COMMANDS: dict[str, Callable[[int], list[str]]] = {
 }
 
 
-@dataclass
-class Server:
-    name: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _answers(server: Server) -> bool:
-    """Poll /health until the server answers 200; False if the process dies or time runs out."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            return False
-        try:
-            if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    return False
-
-
-def _start(name: str, workdir: Path, env: dict[str, str], args: list[str]) -> Server:
-    for attempt in range(3):  # another process may grab the free port before the server does
-        port = _free_port()
-        log_path = workdir / f"{name}-{attempt}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                COMMANDS[name](port) + args,
-                cwd=workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        server = Server(name, port, process, log_path)
-        if _answers(server):
-            return server
-        _stop(server.process)
-        output = server.output()
-        if "already in use" not in output.lower():
-            pytest.fail(f"{name} did not answer within {START_TIMEOUT} s; output:\n{output}")
-    pytest.fail(f"{name}: no free port after 3 attempts; last output:\n{output}")
+Server = servers.HttpServer
 
 
 @contextlib.contextmanager
@@ -154,14 +84,16 @@ def serve(
         PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
         **extra_env,
     )
-    server = _start(name, workdir, env, list(args))
+    server = servers.start_server(
+        name, lambda port: COMMANDS[name](port) + list(args), workdir, env
+    )
     try:
         yield server
     except (AssertionError, httpx.HTTPError) as exc:
-        _stop(server.process)
+        servers.stop_server(server.process)
         raise AssertionError(f"{exc}\n--- {name} server output ---\n{server.output()}") from exc
     finally:
-        _stop(server.process)
+        servers.stop_server(server.process)
 
 
 def _keys(tmp_path: Path) -> tuple[str, str, str]:
