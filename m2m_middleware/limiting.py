@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -124,6 +125,21 @@ return out
 
 #: limits storage schemes served by redis-py, which the script above can use.
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
+
+
+def redact(uri: str) -> str:
+    """``uri`` with its password, if any, replaced by ``***``: fit for messages and logs."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+def open_limit_storage(uri: str, **options: Any) -> Any:
+    """The ``limits`` storage for ``uri``, or a ConfigError that never shows its password."""
+    try:
+        return limits.storage.storage_from_string(uri, **options)
+    except Exception as exc:  # limits raises ConfigurationError / ImportError
+        hint = ' (pip install "m2m-middleware[redis]")' if _scheme(uri) in REDIS_SCHEMES else ""
+        problem = str(exc).replace(uri, redact(uri))
+        raise ConfigError("rate_limit_storage", f"{redact(uri)!r}: {problem}{hint}") from None
 
 
 def _scheme(uri: str) -> str:
@@ -264,12 +280,7 @@ class Limiter:
             self.windows = MemoryWindows()
         self.redis = _scheme(uri) in REDIS_SCHEMES
         options = _redis_options(settings.storage_timeout, False) if self.redis else {}
-        self.storage: Any
-        try:
-            self.storage = limits.storage.storage_from_string(uri, **options)
-        except Exception as exc:  # limits raises ConfigurationError / ImportError
-            hint = ' (pip install "m2m-middleware[redis]")' if self.redis else ""
-            raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}{hint}") from None
+        self.storage: Any = open_limit_storage(uri, **options)
         #: The one-round-trip script, on the connection limits opened (Redis, fixed windows).
         self._script: Any = None
         if self.redis and self.fixed:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import limits.storage
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ..errors import ConfigError
+from ..limiting import open_limit_storage
 from ..settings import Settings
 from ..stores import open_key_store
 
@@ -43,11 +43,7 @@ def _check_key_store(config: Settings) -> None:
 
 def _check_rate_limit_storage(config: Settings) -> None:
     """Build the limits storage as ``Limiter.__init__`` does, then stop its timer."""
-    uri = config.rate_limit_storage
-    try:
-        storage: Any = limits.storage.storage_from_string(uri)
-    except Exception as exc:  # limits raises ConfigurationError / ImportError
-        raise ConfigError("rate_limit_storage", f"{uri!r}: {exc}") from None
+    storage = open_limit_storage(config.rate_limit_storage)
     timer = getattr(storage, "timer", None)  # MemoryStorage's expiry thread
     if timer is not None:
         timer.cancel()

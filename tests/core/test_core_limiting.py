@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from m2m_middleware import Settings
+import pytest
+
+from m2m_middleware import ConfigError, Settings
 from m2m_middleware.limiting import Charge, Limiter, MemoryWindows
 
 
@@ -65,3 +67,15 @@ def test_the_sweep_drops_expired_windows_and_keeps_live_ones() -> None:
     assert sorted(key.rsplit("/", 1)[1] for key in windows._windows) == ["late", "long"]
     # The window the sweep kept still counts: its hour is not over.
     assert not limiter.charge(long, "long", 1, now=t0 + windows.sweep_interval + 1).allowed
+
+
+@pytest.mark.parametrize(
+    "uri", ["rediz://user:s3cret-pw@cache:6379/0", "redis+nope://:s3cret-pw@cache:6379"]
+)
+def test_a_bad_storage_uri_is_named_without_its_password(uri: str) -> None:
+    from m2m_middleware import Engine
+
+    with pytest.raises(ConfigError, match="rate_limit_storage") as raised:
+        Engine(Settings(key_store="memory://", rate_limit_storage=uri))
+    assert "s3cret-pw" not in str(raised.value)
+    assert "***@cache" in str(raised.value)
