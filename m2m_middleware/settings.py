@@ -218,14 +218,15 @@ class Settings:
             )
         _number("storage_timeout", self.storage_timeout, minimum=0.05, maximum=60)
         url = self.invalidation_url
-        if url is not None and (not isinstance(url, str) or url != ""):
-            shown = url.partition("://")[0] if isinstance(url, str) else url
-            if not isinstance(url, str) or not url.startswith(INVALIDATION_SCHEMES):
-                raise ConfigError(
-                    "invalidation_url",
-                    f"expected a redis:// (or rediss://, redis+unix://) URL, or '' for none, "
-                    f"got {shown!r}",
-                )
+        if url not in (None, "") and not (
+            isinstance(url, str) and url.startswith(INVALIDATION_SCHEMES)
+        ):
+            shown = url.partition("://")[0] if isinstance(url, str) else url  # never a password
+            raise ConfigError(
+                "invalidation_url",
+                f"expected a redis:// (or rediss://, redis+unix://) URL, or '' for none, "
+                f"got {shown!r}",
+            )
         _number("key_cache_ttl", self.key_cache_ttl, minimum=0, maximum=86400)
         _number("key_cache_size", self.key_cache_size, minimum=0, maximum=10_000_000, integer=True)
         routes = self.routes
