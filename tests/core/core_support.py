@@ -45,3 +45,22 @@ class FakeClock:
 
     def time(self) -> float:
         return self.wall
+
+
+#: ``python -c TAKE_ALL_USES <store url> <key id>``: connects, prints "ready", waits
+#: for a line on stdin, then takes uses of the key until none are left and prints
+#: how many it took. Several at once race on one usage-limited key.
+TAKE_ALL_USES = """
+import sys
+from m2m_middleware import open_key_store
+
+store = open_key_store(sys.argv[1])
+store.get_key(sys.argv[2])  # connected (schema checked) before the start signal
+print("ready", flush=True)
+sys.stdin.readline()
+taken = 0
+while store.take_use(sys.argv[2]) is not None:
+    taken += 1
+store.close()
+print(taken, flush=True)
+"""

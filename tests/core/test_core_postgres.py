@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import psycopg
 import pytest
 import servers
+from core_support import TAKE_ALL_USES
 
 from m2m_middleware import (
     Allowed,
@@ -275,22 +276,6 @@ def test_two_pools_racing_take_use_admit_exactly_max_uses(postgres_url: str) -> 
             store.close()
 
 
-_TAKER = """
-import sys
-from m2m_middleware import open_key_store
-
-store = open_key_store(sys.argv[1])
-store.get_key(sys.argv[2])  # connected, schema checked: ready before the start signal
-print("ready", flush=True)
-sys.stdin.readline()
-taken = 0
-while store.take_use(sys.argv[2]) is not None:
-    taken += 1
-store.close()
-print(taken, flush=True)
-"""
-
-
 @pytest.mark.slow
 def test_take_use_stays_exact_with_other_processes_racing(postgres_url: str) -> None:
     max_uses, threads = 300, 4
@@ -298,7 +283,7 @@ def test_take_use_stays_exact_with_other_processes_racing(postgres_url: str) -> 
     issued = store.create_key("client-a", max_uses=max_uses)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _TAKER, postgres_url, issued.key_id],
+            [sys.executable, "-c", TAKE_ALL_USES, postgres_url, issued.key_id],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from core_support import make_engine, sqlite_url
+from core_support import TAKE_ALL_USES, make_engine, sqlite_url
 
 from m2m_middleware import (
     Allowed,
@@ -265,22 +265,6 @@ def test_max_uses_is_exact_under_thread_concurrency(store: KeyStore) -> None:
     assert store.get_key(issued.key_id).remaining_uses == 0
 
 
-_TAKER = """
-import sys
-from m2m_middleware.stores import SQLiteKeyStore
-
-store = SQLiteKeyStore(sys.argv[1])
-store.get_key(sys.argv[2])  # connect before the start signal
-print("ready", flush=True)
-sys.stdin.readline()
-taken = 0
-while store.take_use(sys.argv[2]) is not None:
-    taken += 1
-store.close()
-print(taken, flush=True)
-"""
-
-
 @pytest.mark.slow
 def test_max_uses_is_exact_across_processes(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
@@ -290,7 +274,7 @@ def test_max_uses_is_exact_across_processes(tmp_path: Path) -> None:
     store.close()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _TAKER, str(path), issued.key_id],
+            [sys.executable, "-c", TAKE_ALL_USES, sqlite_url(path), issued.key_id],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
