@@ -18,6 +18,9 @@ from .stores.base import KeyStore
 
 SCHEMES = ("api_key", "jwt")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+#: limits storage schemes served by redis-py, on which our Lua scripts charge every
+#: strategy all-or-nothing in one round trip (m2m_middleware.limiting).
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
 FAILURE_POLICIES = ("allow", "deny")
 _HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _METHODS = frozenset(
@@ -203,6 +206,17 @@ class Settings:
         if self.rate_limit_strategy not in STRATEGIES:
             raise ConfigError(
                 "rate_limit_strategy", f"{self.rate_limit_strategy!r}; choose from {STRATEGIES}"
+            )
+        scheme = self.rate_limit_storage.partition("://")[0].lower()
+        if self.rate_limit_strategy != "fixed-window" and scheme not in {"memory", *REDIS_SCHEMES}:
+            # Only a scheme is shown: the URI may hold a password.
+            raise ConfigError(
+                "rate_limit_strategy",
+                f"{self.rate_limit_strategy!r} cannot be charged all-or-nothing on a "
+                f"{scheme}:// storage: limits tests and charges each limit of a request "
+                "separately there, so concurrent requests would be charged more than they "
+                "are admitted; use 'fixed-window' there (charged all-or-nothing by increment "
+                "and roll-back), or a memory:// or redis:// storage",
             )
         if not isinstance(self.rate_limit_headers, bool):
             raise ConfigError("rate_limit_headers", "expected true or false")
