@@ -8,7 +8,10 @@ through the headers, which only show what an admitted request saw.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 
@@ -42,3 +45,15 @@ def charged(limiter: Limiter, limit: Limit, client_id: str) -> int:
         return int(client.get(key) or 0)
     finally:
         client.close()
+
+
+@contextmanager
+def switching_often() -> Iterator[None]:
+    """Threads switch every microsecond instead of every 5 ms, so racing requests
+    interleave between testing a limit and charging it (if anything lets them)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

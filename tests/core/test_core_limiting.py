@@ -12,12 +12,20 @@ from typing import Any
 import pytest
 
 from m2m_middleware import ConfigError, Settings
-from m2m_middleware.limiting import Charge, Limiter, MemoryWindows
+from m2m_middleware.limiting import (
+    Charge,
+    Limiter,
+    MemoryMovingWindows,
+    MemorySlidingWindows,
+    MemoryWindows,
+)
+
+InMemory = MemoryWindows | MemoryMovingWindows | MemorySlidingWindows
 
 
-def memory_limiter(**fields: Any) -> tuple[Limiter, MemoryWindows]:
+def memory_limiter(**fields: Any) -> tuple[Limiter, InMemory]:
     limiter = Limiter(Settings(key_store="memory://", rate_limit_storage="memory://", **fields))
-    assert limiter.windows is not None  # memory:// with fixed windows is counted in-process
+    assert limiter.windows is not None  # memory:// is counted in-process, every strategy
     return limiter, limiter.windows
 
 
@@ -54,8 +62,11 @@ def test_each_limit_of_a_plan_expires_on_its_own() -> None:
     assert limiter.charge(plan, "client-a", 1, now=t0 + 60).allowed  # the minute ran out
 
 
-def test_the_sweep_drops_expired_windows_and_keeps_live_ones() -> None:
-    limiter, windows = memory_limiter(default_limits="1/second", tiers={"slow": "1/hour"})
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+def test_the_sweep_drops_expired_windows_and_keeps_live_ones(strategy: str) -> None:
+    limiter, windows = memory_limiter(
+        default_limits="1/second", tiers={"slow": "1/hour"}, rate_limit_strategy=strategy
+    )
     short, long = limiter.plan(None, ()), limiter.plan("slow", ())
     t0 = float(int(time.time()))
     for i in range(5):

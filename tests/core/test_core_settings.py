@@ -208,3 +208,54 @@ def test_which_methods_a_route_rule_guards(
     (route,) = Settings(routes=(rule,)).route_rules
     assert route.matches(method, "/orders/42") is guarded
     assert not route.matches(method, "/invoices/42")
+
+
+#: Storages where limits tests every limit and then hits every limit: a moving or
+#: sliding window hit there cannot be taken back, so a refused request would keep
+#: the charges it made before the refusal.
+UNSAFE_STRATEGY_STORAGES = [
+    "memcached://cache:11211",
+    "mongodb://app:s3cret-pw@db:27017",
+    "mongodb+srv://app:s3cret-pw@cluster.example.net",
+    "valkey://:s3cret-pw@cache:6379",
+    "async+redis://cache:6379",
+]
+
+
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
+@pytest.mark.parametrize("uri", UNSAFE_STRATEGY_STORAGES)
+def test_a_strategy_that_cannot_be_charged_all_or_nothing_there_is_refused(
+    uri: str, strategy: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings(rate_limit_storage=uri, rate_limit_strategy=strategy)
+    assert caught.value.field == "rate_limit_strategy"
+    message = str(caught.value)
+    assert "all-or-nothing" in message
+    assert "'fixed-window'" in message and "redis://" in message  # the ways out
+    assert "s3cret-pw" not in message
+
+
+@pytest.mark.parametrize("uri", UNSAFE_STRATEGY_STORAGES)
+def test_fixed_windows_are_accepted_on_any_storage(uri: str) -> None:
+    # Charged by increment and roll-back there: all-or-nothing too.
+    assert Settings(rate_limit_storage=uri).rate_limit_strategy == "fixed-window"
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "memory://",
+        "redis://cache:6379/0",
+        "rediss://:pw@cache:6380",
+        "redis+unix:///run/redis.sock",
+        "redis+sentinel://sentinel:26379/mymaster",
+        "redis+cluster://node1:7000",
+        "REDIS://cache:6379",
+    ],
+)
+def test_every_strategy_is_accepted_where_it_is_charged_all_or_nothing(
+    uri: str, strategy: str
+) -> None:
+    assert Settings(rate_limit_storage=uri, rate_limit_strategy=strategy).rate_limit_storage == uri

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import pytest
 import redis
 import servers
 from core_support import header, make_engine
-from limit_state import charged
+from limit_state import charged, switching_often
 
 from m2m_middleware import Allowed, Denied, Engine, Settings
 from m2m_middleware.limiting import Charge, Limiter, LimitPlan
@@ -46,12 +45,8 @@ def storage(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def busy_switching() -> Iterator[None]:
-    """Threads switch every microsecond instead of every 5 ms, so racing requests
-    interleave between testing a limit and charging it (if anything lets them)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(before)
+    with switching_often():
+        yield
 
 
 class Clocked:

@@ -222,3 +222,15 @@ def test_bad_jwt_settings_are_e002(value: dict[str, Any], field: str) -> None:
         messages = run_checks()
     assert [m.id for m in messages] == ["m2m_middleware.E002"]
     assert messages[0].obj == field
+
+
+def test_a_strategy_the_storage_cannot_charge_all_or_nothing_is_e002() -> None:
+    value = {
+        "rate_limit_storage": "memcached://cache:11211",
+        "rate_limit_strategy": "moving-window",
+    }
+    with override_settings(M2M_AUTH=value):
+        messages = run_checks()
+    assert [m.id for m in messages] == ["m2m_middleware.E002"]
+    assert messages[0].obj == "rate_limit_strategy"
+    assert "all-or-nothing" in messages[0].msg
