@@ -480,7 +480,7 @@ class MemoryMovingWindows:
             self._windows.clear()
 
 
-def sliding_wait(
+def _sliding_wait(
     units: int, amount: int, expiry: float, previous: int, current: int, left: float
 ) -> float:
     """Seconds until ``units`` more fit in a sliding window counter, if nothing else is
@@ -542,7 +542,7 @@ class MemorySlidingWindows:
                 left = start + expiry - now
                 used = math.floor(previous * left / expiry) + current
                 if used + cost > lim.amount:
-                    wait = sliding_wait(cost, lim.amount, expiry, previous, current, left)
+                    wait = _sliding_wait(cost, lim.amount, expiry, previous, current, left)
                     if refused is None or now + wait > refused[2]:
                         refused = (lim, used, now + wait)
                 found.append((key, lim, start, previous, current + cost, left))
@@ -553,7 +553,7 @@ class MemorySlidingWindows:
                 windows[key] = [start, previous, current, lim.expiry]
                 used = math.floor(previous * left / lim.expiry) + current
                 units = lim.amount - used + 1
-                wait = sliding_wait(units, lim.amount, lim.expiry, previous, current, left)
+                wait = _sliding_wait(units, lim.amount, lim.expiry, previous, current, left)
                 out.append((used, now + wait))
             return None, out
 
