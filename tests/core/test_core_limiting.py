@@ -90,3 +90,17 @@ def test_a_bad_storage_uri_is_named_without_its_password(uri: str) -> None:
         Engine(Settings(key_store="memory://", rate_limit_storage=uri))
     assert "s3cret-pw" not in str(raised.value)
     assert "***@cache" in str(raised.value)
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+def test_a_limit_written_twice_is_one_limit(strategy: str) -> None:
+    # Both spellings name one counter: charging it twice per request halved the budget.
+    limiter, _ = memory_limiter(
+        default_limits="5/second;5 per 1 second", rate_limit_strategy=strategy
+    )
+    plan = limiter.plan(None, ())
+    assert plan.policy_header == '"default-1s";q=5;w=1'
+    t0 = float(int(time.time()))
+    assert [limiter.charge(plan, "client-a", 1, now=t0).allowed for _ in range(6)] == [True] * 5 + [
+        False
+    ]
