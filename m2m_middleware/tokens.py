@@ -11,7 +11,6 @@ lookup. The signature is then checked by joserfc's algorithm for that one
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import json
 import logging
@@ -155,8 +154,8 @@ class TokenVerifier:
         try:
             parsed = self.parse(token)
             jwks = self.jwks
-            if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
-                jwks.refresh(parsed.kid)
+            if jwks is not None and not self._static_knows(parsed):
+                jwks.prepare(parsed.kid)  # waits only when the token cannot do without a fetch
             return self.finish(parsed, now)
         except AuthError:
             raise
@@ -167,8 +166,8 @@ class TokenVerifier:
         try:
             parsed = self.parse(token)
             jwks = self.jwks
-            if jwks is not None and jwks.due(parsed.kid) and not self._static_knows(parsed):
-                await asyncio.to_thread(jwks.refresh, parsed.kid)
+            if jwks is not None and not self._static_knows(parsed):
+                await jwks.aprepare(parsed.kid)  # awaits the shared fetch, holds no thread
             return self.finish(parsed, now)
         except AuthError:
             raise

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -215,3 +216,41 @@ def start_server(
         if "already in use" not in output.lower():
             break
     pytest.fail(f"{name} did not answer on /health within {START_TIMEOUT} s:\n{output}")
+
+
+# -- uvicorn in a thread of the test process ------------------------------------------------
+
+
+@contextmanager
+def uvicorn_in_thread(app: object) -> Iterator[str]:
+    """Serve the ASGI ``app`` with a real uvicorn (h11, its own event loop) on 127.0.0.1;
+    yields the base URL. In-process, so the test can reach into the app (inject a
+    clock, read counters) while requests cross a real socket and a real HTTP parser."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here: no race for a free port
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        http="h11",
+        ws="none",
+        lifespan="off",
+        loop="asyncio",
+        log_config=None,
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail("uvicorn did not start", pytrace=False)
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT)
+        sock.close()

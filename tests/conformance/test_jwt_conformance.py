@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.x509.oid import NameOID
+from jwks_server import SlowJWKS
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -1213,3 +1214,68 @@ def test_starlette_fetches_the_jwks_off_the_event_loop(
     assert idp.gate_opened is True, "the JWKS fetch blocked the event loop"
     assert len(fetch_threads) == 1
     assert fetch_threads[0] != loop_thread
+
+
+# == 4. a slow JWKS endpoint cannot stall the service =====================================
+
+
+class _Clock:
+    """A monotonic clock the test moves, for the JWKS client's max-age."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def slow_idp(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowJWKS]:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    server = SlowJWKS({"keys": [Keys.jwk(keys.idp, "ec-1")]})
+    server.byte_interval = 0.2  # each read well within the 1 s timeout
+    server.limit = 6.0
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+#: Far below any stall here, and generous for a loaded two-core machine.
+PROMPT = 0.5
+
+
+def test_a_trickling_jwks_holds_a_new_token_for_the_timeout_only(
+    make_app: Maker, store: KeyStore, keys: Keys, slow_idp: SlowJWKS
+) -> None:
+    """A byte every 0.2 s: each read beats a 1 s socket timeout; only a deadline
+    over the whole fetch stops it (before, the answer took the server's 6 s)."""
+    slow_idp.mode = "trickle"
+    app = make_app(config(store, jwt_jwks_url=slow_idp.url, jwt_jwks_timeout=1.0))
+    token = _signed(keys.idp, "ec-1")
+    start = time.monotonic()
+    reply = app.get("/ping", bearer(token))
+    took = time.monotonic() - start
+    assert_problem(reply, 503, "temporarily_unavailable", token)  # no key set to be had
+    assert took < 1.0 + PROMPT
+
+
+def test_a_known_kid_is_served_while_a_slow_refresh_runs(
+    make_app: Maker, store: KeyStore, keys: Keys, slow_idp: SlowJWKS
+) -> None:
+    app = make_app(config(store, jwt_jwks_url=slow_idp.url, jwt_jwks_timeout=3.0))
+    jwks = app.engine().tokens.jwks  # type: ignore[union-attr]
+    assert jwks is not None
+    clock = jwks.clock = _Clock()
+    assert app.get("/ping", bearer(_signed(keys.idp, "ec-1"))).status == 200
+    assert slow_idp.hits == 1
+    slow_idp.mode = "trickle"
+    clock.now += 301  # past the set's max-age (300): due for a refresh
+    for _ in range(3):
+        start = time.monotonic()
+        reply = app.get("/ping", bearer(_signed(keys.idp, "ec-1")))  # new tokens: not cached
+        assert reply.status == 200, reply.body
+        assert time.monotonic() - start < PROMPT  # served from the stale set, not held
+    assert slow_idp.slow_started.wait(5)  # the refresh did start, behind the requests
+    assert slow_idp.hits == 2  # and only once

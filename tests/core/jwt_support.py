@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
 from base64 import urlsafe_b64encode
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jwt as pyjwt
@@ -231,3 +232,13 @@ class Mono:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def finish_in_a_thread(work: Callable[[], None]) -> None:
+    """A :class:`JWKSClient` spawner for tests on a :class:`Mono` clock: the fetch runs
+    in a thread of its own (never the caller's, never an event loop's) and is over
+    when the call returns, so a refresh behind a request has landed before the
+    test moves the clock on."""
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(10)

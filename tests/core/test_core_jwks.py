@@ -8,18 +8,28 @@ talks to a real local HTTP server through ``http_fetch``.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import logging
+import ssl
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jwt as pyjwt
 import pytest
 from core_support import header
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from joserfc.jwk import RSAKey
+from jwks_server import SlowJWKS
 from jwt_support import (
     SECRET,
     FakeIdP,
@@ -28,6 +38,7 @@ from jwt_support import (
     bearer,
     claims,
     denied,
+    finish_in_a_thread,
     hs256,
     jwt_engine,
     private_pem,
@@ -35,6 +46,7 @@ from jwt_support import (
     public_pem,
 )
 
+import m2m_middleware.jwks as jwks_module
 from m2m_middleware import Allowed, ConfigError, Engine, Settings
 from m2m_middleware.errors import InvalidToken, TemporarilyUnavailable
 from m2m_middleware.jwks import (
@@ -101,6 +113,7 @@ def idp(k1: ec.EllipticCurvePrivateKey) -> FakeIdP:
 
 
 def client_for(idp: FakeIdP, mono: Mono, **options: Any) -> JWKSClient:
+    options.setdefault("spawn", finish_in_a_thread)
     return JWKSClient(URL, fetch=idp, clock=mono, **options)
 
 
@@ -116,6 +129,7 @@ def idp_engine(idp: FakeIdP, mono: Mono, **fields: Any) -> Engine:
     assert engine.tokens is not None and engine.tokens.jwks is not None
     engine.tokens.jwks.fetch = idp
     engine.tokens.jwks.clock = mono
+    engine.tokens.jwks.spawn = finish_in_a_thread
     return engine
 
 
@@ -685,6 +699,235 @@ def test_the_async_path_fetches_off_the_event_loop(
     assert threads[0] != loop_thread
 
 
+# -- a slow endpoint cannot stall the service ---------------------------------------------
+#
+# These use the default spawner (a daemon thread per fetch) and a fetch that
+# holds until its gate opens: the real timing of waits, with no network.
+
+#: What "promptly" means on a loaded two-core machine: far below any fetch here.
+PROMPT = 0.5
+
+
+class GatedIdP(FakeIdP):
+    """A :class:`FakeIdP` whose fetches hold until ``gate`` opens (at most ``cap`` s)."""
+
+    def __init__(self, keys: list[dict[str, Any]], cap: float = 5.0) -> None:
+        super().__init__(keys)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.cap = cap
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, url: str, timeout: float) -> tuple[bytes, str | None]:
+        self.threads.append(threading.current_thread())
+        self.entered.set()
+        self.gate.wait(self.cap)
+        return super().__call__(url, timeout)
+
+
+@pytest.fixture
+def gated(k1: ec.EllipticCurvePrivateKey) -> Iterator[GatedIdP]:
+    idp = GatedIdP([public_jwk(k1, kid="k1")])
+    idp.gate.set()  # open until a test closes it
+    yield idp
+    idp.gate.set()  # never leave a fetch thread waiting
+
+
+def settle(jwks: JWKSClient) -> None:
+    """Wait (bounded) for the fetch in flight, if any, to land."""
+    flight = jwks._flight
+    if flight is not None:
+        flight.result(timeout=10)
+
+
+def elapsed(since: float) -> float:
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+def test_a_known_kid_is_served_from_a_stale_set_while_the_refresh_runs(
+    gated: GatedIdP,
+    mono: Mono,
+    k1: ec.EllipticCurvePrivateKey,
+    k2: ec.EllipticCurvePrivateKey,
+    front: str,
+) -> None:
+    jwks = JWKSClient(URL, fetch=gated, clock=mono, timeout=3.0)
+    v = verifier_for(jwks)
+    v.verify(es256(k1, "k1"))
+    assert jwks.fetches == 1
+    gated.gate.clear()
+    gated.entered.clear()
+    gated.keys.append(public_jwk(k2, kid="k2"))  # what the refresh will bring
+    mono.advance(600)  # past max-age: due for a refresh
+    for _ in range(5):
+        start = time.monotonic()
+        if front == "sync":
+            client = v.verify(es256(k1, "k1")).client
+        else:
+            client = asyncio.run(v.averify(es256(k1, "k1"))).client
+        assert client.client_id == "svc"
+        assert elapsed(start) < PROMPT  # never waited for the refresh
+    assert gated.entered.wait(5)  # the refresh did start, behind the requests
+    assert jwks.fetches == 2  # one refresh for all five (single-flight)
+    gated.gate.set()
+    settle(jwks)
+    assert jwks.ring is not None and "k2" in jwks.ring.by_kid
+    assert v.verify(es256(k2, "k2")).client.client_id == "svc"
+    assert jwks.fetches == 2
+
+
+@pytest.mark.parametrize("front", ["sync", "async"])
+@pytest.mark.parametrize("fetched_before", [False, True], ids=["never-fetched", "new-kid"])
+def test_a_token_that_needs_a_fetch_waits_at_most_the_timeout(
+    gated: GatedIdP,
+    mono: Mono,
+    k1: ec.EllipticCurvePrivateKey,
+    k2: ec.EllipticCurvePrivateKey,
+    front: str,
+    fetched_before: bool,
+) -> None:
+    jwks = JWKSClient(URL, fetch=gated, clock=mono, timeout=0.3)
+    v = verifier_for(jwks)
+    if fetched_before:
+        v.verify(es256(k1, "k1"))
+    gated.gate.clear()  # the endpoint now holds every answer (5 s)
+    token = es256(k2, "k2")
+    start = time.monotonic()
+    with pytest.raises(TemporarilyUnavailable if not fetched_before else InvalidToken):
+        if front == "sync":
+            v.verify(token)
+        else:
+            asyncio.run(v.averify(token))
+    assert 0.25 < elapsed(start) < 0.3 + PROMPT
+    # Known kids are not held up by the fetch still in flight.
+    if fetched_before:
+        start = time.monotonic()
+        assert v.verify(es256(k1, "k1")).client.client_id == "svc"
+        assert elapsed(start) < PROMPT
+
+
+def test_waiters_in_threads_and_on_a_loop_share_one_fetch(
+    gated: GatedIdP, mono: Mono, k1: ec.EllipticCurvePrivateKey, k2: ec.EllipticCurvePrivateKey
+) -> None:
+    jwks = JWKSClient(URL, fetch=gated, clock=mono, timeout=3.0)
+    v = verifier_for(jwks)
+    v.verify(es256(k1, "k1"))
+    gated.gate.clear()
+    gated.keys.append(public_jwk(k2, kid="k2"))
+    token = es256(k2, "k2")
+    results: list[str] = []
+
+    def in_thread() -> None:
+        results.append(v.verify(token).client.client_id)
+
+    async def on_loop() -> list[str]:
+        async def one() -> str:
+            return (await v.averify(token)).client.client_id
+
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        gated.gate.set()  # every waiter is in by now
+        return list(await asyncio.gather(*tasks))
+
+    threads = [threading.Thread(target=in_thread) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    assert gated.entered.wait(5)
+    from_loop = asyncio.run(on_loop())
+    for thread in threads:
+        thread.join(5)
+    assert results == ["svc"] * 10
+    assert from_loop == ["svc"] * 10
+    assert jwks.fetches == 2
+
+
+def test_async_waiters_hold_no_thread_of_the_default_pool(
+    gated: GatedIdP, mono: Mono, k2: ec.EllipticCurvePrivateKey
+) -> None:
+    """The bug: each waiting token took a thread of asyncio.to_thread's pool,
+    where the SQLite and PostgreSQL stores answer API-key requests."""
+    jwks = JWKSClient(URL, fetch=gated, clock=mono, timeout=2.0)
+    v = verifier_for(jwks)
+    gated.gate.clear()
+    token = es256(k2, "k2")
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        waiting = [asyncio.create_task(v.averify(token)) for _ in range(12)]
+        await asyncio.sleep(0.05)
+        assert gated.entered.is_set()
+        start = time.monotonic()
+        await asyncio.to_thread(time.monotonic)  # what a store lookup does
+        took = elapsed(start)
+        gated.gate.set()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        return took
+
+    assert asyncio.run(main()) < PROMPT
+    assert jwks.fetches == 1
+
+
+def test_fetches_run_in_daemon_threads_of_their_own(
+    gated: GatedIdP, mono: Mono, k1: ec.EllipticCurvePrivateKey
+) -> None:
+    jwks = JWKSClient(URL, fetch=gated, clock=mono)
+    v = verifier_for(jwks)
+    v.verify(es256(k1, "k1"))
+    asyncio.run(v.averify(es256(k1, "k1")))
+    mono.advance(600)
+    v.verify(es256(k1, "k1"))
+    settle(jwks)
+    assert len(gated.threads) == 2
+    for thread in gated.threads:
+        assert thread.daemon  # never holds up interpreter exit
+        assert thread is not threading.main_thread()
+        assert thread.name == "m2m-jwks-fetch"
+
+
+def test_no_thread_for_a_fetch_is_an_outage_not_a_hang(
+    idp: FakeIdP, mono: Mono, k1: ec.EllipticCurvePrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    def no_threads(work: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    jwks = JWKSClient(URL, fetch=idp, clock=mono, spawn=no_threads, refetch_interval=30)
+    v = verifier_for(jwks)
+    start = time.monotonic()
+    with pytest.raises(TemporarilyUnavailable):
+        v.verify(es256(k1, "k1"))
+    assert elapsed(start) < PROMPT
+    assert len(jwks_errors(caplog)) == 1
+    jwks.spawn = finish_in_a_thread
+    mono.advance(30)
+    assert v.verify(es256(k1, "k1")).client.client_id == "svc"
+    assert len(jwks_recoveries(caplog)) == 1
+
+
+def test_a_refresh_behind_a_request_that_fails_keeps_the_set_and_logs_once(
+    gated: GatedIdP, mono: Mono, k1: ec.EllipticCurvePrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    jwks = JWKSClient(URL, fetch=gated, clock=mono, refetch_interval=30)
+    v = verifier_for(jwks)
+    v.verify(es256(k1, "k1"))
+    gated.down = OSError("connection refused")
+    for _ in range(3):
+        mono.advance(600)
+        assert v.verify(es256(k1, "k1")).client.client_id == "svc"
+        settle(jwks)
+    assert jwks.fetches == 4
+    assert len(jwks_errors(caplog)) == 1
+    gated.down = None
+    mono.advance(600)
+    v.verify(es256(k1, "k1"))
+    settle(jwks)
+    assert len(jwks_recoveries(caplog)) == 1
+
+
 # -- the real fetch against a local server ------------------------------------------------
 
 
@@ -760,3 +1003,106 @@ def test_an_engine_verifies_against_a_real_local_jwks_endpoint(
     evil = es256(attacker, "x", jku=f"{base}/evil")
     assert denied(engine.check("GET", "/x", bearer(evil), None), 401, "invalid_token")
     assert "/evil" not in handler.hits
+
+
+@pytest.fixture
+def slow_jwks(k1: ec.EllipticCurvePrivateKey) -> Iterator[SlowJWKS]:
+    server = SlowJWKS({"keys": [public_jwk(k1, kid="k1")]})
+    server.byte_interval = 0.2
+    server.limit = 6.0
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "trickle-body", "stall"])
+def test_http_fetch_bounds_the_whole_fetch_not_each_read(slow_jwks: SlowJWKS, mode: str) -> None:
+    """A byte every 0.2 s keeps every socket read short of a 1 s timeout: only a
+    deadline over the whole fetch ends it (urllib alone took the server's 6 s)."""
+    slow_jwks.mode = mode
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        http_fetch(slow_jwks.url, 1.0)
+    assert 0.9 < elapsed(start) < 1.0 + PROMPT
+    slow_jwks.mode = "fast"  # the same client fetches normally once the endpoint recovers
+    body, cache_control = http_fetch(slow_jwks.url, 1.0)
+    assert json.loads(body)["keys"][0]["kid"] == "k1"
+    assert cache_control == "max-age=300"
+
+
+def test_a_trickling_endpoint_holds_a_new_token_for_the_timeout_only(
+    slow_jwks: SlowJWKS, k1: ec.EllipticCurvePrivateKey
+) -> None:
+    slow_jwks.mode = "trickle"
+    engine = jwt_engine(jwt_jwks_url=slow_jwks.url, jwt_jwks_timeout=1.0)
+    for front in ("sync", "async"):
+        start = time.monotonic()
+        authorization = bearer(es256(k1, "k1"))
+        if front == "sync":
+            outcome = engine.check("GET", "/x", authorization, None)
+        else:
+            outcome = asyncio.run(engine.acheck("GET", "/x", authorization, None))
+        assert denied(outcome, 503, "temporarily_unavailable")
+        assert elapsed(start) < 1.0 + PROMPT
+    assert slow_jwks.hits == 1  # the second token waited for the retry interval, not the IdP
+
+
+@pytest.fixture
+def tls_jwks(
+    k1: ec.EllipticCurvePrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SlowJWKS]:
+    """:class:`SlowJWKS` over HTTPS, with a certificate for 127.0.0.1 that ``http_fetch``
+    is made to trust (in place of the system's CAs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(private_pem(key).encode())
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_side = ssl.create_default_context(cadata=cert_pem.decode())
+    monkeypatch.setattr(jwks_module, "_tls", lambda: client_side)
+    server = SlowJWKS({"keys": [public_jwk(k1, kid="k1")]}, tls=server_side)
+    server.byte_interval = 0.2
+    server.limit = 6.0
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "trickle-body"])
+def test_http_fetch_bounds_the_whole_fetch_over_https_too(tls_jwks: SlowJWKS, mode: str) -> None:
+    assert tls_jwks.url.startswith("https://")
+    body, _ = http_fetch(tls_jwks.url, 2.0)  # the certificate is checked, and trusted
+    assert json.loads(body)["keys"][0]["kid"] == "k1"
+    tls_jwks.mode = mode
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        http_fetch(tls_jwks.url, 1.0)
+    assert 0.9 < elapsed(start) < 1.0 + PROMPT
+
+
+def test_http_fetch_checks_the_certificate(
+    tls_jwks: SlowJWKS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jwks_module, "_tls", ssl.create_default_context)  # the system's CAs
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+        http_fetch(tls_jwks.url, 2.0)
