@@ -102,7 +102,16 @@ class KeyCache:
         return entry
 
     def put_token(self, token_hash: str, client: Client, dead_at: float) -> _CachedKey:
-        """A verified JWT: kept until it expires (or the TTL ends) at the latest."""
+        """A verified JWT: kept until it expires (or the TTL ends) at the latest.
+
+        Keyed on the token's text, which is only a cache key: one token can
+        have more than one text that verifies (an ECDSA signature ``(r, s)``
+        is as valid as ``(r, n - s)``, and both forms are accepted because
+        identity providers emit either), so this cache may hold it twice.
+        That costs a second verification, nothing else. Anything that must
+        happen once per token (counting uses, revoking, replay checks) must
+        key on its ``jti`` and the key that signed it, never on its text.
+        """
         entry = _CachedKey(None, client, dead_at, monotonic() + self.ttl)
         if self.size and self.ttl:
             if len(self._entries) >= self.size:

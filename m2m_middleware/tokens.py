@@ -62,11 +62,16 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _signature_bytes(segment: str) -> bytes:
-    """The signature, in its one canonical spelling only (RFC 4648 section 3.5).
+    """The signature bytes, from their canonical base64url text only (RFC 4648 3.5).
 
     Lenient decoding ignores the unused low bits of the last character, so
-    one signature would have several accepted spellings: tokens that differ
-    yet verify, which defeats anyone deduplicating or revoking by token.
+    the same bytes would have several accepted texts. The header and payload
+    need no such check: their texts are what the signature covers. What this
+    enforces is one text per signature *value*, not one signature per token:
+    ECDSA is malleable (``(r, n - s)`` verifies wherever ``(r, s)`` does), and
+    high-S values are accepted, since identity providers' signers emit either.
+    So a token's text is not unique; nothing may count or revoke by it (see
+    ``KeyCache.put_token``).
     """
     raw = _b64decode(segment)
     if urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):

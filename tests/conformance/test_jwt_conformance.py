@@ -814,6 +814,30 @@ def test_non_canonical_base64url_signature_is_refused(
     assert_invalid_token(catalogue_app.get("/whoami", bearer(respelled)), respelled)
 
 
+def test_both_ecdsa_spellings_of_one_token_verify_and_share_one_budget(
+    make_app: Maker, store: KeyStore, keys: Keys
+) -> None:
+    """ECDSA is malleable: with (r, s) valid, (r, n - s) is too. Identity providers'
+    signers emit either (low-S is Bitcoin's rule, not JOSE's), so both are accepted:
+    refusing high-S would refuse real tokens. The two texts then name one client,
+    and each spelling is its own entry in the verified-token cache; that is harmless
+    because nothing is counted or revoked per token text: the limits charge the
+    client, whichever spelling it sends."""
+    app = make_app(catalogue_config(store, keys, default_limits="10/minute"))
+    token = es256(claims(), keys.idp)
+    raw = urlsafe_b64decode_nopad(token.split(".")[2])
+    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    other = replace_signature(token, r.to_bytes(32, "big") + (P256_N - s).to_bytes(32, "big"))
+    assert other != token
+    left = []
+    for spelling in (token, other, token, other):
+        reply = app.get("/whoami", bearer(spelling))
+        assert reply.status == 200, reply.body
+        assert reply.json()["client"]["client_id"] == "acme"
+        left.append(remaining(reply))
+    assert left == [9, 8, 7, 6]  # one budget, charged once per request
+
+
 def _json_serialization(k: Keys) -> str:
     token = hs256(claims())
     protected, payload, signature = token.split(".")

@@ -1076,6 +1076,43 @@ def test_a_cached_token_does_not_vouch_for_another_signature(counted: Counter) -
     assert counted.calls == 4  # the cached token once, each forgery on its own
 
 
+#: The order of the P-256 group: with (r, s) a valid ES256 signature, so is (r, P256_N - s).
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def other_ecdsa_spelling(token: str) -> str:
+    """The same token with its ES256 signature's ``s`` replaced by ``n - s``."""
+    head, body, signature = token.split(".")
+    raw = tokens_module._signature_bytes(signature)
+    s = int.from_bytes(raw[32:], "big")
+    return f"{head}.{body}.{b64url(raw[:32] + (P256_N - s).to_bytes(32, 'big'))}"
+
+
+def test_both_ecdsa_spellings_verify_to_one_client_and_share_one_budget(
+    ec_key: ec.EllipticCurvePrivateKey, counted: Counter, check: Check
+) -> None:
+    """ECDSA is malleable, and high-S signatures are accepted (IdPs emit either form):
+    one token has two texts. Both name the same client, each text is its own entry
+    in the verified-token cache, and nothing is counted per text: the limits charge
+    the client id, so a second spelling buys no extra requests."""
+    engine = jwt_engine(
+        jwt_keys={"keys": [public_jwk(ec_key, kid="ec")]}, default_limits="3/minute"
+    )
+    token = pyjwt.encode(claims(jti="t-1"), ec_key, algorithm="ES256", headers={"kid": "ec"})
+    other = other_ecdsa_spelling(token)
+    assert other != token and other_ecdsa_spelling(other) == token
+    v = engine.tokens
+    assert v is not None
+    assert v.verify(token).client.claims == v.verify(other).client.claims
+    counted.calls = 0
+    replies = [check(engine, "GET", "/x", bearer(t), None) for t in (token, other, token, other)]
+    assert [type(r) for r in replies[:3]] == [Allowed] * 3
+    assert all(r.client is not None and r.client.client_id == "svc" for r in replies[:3])
+    assert denied(replies[3], 429, "rate_limited")  # 3/minute for the client, across spellings
+    assert counted.calls == 2  # each spelling verified once, then answered from the cache
+    assert len(engine.keys._entries) == 2
+
+
 # -- limits and scopes ----------------------------------------------------------------
 
 
