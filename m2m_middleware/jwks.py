@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from .jwtkeys import KeyRing, import_jwk
+from .settings import jwks_url_allowed
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -168,6 +169,28 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_watched(_WatchedHTTPSConnection, self._deadline), req, context=_tls())
 
 
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only where the setting itself could point.
+
+    urllib's own handler also follows ``ftp://``, whose fetch no deadline
+    watches, and ``https://`` to plain ``http://``, which would hand the key
+    set to anyone on the path.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not jwks_url_allowed(newurl):
+            raise OSError(f"the key set endpoint redirected to a refused URL ({code})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def http_fetch(url: str, timeout: float) -> tuple[bytes, str | None]:
     """GET ``url``: the body and its ``Cache-Control`` header. Raises OSError on failure.
 
@@ -179,7 +202,9 @@ def http_fetch(url: str, timeout: float) -> tuple[bytes, str | None]:
         url, headers={"Accept": "application/json", "User-Agent": "m2m-middleware"}
     )
     with _Deadline(timeout) as deadline:
-        opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
+        opener = urllib.request.build_opener(
+            _HTTPHandler(deadline), _HTTPSHandler(deadline), _RedirectHandler()
+        )
         try:
             with opener.open(request, timeout=timeout) as response:
                 body = response.read(MAX_BYTES + 1)

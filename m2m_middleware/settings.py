@@ -372,14 +372,22 @@ def invalidation_url(settings: Settings) -> str | None:
     return url or None
 
 
+def jwks_url_allowed(url: str) -> bool:
+    """https://, or http:// to this machine only (a local identity provider, or a test).
+
+    Checked on the setting and again on every redirect the endpoint answers with.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
 def _check_jwks_url(url: object) -> None:
     if not isinstance(url, str):
         raise ConfigError("jwt_jwks_url", f"expected a URL, got {url!r}")
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    if jwks_url_allowed(url):
         return
-    if parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"):
-        return  # a local identity provider, or a test
     raise ConfigError(
         "jwt_jwks_url", f"expected an https:// URL (http only for localhost), got {url!r}"
     )

@@ -1106,3 +1106,72 @@ def test_http_fetch_checks_the_certificate(
     monkeypatch.setattr(jwks_module, "_tls", ssl.create_default_context)  # the system's CAs
     with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
         http_fetch(tls_jwks.url, 2.0)
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """/to?<url> answers 302 to <url>; /keys answers a key set."""
+
+    document = b'{"keys": []}'
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/to?"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to?") :])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.document)))
+        self.end_headers()
+        self.wfile.write(self.document)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _serve(host: str) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    server = ThreadingHTTPServer((host, 0), _Redirecting)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture
+def redirecting() -> Iterator[tuple[str, str]]:
+    """A server on 127.0.0.1 and one on 127.0.0.2: both answer, but the setting
+    accepts plain http only for localhost, 127.0.0.1 and ::1."""
+    served = [_serve("127.0.0.1"), _serve("127.0.0.2")]
+    try:
+        (low, _), (high, _) = served
+        yield (
+            f"http://127.0.0.1:{low.server_address[1]}",
+            f"http://127.0.0.2:{high.server_address[1]}",
+        )
+    finally:
+        for server, thread in served:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+
+def test_http_fetch_follows_no_redirect_the_setting_itself_would_refuse(
+    redirecting: tuple[str, str],
+) -> None:
+    """urllib alone follows any http, https or ftp redirect, also https -> http."""
+    local, elsewhere = redirecting
+    assert json.loads(http_fetch(f"{elsewhere}/keys", 1.0)[0]) == {"keys": []}  # it answers
+    with pytest.raises(ConfigError):
+        Settings(schemes=("jwt",), jwt_jwks_url=f"{elsewhere}/keys")
+    with pytest.raises(OSError, match="redirected to a refused URL"):
+        http_fetch(f"{local}/to?{elsewhere}/keys", 1.0)
+    with pytest.raises(OSError, match="redirected to a refused URL"):
+        http_fetch(f"{local}/to?ftp://127.0.0.1/keys", 1.0)
+
+
+def test_http_fetch_follows_a_redirect_the_setting_would_allow(
+    redirecting: tuple[str, str],
+) -> None:
+    local, _ = redirecting
+    body, _ = http_fetch(f"{local}/to?{local}/keys", 1.0)
+    assert json.loads(body) == {"keys": []}
