@@ -21,6 +21,7 @@ from .credentials import extract_credential, looks_like_jwt
 from .errors import (
     AuthError,
     InsufficientScope,
+    InvalidRequest,
     InvalidToken,
     MissingCredentials,
     QuotaExceeded,
@@ -33,6 +34,7 @@ from .outcome import PUBLIC, Allowed, Denied, deny
 from .settings import Route, Settings, invalidation_url
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
+from .syntax import CONTROL_CHARACTERS
 
 if TYPE_CHECKING:
     from .invalidation import RedisBus
@@ -44,6 +46,13 @@ audit = logging.getLogger("m2m_middleware.audit")
 
 OUTAGE_RETRY_AFTER = 5
 _ROUTE_CACHE_SIZE = 10_000
+#: A path with a control character (C0, DEL, C1) is refused before any public
+#: path or route rule is looked at: the router and a rule could disagree on it
+#: (Starlette's ``$`` matches ``/orders`` before a final newline, a glob does
+#: not), and no client means one. ``str.isprintable`` answers first because it
+#: is True for nearly every real path: 40 ns on a short path, where the regex
+#: search alone takes 110 ns (python -m timeit, CPython 3.11).
+CONTROL_CHARACTER_IN_PATH = "the request path holds a control character"
 
 
 @dataclass(slots=True)
@@ -211,6 +220,9 @@ class Engine:
     ) -> Allowed | Denied:
         entry = None
         try:
+            # Before anything looks at the path: see CONTROL_CHARACTER_IN_PATH.
+            if not path.isprintable() and CONTROL_CHARACTERS.search(path):
+                raise InvalidRequest(CONTROL_CHARACTER_IN_PATH)
             public = self._public
             if public is not None and public.match(path):
                 return PUBLIC
@@ -275,6 +287,9 @@ class Engine:
     ) -> Allowed | Denied:
         entry = None
         try:
+            # Before anything looks at the path: see CONTROL_CHARACTER_IN_PATH.
+            if not path.isprintable() and CONTROL_CHARACTERS.search(path):
+                raise InvalidRequest(CONTROL_CHARACTER_IN_PATH)
             public = self._public
             if public is not None and public.match(path):
                 return PUBLIC

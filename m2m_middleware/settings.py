@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from limits import RateLimitItem, parse_many
 from .errors import ConfigError
 from .keys import validate_prefix
 from .stores.base import KeyStore
+from .syntax import CONTROL_CHARACTERS, exact_glob_pattern, glob_pattern, slashed
 
 SCHEMES = ("api_key", "jwt")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
@@ -56,11 +56,12 @@ def _string_tuple(field_name: str, value: object) -> tuple[str, ...]:
     raise ConfigError(field_name, f"expected a string or a list of strings, got {value!r}")
 
 
-def _compile_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    patterns = tuple(patterns)
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+def _check_glob(field_name: str, glob: str) -> None:
+    if not glob.startswith("/"):
+        raise ConfigError(field_name, f"{glob!r} must start with '/'")
+    if CONTROL_CHARACTERS.search(glob):
+        # Such paths are refused with 400 before any rule is looked at.
+        raise ConfigError(field_name, f"{glob!r} holds a control character; no path can match it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class Route:
             raise ConfigError(
                 f"{name}.path", f"expected a path glob starting with '/', got {path!r}"
             )
+        _check_glob(f"{name}.path", path)
         methods = None
         if value.get("methods") is not None:
             methods = frozenset(
@@ -107,10 +109,18 @@ class Route:
             limits=parse_limits(f"{name}.limits", value.get("limits")),
             cost=cost,
             index=index,
-            pattern=re.compile(fnmatch.translate(path)),
+            pattern=glob_pattern([path]),
         )
 
     def matches(self, method: str, path: str) -> bool:
+        """Whether this rule applies, as the framework would route the request.
+
+        The method in any case (``post`` reaches a POST view in Django and in
+        WSGI apps), and the path with or without one trailing slash (see
+        :func:`~m2m_middleware.syntax.glob_pattern`). The engine caches the
+        answer per method and path, so none of this is paid per request.
+        """
+        method = method.upper()
         methods = self.methods
         # Every framework answers HEAD with the GET view, so a rule that
         # guards GET guards HEAD too, or HEAD would slip past it.
@@ -120,7 +130,7 @@ class Route:
             and (method != "HEAD" or "GET" not in methods)
         ):
             return False
-        return self.pattern.match(path) is not None
+        return self.pattern.match(slashed(path)) is not None
 
 
 @dataclass(frozen=True)
@@ -222,10 +232,11 @@ class Settings:
             raise ConfigError("rate_limit_headers", "expected true or false")
         public = _string_tuple("public_paths", self.public_paths) if self.public_paths else ()
         for pattern in public:
-            if not pattern.startswith("/"):
-                raise ConfigError("public_paths", f"{pattern!r} must start with '/'")
+            _check_glob("public_paths", pattern)
         set_(self, "public_paths", public)
-        set_(self, "public_path_pattern", _compile_globs(public))
+        # Exactly as written, unlike route rules: a public path opens a path,
+        # so it never opens more than its glob says (see the README).
+        set_(self, "public_path_pattern", exact_glob_pattern(public) if public else None)
         if self.on_storage_error not in FAILURE_POLICIES:
             raise ConfigError(
                 "on_storage_error", f"{self.on_storage_error!r}; choose 'allow' or 'deny'"

@@ -11,6 +11,7 @@ Every app has:
 - ``GET /ping``: no scope of its own
 - ``GET /health``: a public path; echoes the attached client (there should be none)
 - ``GET /whoami``: echoes the attached :class:`~m2m_middleware.Client`
+- ``GET /reports/``: with its trailing slash, as frameworks let a view be written
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import flask
 import httpx
@@ -165,6 +167,10 @@ async def _st_health(request: Request) -> Response:
     )
 
 
+async def _st_reports(request: Request) -> Response:
+    return PlainTextResponse("reports")
+
+
 async def _st_whoami(request: Request) -> Response:
     client = request.user
     return JSONResponse(
@@ -187,6 +193,7 @@ class StarletteCaller(Caller):
                 Route("/ping", _st_ping, methods=["GET"]),
                 Route("/health", _st_health, methods=["GET"]),
                 Route("/whoami", _st_whoami, methods=["GET"]),
+                Route("/reports/", _st_reports, methods=["GET"]),
             ]
         )
         self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
@@ -195,13 +202,14 @@ class StarletteCaller(Caller):
         self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
     ) -> Reply:
         raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in _header_list(headers)]
+        app: Any = self.app
+        if _tidied_by_httpx(method, path):
+            app = _AsSent(app, method, prefix + path)
 
         async def send() -> httpx.Response:
             # No raise_app_exceptions: a crash must come back as a 500, as it
             # does from the Flask and Django callers.
-            transport = httpx.ASGITransport(
-                app=self.app, raise_app_exceptions=False, root_path=prefix
-            )
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, root_path=prefix)
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://testserver"
             ) as client:
@@ -219,6 +227,31 @@ class StarletteCaller(Caller):
         while not isinstance(layer, M2MMiddleware):
             layer = layer.app
         return layer.engine
+
+
+def _tidied_by_httpx(method: str, path: str) -> bool:
+    """httpx upper-cases the method and removes dot segments; servers pass both on as sent."""
+    segments = path.partition("?")[0].split("/")
+    return method != method.upper() or "." in segments or ".." in segments
+
+
+class _AsSent:
+    """Gives the app the method and path as uvicorn would: the method's case kept,
+    the path percent-decoded (``unquote``, as uvicorn does) with its dot segments."""
+
+    def __init__(self, app: Any, method: str, target: str) -> None:
+        self.app = app
+        self.method = method
+        self.raw_path = target.partition("?")[0]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        scope = {
+            **scope,
+            "method": self.method,
+            "path": unquote(self.raw_path),
+            "raw_path": self.raw_path.encode("latin-1"),
+        }
+        await self.app(scope, receive, send)
 
 
 # -- Flask ----------------------------------------------------------------------
@@ -244,6 +277,10 @@ class FlaskCaller(Caller):
         def health() -> Any:
             client = flask.g.get("m2m_client")
             return {"client": echo(client), "authenticated": client is not None}
+
+        @app.get("/reports/")
+        def reports() -> Any:
+            return "reports"
 
         @app.get("/whoami")
         def whoami() -> Any:
@@ -305,6 +342,11 @@ def _dj_whoami(request: HttpRequest) -> HttpResponse:
     )
 
 
+@require_safe
+def _dj_reports(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("reports", content_type="text/plain")
+
+
 DJANGO_URLCONF = "m2m_conformance_urls"
 _urls = types.ModuleType(DJANGO_URLCONF)
 _urls.urlpatterns = [  # type: ignore[attr-defined]
@@ -312,6 +354,7 @@ _urls.urlpatterns = [  # type: ignore[attr-defined]
     django_path("ping", _dj_ping),
     django_path("health", _dj_health),
     django_path("whoami", _dj_whoami),
+    django_path("reports/", _dj_reports),
 ]
 sys.modules[DJANGO_URLCONF] = _urls
 
