@@ -64,6 +64,7 @@ from limits import RateLimitItem
 
 from .errors import ConfigError
 from .settings import REDIS_SCHEMES, Route, Settings
+from .syntax import log_safe
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -883,5 +884,6 @@ class Limiter:
         if self.send_headers:
             headers.append(("RateLimit-Policy", plan.policy_header))
             headers.append(("RateLimit", f'"{lim.policy}";r=0;t={retry}'))
-        logger.debug("client %s exceeded limit %s", client_id, lim.item)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("client %s exceeded limit %s", log_safe(client_id), lim.item)
         return Charge(False, headers, retry)

@@ -1,7 +1,8 @@
-"""Which characters may go where: text that reaches a route rule.
+"""Which characters may go where: text that reaches a route rule or a log.
 
 Request paths with control characters are refused before any rule sees
-them, and rule globs match as frameworks route.
+them, and rule globs match as frameworks route. Text that reaches a log line
+is escaped so that no value can begin a line of its own.
 """
 
 from __future__ import annotations
@@ -39,3 +40,30 @@ def glob_pattern(globs: Iterable[str]) -> re.Pattern[str]:
 def slashed(path: str) -> str:
     """``path`` with a trailing slash: what :func:`glob_pattern` patterns are matched on."""
     return path if path[-1:] == "/" else path + "/"
+
+
+# -- log lines -------------------------------------------------------------------------
+
+
+def log_safe(value: str) -> str:
+    """``value`` fit for one field of a space-separated log line, unambiguously.
+
+    A backslash becomes ``\\\\``, a space ``\\x20``, and every character that
+    ``str.isprintable`` refuses (C0, DEL, C1, U+0085, U+2028, U+2029, bidi
+    controls, lone surrogates...) its Python escape (``\\n``, ``\\x85``,
+    ``\\u2028``), so no value can start a line or a field of its own, and an
+    escape in the output always comes from this function. Not ``repr`` (adds
+    quotes, escapes quotes) nor ``unicode_escape`` (would escape every
+    non-ASCII letter too).
+    """
+    if value.isprintable() and "\\" not in value and " " not in value:
+        return value  # the common case: one C call and two scans
+    return "".join(_escape_char(ch) for ch in value)
+
+
+def _escape_char(ch: str) -> str:
+    if ch == " ":
+        return "\\x20"
+    if ch == "\\" or not ch.isprintable():
+        return repr(ch)[1:-1]
+    return ch

@@ -1,8 +1,9 @@
-"""Hostile input through all three adapters: paths and method spellings.
+"""Hostile input through all three adapters: paths, method spellings, audit lines.
 
-Route rules see exactly what the router routes: a path with a control
-character is 400 before any rule, a rule's methods match in any case, and a
-rule path matches with or without one trailing slash, below a prefix too.
+- Route rules see exactly what the router routes: a path with a control
+  character is 400 before any rule, a rule's methods match in any case, and a
+  rule path matches with or without one trailing slash, below a prefix too.
+- Audit lines cannot be forged by a path or a token's claims.
 
 ``make_app`` (conftest.py) builds the same app in Starlette, Flask or Django;
 tests/integration/test_hostile_paths_over_uvicorn.py sends the same kind of
@@ -11,14 +12,20 @@ requests as raw bytes to a real server.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jwt as pyjwt
 import pytest
 
 from m2m_middleware import KeyStore, open_key_store
 
 Maker = Callable[[Mapping[str, Any]], Any]
+AUDIT = "m2m_middleware.audit"
+#: 64 ASCII bytes: an HMAC secret well above the 32-byte minimum.
+SECRET = "hostile-input-conformance-" + "0123456789abcdef" * 2 + "ABCDEF"
 ORDERS_RULE = {"path": "/orders", "scopes": ["orders:read"]}
 
 
@@ -186,3 +193,107 @@ def test_no_other_spelling_reaches_the_guarded_view(
     # Either the rule applied, or no view answered: never the orders unguarded.
     assert reply.status in (400, 403, 404, 405, 307, 308), (path, reply.status, reply.body)
     assert b"orders" not in reply.body or reply.status != 200
+
+
+# -- audit lines ---------------------------------------------------------------------
+
+
+FORGED = " allowed GET /admin client=billing-service key=key_AAAAAAAAAAAA"
+#: Path spellings that would start a line of their own in a plain log file.
+LINE_BREAKERS = {
+    "lf": "%0A",
+    "cr": "%0D",
+    "crlf": "%0D%0A",
+    "nel": "%C2%85",
+    "line-separator": "%E2%80%A8",
+    "paragraph-separator": "%E2%80%A9",
+    "vertical-tab": "%0B",
+    "form-feed": "%0C",
+    "file-separator": "%1C",
+}
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == AUDIT]
+
+
+def assert_one_line_each(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    records = [r for r in caplog.records if r.name == AUDIT]
+    assert records
+    for record in records:
+        message = record.getMessage()
+        fields = {k: v for k, v in vars(record).items() if k.startswith("m2m_")}
+        for text in [message, *(v for v in fields.values() if isinstance(v, str))]:
+            assert text.isprintable(), text  # no control character or line separator
+            assert len(text.splitlines()) == 1, text
+        # One record, one line: a plain handler writes exactly one.
+        assert not message.startswith("allowed GET /admin")
+    return records
+
+
+@pytest.mark.parametrize("breaker", sorted(LINE_BREAKERS))
+def test_a_path_cannot_forge_an_audit_line(
+    make_app: Maker, store: KeyStore, caplog: pytest.LogCaptureFixture, breaker: str
+) -> None:
+    key = store.create_key("nobody").key
+    app = make_app(config(store))
+    caplog.set_level(logging.INFO, logger=AUDIT)
+    encoded = LINE_BREAKERS[breaker] + FORGED.replace(" ", "%20")
+    reply = app.get("/x" + encoded, api_key(key))
+    assert reply.status in (400, 404)
+    [record] = assert_one_line_each(caplog)
+    # The path is there, escaped, on the one line of the record that names its outcome.
+    message = record.getMessage()
+    assert message.startswith(("denied GET /x\\", "allowed GET /x\\"))
+    assert "\\x20allowed\\x20GET\\x20/admin\\x20client=billing-service" in message
+    assert record.m2m_path == message.split(" ")[2]  # type: ignore[attr-defined]
+
+
+def test_a_backslash_cannot_forge_an_escape(
+    make_app: Maker, store: KeyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "\n" typed as two characters must not read like an escaped newline.
+    key = store.create_key("nobody").key
+    app = make_app(config(store))
+    caplog.set_level(logging.INFO, logger=AUDIT)
+    app.get("/x%5Cnadmin", api_key(key))  # backslash, n
+    app.get("/x%0Aadmin", api_key(key))  # a real newline
+    paths = [line.split(" ")[2] for line in audit_lines(caplog)]
+    assert paths == ["/x\\\\nadmin", "/x\\nadmin"]
+
+
+def hs256(**claims: Any) -> str:
+    now = int(time.time())
+    return pyjwt.encode({"iat": now, "exp": now + 600, **claims}, SECRET, algorithm="HS256")
+
+
+def jwt_config(store: KeyStore, **overrides: Any) -> dict[str, Any]:
+    return config(
+        store, schemes=["api_key", "jwt"], jwt_keys=SECRET, jwt_algorithms=["HS256"], **overrides
+    )
+
+
+CLAIM_BREAKERS = ["\n", "\r\n", "\x85", "\u2028", "\u2029", "\x1b[2J", "\x00"]
+
+
+@pytest.mark.parametrize("breaker", CLAIM_BREAKERS, ids=lambda b: f"U+{ord(b[0]):04X}")
+@pytest.mark.parametrize("claim", ["sub", "client_id"])
+def test_a_token_claim_cannot_forge_an_audit_line(
+    make_app: Maker, store: KeyStore, caplog: pytest.LogCaptureFixture, breaker: str, claim: str
+) -> None:
+    app = make_app(jwt_config(store))
+    caplog.set_level(logging.INFO, logger=AUDIT)
+    forged = "svc" + breaker + FORGED.lstrip()
+    token = hs256(**{claim: forged})
+    reply = app.get("/whoami", {"Authorization": f"Bearer {token}"})
+    assert reply.status == 200, reply.body
+    assert reply.json()["client"]["client_id"] == forged  # the app sees the real value
+    # and a denial of the same client names it escaped too
+    app.get("/orders", {"Authorization": f"Bearer {token}"})
+    allowed, denied = assert_one_line_each(caplog)
+    assert allowed.getMessage().startswith("allowed GET /whoami client=svc\\")
+    assert denied.getMessage().startswith("denied GET /orders status=403")
+    assert allowed.m2m_client_id == denied.m2m_client_id != forged  # type: ignore[attr-defined]
+    assert allowed.m2m_client_id.endswith(  # type: ignore[attr-defined]
+        "allowed\\x20GET\\x20/admin\\x20client=billing-service\\x20key=key_AAAAAAAAAAAA"
+    )

@@ -2,12 +2,15 @@
 
 Allowed and denied alike, with the outcome in the record's extras; never for
 a public path, never a credential, and nothing at all when the logger is off.
-Every test runs through both front doors (the ``check`` fixture).
+Every value a client, a key's creator or a token's issuer chose is escaped, so
+no record can forge a line or a field. Every test runs through both front
+doors (the ``check`` fixture).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -19,6 +22,7 @@ import m2m_middleware.engine as engine_module
 from m2m_middleware import Allowed, Denied, Engine, StoreUnavailable
 from m2m_middleware.keys import generate_key, hash_key
 from m2m_middleware.stores import KeyRecord, MemoryKeyStore
+from m2m_middleware.syntax import log_safe
 
 Check = Any  # the conftest ``check`` fixture
 AUDIT = "m2m_middleware.audit"
@@ -293,3 +297,117 @@ def test_nothing_is_audited_when_the_audit_logger_is_above_info(
     caplog.set_level(logging.INFO, logger=AUDIT)
     run_every_outcome(World(), check)
     assert len(built) == len(audit_records(caplog)) == 12
+
+
+# -- forged lines -------------------------------------------------------------------
+
+
+class HostileRowStore(MemoryKeyStore):
+    """Hands out a record whose ids hold what a store's rows might (written around us)."""
+
+    def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        found = super()._fetch_by_hash(key_hash)
+        if found is None:
+            return None
+        record, stored = found
+        return (
+            KeyRecord(
+                key_id="key_x\nallowed GET /admin",
+                client_id="acme\r\nallowed GET /admin client=root key=key_y",
+                scopes=record.scopes,
+            ),
+            stored,
+        )
+
+
+@pytest.mark.parametrize(
+    "method", ["GET", "GET\nallowed", "G\u2028ET", "get"], ids=["plain", "lf", "ls", "lower"]
+)
+def test_every_field_of_the_record_and_its_message_is_escaped(
+    check: Check, audit_on: pytest.LogCaptureFixture, method: str
+) -> None:
+    store = HostileRowStore()
+    key = store.create_key("acme").key
+    engine = make_engine(store, default_limits="1/minute", key_cache_ttl=0)
+    check(engine, method, "/x\u2028allowed GET /y", None, key)  # allowed
+    check(engine, method, "/x\u2029y", None, key)  # rate limited: denied, client named
+    check(engine, method, "/x\ny", None, key)  # refused for the path, no client
+    records = audit_records(audit_on)
+    assert [r.m2m_status for r in records] == [200, 429, 400]  # type: ignore[attr-defined]
+    for record in records:
+        for text in (record.getMessage(), *(str(v) for v in extras(record).values())):
+            assert text.isprintable(), text
+    allowed, limited, refused = records
+    escaped_method = method.replace("\n", "\\n").replace("\u2028", "\\u2028")
+    assert allowed.getMessage() == (
+        f"allowed {escaped_method} /x\\u2028allowed\\x20GET\\x20/y "
+        "client=acme\\r\\nallowed\\x20GET\\x20/admin\\x20client=root\\x20key=key_y "
+        "key=key_x\\nallowed\\x20GET\\x20/admin"
+    )
+    assert limited.getMessage().startswith(f"denied {escaped_method} /x\\u2029y status=429")
+    assert limited.m2m_client_id == allowed.m2m_client_id  # type: ignore[attr-defined]
+    assert refused.getMessage() == (
+        f"denied {escaped_method} /x\\ny status=400 error=invalid_request client=-"
+    )
+    assert extras(allowed)["m2m_method"] == escaped_method
+    assert extras(allowed)["m2m_key_id"] == "key_x\\nallowed\\x20GET\\x20/admin"
+
+
+# -- escaping --------------------------------------------------------------------------
+
+
+def unescape(text: str) -> str:
+    """The inverse of log_safe: Python escapes of one character each."""
+    return re.sub(
+        r"\\(\\|n|r|t|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})",
+        lambda m: (
+            "\\"
+            if m[1] == "\\"
+            else {"n": "\n", "r": "\r", "t": "\t"}.get(m[1]) or chr(int(m[1][1:], 16))
+        ),
+        text,
+    )
+
+
+SAMPLES = [
+    "plain",
+    "/orders/42",
+    "caf\u00e9 \u2603",
+    "a\nb",
+    "a\\nb",  # backslash, n: must not read like a newline
+    "a\\\nb",
+    "\\",
+    "\\\\x0a",
+    "x\r\nallowed GET /admin client=billing-service key=key_x",
+    "\x00\x1b[31m\x7f\x85\x9f",
+    "\u2028\u2029\u0085\u200b\u202e\ufeff",
+    "\ud800",
+    "\U000e0001",
+    " lead and trail ",
+]
+
+
+@pytest.mark.parametrize("value", SAMPLES, ids=ascii)
+def test_log_safe_is_one_field_and_can_be_read_back(value: str) -> None:
+    escaped = log_safe(value)
+    assert escaped.isprintable()
+    assert " " not in escaped  # one space-separated field
+    assert len(escaped.splitlines()) <= 1
+    assert unescape(escaped) == value
+
+
+def test_log_safe_tells_every_sample_apart() -> None:
+    assert len({log_safe(v) for v in SAMPLES}) == len(SAMPLES)
+    assert log_safe("a\nb") == "a\\nb"
+    assert log_safe("a\\nb") == "a\\\\nb"
+
+
+def test_the_limiter_debug_line_escapes_the_client_id(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryKeyStore()
+    key = store.create_key("acme\u00e9 svc").key
+    engine = make_engine(store, default_limits="1/minute")
+    caplog.set_level(logging.DEBUG, logger="m2m_middleware")
+    engine.check("GET", "/x", None, key)
+    engine.check("GET", "/x", None, key)
+    [line] = [r.getMessage() for r in caplog.records if "exceeded" in r.getMessage()]
+    assert line.startswith("client acme\u00e9\\x20svc exceeded limit")

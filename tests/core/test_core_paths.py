@@ -87,7 +87,7 @@ def test_the_refusal_is_problem_json_and_audited(
     assert outcome.headers == []  # no challenge: nothing is wrong with the credential
     [record] = [r for r in caplog.records if r.name == "m2m_middleware.audit"]
     assert (record.m2m_status, record.m2m_error) == (400, "invalid_request")  # type: ignore[attr-defined]
-    assert record.getMessage().endswith(" status=400 error=invalid_request client=-")
+    assert record.getMessage() == "denied GET /orders\\n status=400 error=invalid_request client=-"
 
 
 @pytest.mark.parametrize(
