@@ -34,6 +34,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, M2MError
 from .stores import KeyRecord, KeyStore, SQLiteKeyStore, open_key_store
+from .syntax import check_client_id, check_scope, check_tier
 
 PROG = "m2m"
 STORE_ENV = "M2M_KEY_STORE"
@@ -110,7 +111,7 @@ def _scopes_option(values: Sequence[str]) -> list[str]:
         parts = value.split()
         if not parts:
             raise UsageError("--scope: a scope cannot be empty")
-        scopes.extend(parts)
+        scopes.extend(_checked("--scope", check_scope, part) for part in parts)
     return sorted(set(scopes))
 
 
@@ -118,6 +119,14 @@ def _non_empty(option: str, value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise UsageError(f"{option}: cannot be empty")
     return value
+
+
+def _checked(option: str, check: Callable[[str], str], value: str) -> str:
+    """The store would refuse it too, as a failed operation (exit 1): it is bad usage (2)."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 # -- output helpers --------------------------------------------------------------
@@ -206,8 +215,11 @@ def _require_existing(store: KeyStore, *, allow_missing_file: bool = False) -> b
 
 
 def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
+    _checked("--client", check_client_id, args.client)
     scopes = _scopes_option(args.scope)
     tier = _non_empty("--tier", args.tier)
+    if tier is not None:
+        _checked("--tier", check_tier, tier)
     name = _non_empty("--name", args.name)
     max_uses = _max_uses_option(args.max_uses) if args.max_uses is not None else None
     expires_at = None

@@ -38,6 +38,7 @@ from .engine import Engine
 from .errors import InsufficientScope, MissingCredentials
 from .outcome import Denied, deny, status_line
 from .settings import Settings, invalidation_url
+from .syntax import decorator_scopes
 
 EXTENSION_KEY = "m2m_middleware"
 #: Where the gate leaves the authenticated client for the request (None: public path).
@@ -202,7 +203,7 @@ current_client: Client = cast(Client, LocalProxy(_current_client))
 
 def require_scopes(*scopes: str) -> Callable[[F], F]:
     """Answer 403 ``insufficient_scope`` unless the client has every one of ``scopes``."""
-    needed = frozenset(scopes)
+    needed = decorator_scopes(scopes)
     shown = tuple(sorted(needed))
 
     def decorator(view: F) -> F:

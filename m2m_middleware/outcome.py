@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .client import Client
@@ -76,12 +77,23 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
+#: RFC 6750 section 3: error_description holds only %x20-21 / %x23-5B / %x5D-7E.
+_NOT_IN_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _description(detail: str) -> str:
+    """A detail as RFC 6750 allows it in a header: whatever text went into it
+    (a configured claim name, a future message), a response can never carry
+    a CR/LF or a character outside latin-1 because of it."""
+    return _NOT_IN_DESCRIPTION.sub("?", detail)
+
+
 def challenge(realm: str, error: AuthError | None) -> str:
     """RFC 6750 section 3: no error code when no credentials were sent."""
     parts = [f'Bearer realm="{_quote(realm)}"']
     if error is not None:
         parts.append(f'error="{error.error}"')
-        parts.append(f'error_description="{_quote(error.detail)}"')
+        parts.append(f'error_description="{_description(error.detail)}"')
         if error.scopes:
             parts.append(f'scope="{_quote(" ".join(error.scopes))}"')
     return ", ".join(parts)

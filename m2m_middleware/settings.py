@@ -14,7 +14,15 @@ from limits import RateLimitItem, parse_many
 from .errors import ConfigError
 from .keys import validate_prefix
 from .stores.base import KeyStore
-from .syntax import CONTROL_CHARACTERS, exact_glob_pattern, glob_pattern, slashed
+from .syntax import (
+    CONTROL_CHARACTERS,
+    check_realm,
+    check_scope,
+    check_tier,
+    exact_glob_pattern,
+    glob_pattern,
+    slashed,
+)
 
 SCHEMES = ("api_key", "jwt")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
@@ -64,6 +72,13 @@ def _check_glob(field_name: str, glob: str) -> None:
         raise ConfigError(field_name, f"{glob!r} holds a control character; no path can match it")
 
 
+def _scopes(field_name: str, value: object) -> frozenset[str]:
+    try:
+        return frozenset(check_scope(s) for s in _string_tuple(field_name, value))
+    except ValueError as exc:
+        raise ConfigError(field_name, str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A per-route rule: scopes all required, extra limits, and a cost."""
@@ -98,7 +113,7 @@ class Route:
             bad = methods - _METHODS
             if bad:
                 raise ConfigError(f"{name}.methods", f"unknown HTTP method {sorted(bad)[0]!r}")
-        scopes = frozenset(_string_tuple(f"{name}.scopes", value.get("scopes", ())))
+        scopes = _scopes(f"{name}.scopes", value.get("scopes", ()))
         cost = value.get("cost", 1)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise ConfigError(f"{name}.cost", f"expected a positive integer, got {cost!r}")
@@ -203,6 +218,11 @@ class Settings:
             raise ConfigError(
                 "tiers", f"expected a mapping of tier name to limits, got {self.tiers!r}"
             )
+        for tier in self.tiers:
+            try:
+                check_tier(str(tier))
+            except ValueError as exc:
+                raise ConfigError("tiers", str(exc)) from None
         set_(
             self,
             "tier_limit_items",
@@ -259,8 +279,10 @@ class Settings:
             raise ConfigError("routes", "expected a list of route mappings")
         set_(self, "routes", tuple(routes))
         set_(self, "route_rules", tuple(Route.from_mapping(i, r) for i, r in enumerate(routes)))
-        if not isinstance(self.realm, str) or '"' in self.realm or "\\" in self.realm:
-            raise ConfigError("realm", "expected a string without quotes or backslashes")
+        try:
+            check_realm(self.realm)
+        except ValueError as exc:
+            raise ConfigError("realm", str(exc)) from None
         _number(
             "max_credential_length",
             self.max_credential_length,

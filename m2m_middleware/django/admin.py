@@ -12,7 +12,7 @@ moving (uses left, last use), so changes happen only through the actions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from .. import keys as keyformat
 from ..errors import ConfigError, KeyNotFound, KeyStoreError
 from ..settings import Settings
 from ..stores.base import IssuedKey, KeyStore
+from ..syntax import check_client_id, check_scope, check_tier
 from .models import APIKey
 from .store import SCHEME, DjangoKeyStore
 
@@ -131,17 +132,37 @@ class CreateKeyForm(forms.Form):
         help_text="Leave empty for no usage limit.",
     )
 
+    # The store refuses the same values; checked here too, so each problem
+    # is shown beside its own field.
+
     def clean_client_id(self) -> str:
         client_id: str = self.cleaned_data["client_id"].strip()
         if not client_id:
             raise forms.ValidationError("Enter a client id.")
-        return client_id
+        return _field_value(check_client_id, client_id)
+
+    def clean_scopes(self) -> str:
+        scopes: str = self.cleaned_data["scopes"]
+        for scope in scopes.split():
+            _field_value(check_scope, scope)
+        return scopes
+
+    def clean_tier(self) -> str:
+        tier: str = self.cleaned_data["tier"]
+        return _field_value(check_tier, tier) if tier else tier
 
     def clean_expires_at(self) -> datetime | None:
         expires: datetime | None = self.cleaned_data.get("expires_at")
         if expires is not None and expires <= timezone.now():
             raise forms.ValidationError("Choose a time in the future.")
         return expires
+
+
+def _field_value(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise forms.ValidationError(str(exc)) from None
 
 
 class RotateForm(forms.Form):

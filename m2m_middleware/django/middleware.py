@@ -15,6 +15,7 @@ from ..engine import Engine
 from ..errors import InsufficientScope, MissingCredentials
 from ..outcome import Allowed, Denied, deny
 from ..settings import Settings
+from ..syntax import decorator_scopes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,7 +121,7 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
 
     Works on sync and async views alike.
     """
-    needed = frozenset(scopes)
+    needed = decorator_scopes(scopes)
     shown = tuple(sorted(needed))
 
     def refusal(request: HttpRequest) -> HttpResponse | None:

@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
 from ..errors import KeyNotFound
+from ..syntax import check_client_id, check_scope, check_tier
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -192,16 +193,14 @@ class KeyStore(abc.ABC):
         max_uses: int | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> IssuedKey:
-        if not isinstance(client_id, str) or not client_id.strip():
-            raise ValueError("client_id must be a non-empty string")
+        # What a key carries reaches response headers (scopes, tier) and log
+        # lines (client id): refused here, so no stored key can break either.
+        check_client_id(client_id)
         if isinstance(scopes, str):
             scopes = scopes.split()
-        scope_set = frozenset(scopes)
-        for scope in scope_set:
-            if not scope or any(ch.isspace() for ch in scope):
-                raise ValueError(
-                    f"invalid scope {scope!r}: scopes are non-empty and have no spaces"
-                )
+        scope_set = frozenset(check_scope(scope) for scope in scopes)
+        if tier is not None:
+            check_tier(tier)
         if max_uses is not None and (isinstance(max_uses, bool) or max_uses < 1):
             raise ValueError("max_uses must be a positive integer")
         if expires_at is not None and expires_at.tzinfo is None:

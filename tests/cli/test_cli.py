@@ -448,7 +448,17 @@ def test_store_is_closed_on_success_and_on_failure(
         (["keys", "create", "--client", "c", "--max-uses", "9" * 5000], 2, "--max-uses"),
         (["keys", "create", "--client", "c", "--scope", " "], 2, "--scope"),
         (["keys", "create", "--client", "c", "--tier", ""], 2, "--tier"),
-        (["keys", "create", "--client", ""], 1, "client_id"),
+        (["keys", "create", "--client", ""], 2, "--client"),
+        # What would break a response header or a log line, refused as bad usage.
+        (["keys", "create", "--client", "c", "--scope", 'bad scope"'], 2, "--scope: invalid scope"),
+        (["keys", "create", "--client", "c", "--scope", "ok caf\u00e9"], 2, "RFC 6749"),
+        (["keys", "create", "--client", "c", "--scope", "a\\b"], 2, "--scope"),
+        (["keys", "create", "--client", "c", "--tier", "gold\r\nX-Injected: 1"], 2, "--tier"),
+        (["keys", "create", "--client", "c", "--tier", "gold\u2603"], 2, "--tier"),
+        (["keys", "create", "--client", "c", "--tier", 'gold"'], 2, "--tier"),
+        (["keys", "create", "--client", "c\nallowed GET /admin"], 2, "--client"),
+        (["keys", "create", "--client", "c\x1b[2J"], 2, "--client"),
+        (["keys", "create", "--client", "c\u2028"], 2, "--client"),
     ],
 )
 def test_bad_input_is_one_line(
@@ -457,6 +467,10 @@ def test_bad_input_is_one_line(
     create(capsys, url, "--client", "someone")  # the store exists
     err = assert_one_line_error(run(capsys, *args, "--store", url), exit_code)
     assert fragment in err
+    assert err[:-1].isprintable()  # one line: bad values are shown escaped
+    if args[:2] == ["keys", "create"]:
+        with opened(url) as store:
+            assert [r.client_id for r in store.list_keys()] == ["someone"]
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
-"""Hostile input through all three adapters: paths, method spellings, audit lines.
+"""Hostile input through all three adapters: paths, method spellings, audit lines, headers.
 
 - Route rules see exactly what the router routes: a path with a control
   character is 400 before any rule, a rule's methods match in any case, and a
   rule path matches with or without one trailing slash, below a prefix too.
 - Audit lines cannot be forged by a path or a token's claims.
+- No configuration that passes validation, and no request, can put a CR/LF
+  or a non-latin-1 character into a response header.
 
 ``make_app`` (conftest.py) builds the same app in Starlette, Flask or Django;
 tests/integration/test_hostile_paths_over_uvicorn.py sends the same kind of
@@ -20,7 +22,7 @@ from typing import Any
 import jwt as pyjwt
 import pytest
 
-from m2m_middleware import KeyStore, open_key_store
+from m2m_middleware import ConfigError, KeyStore, open_key_store
 
 Maker = Callable[[Mapping[str, Any]], Any]
 AUDIT = "m2m_middleware.audit"
@@ -297,3 +299,96 @@ def test_a_token_claim_cannot_forge_an_audit_line(
     assert allowed.m2m_client_id.endswith(  # type: ignore[attr-defined]
         "allowed\\x20GET\\x20/admin\\x20client=billing-service\\x20key=key_AAAAAAAAAAAA"
     )
+
+
+# -- headers: configuration ----------------------------------------------------------------
+
+
+def build(make_app: Maker, values: Mapping[str, Any]) -> Any:
+    """Build the app and send it one request: Django reads its settings on the first."""
+    app = make_app(values)
+    return app.get("/health")
+
+
+BAD_CONFIG: dict[str, tuple[str, dict[str, Any]]] = {
+    "realm-crlf": ("realm", {"realm": "api\r\nX-Injected: 1"}),
+    "realm-lf": ("realm", {"realm": "api\n"}),
+    "realm-non-latin-1": ("realm", {"realm": "\u0430pi"}),
+    "realm-latin-1": ("realm", {"realm": "caf\u00e9"}),
+    "realm-nul": ("realm", {"realm": "api\x00"}),
+    "tier-crlf": ("tiers", {"tiers": {"gold\r\nX-Injected: 1": "5/minute"}}),
+    "tier-non-latin-1": ("tiers", {"tiers": {"gold\u2603": "5/minute"}}),
+    "tier-quote": ("tiers", {"tiers": {'gold"': "5/minute"}}),
+    "tier-backslash": ("tiers", {"tiers": {"gold\\": "5/minute"}}),
+    "tier-empty": ("tiers", {"tiers": {"": "5/minute"}}),
+    "scope-crlf": (
+        "routes[0].scopes",
+        {"routes": [{"path": "/orders", "scopes": ["orders:read\r\nX-Injected: 1"]}]},
+    ),
+    "scope-non-latin-1": (
+        "routes[1].scopes",
+        {"routes": [ORDERS_RULE, {"path": "/x", "scopes": ["r\u00e9ad"]}]},
+    ),
+    "scope-space": ("routes[0].scopes", {"routes": [{"path": "/x", "scopes": "a b"}]}),
+    "scope-quote": ("routes[0].scopes", {"routes": [{"path": "/x", "scopes": ['a"']}]}),
+    "scope-backslash": ("routes[0].scopes", {"routes": [{"path": "/x", "scopes": ["a\\"]}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG))
+def test_configuration_that_would_break_a_header_is_refused(
+    make_app: Maker, store: KeyStore, case: str
+) -> None:
+    field, overrides = BAD_CONFIG[case]
+    with pytest.raises(ConfigError) as caught:
+        build(make_app, config(store, **overrides))
+    assert caught.value.field == field
+    assert "\n" not in str(caught.value) and "\r" not in str(caught.value)
+
+
+GOOD_CONFIG: dict[str, dict[str, Any]] = {
+    "realm": {"realm": "orders api (v2) <prod>"},
+    "tier": {"tiers": {"gold plus/v2 {eu}": "5/minute"}},
+    "scope": {"routes": [{"path": "/orders", "scopes": ["orders:read", "https://x.example/a#b"]}]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_CONFIG))
+def test_the_widest_accepted_values_give_well_formed_headers(
+    make_app: Maker, store: KeyStore, case: str
+) -> None:
+    app = make_app(config(store, **GOOD_CONFIG[case]))
+    tier = next(iter(GOOD_CONFIG[case].get("tiers", {None: None})))
+    key = store.create_key("acme", tier=tier).key
+    replies = [app.get("/orders"), app.get("/orders", api_key(key)), app.get("/ping", api_key(key))]
+    assert [r.status for r in replies] == [401, 403, 200]
+    for reply in replies:
+        assert_clean_headers(reply)
+    if tier is not None:
+        assert f'"tier.{tier}-60s";q=5;w=60' == replies[2].headers["RateLimit-Policy"]
+
+
+# -- headers: requests -------------------------------------------------------------------
+
+
+def test_no_request_can_put_anything_into_a_response_header(
+    make_app: Maker, store: KeyStore
+) -> None:
+    """Claims, paths and credentials an attacker controls never reach a header raw."""
+    app = make_app(jwt_config(store, jwt_tier_claim="tier", tiers={"gold": "5/minute"}))
+    hostile = "x\r\nX-Injected: 1\u2028\u00e9\u2603\x00"
+    tokens = [
+        hs256(sub=hostile),
+        hs256(sub="svc", tier=hostile),
+        hs256(sub="svc", tier="gold", scope=hostile),
+        hs256(sub="svc", scp=[hostile]),
+        hs256(sub="svc", tier=["gold"]),  # not a string: 401
+    ]
+    replies = [app.get("/ping", {"Authorization": f"Bearer {t}"}) for t in tokens]
+    replies += [app.get("/orders", {"Authorization": f"Bearer {t}"}) for t in tokens]
+    replies += [app.get(p) for p in ("/orders%0D%0AX-Injected:%201", "/%E2%98%83", "/x%C3%A9")]
+    replies += [app.get("/orders", api_key("m2m_\u00e9\u00ff"))]
+    statuses = sorted({r.status for r in replies})
+    assert statuses == [200, 400, 401, 403], statuses
+    for reply in replies:
+        assert_clean_headers(reply)

@@ -243,8 +243,10 @@ def test_what_the_columns_cannot_hold_is_refused_not_an_outage(pg_store: KeyStor
         pg_store.create_key("client-a", metadata={"ratio": float("nan")})
     with pytest.raises(ValueError, match="max_uses"):
         pg_store.create_key("client-a", max_uses=2**31)
-    with pytest.raises(KeyStoreError) as caught:
+    with pytest.raises(ValueError, match="client id"):  # refused before the database
         pg_store.create_key("client\x00a")
+    with pytest.raises(KeyStoreError) as caught:
+        pg_store.create_key("client-a", name="name\x00a")
     assert not isinstance(caught.value, StoreUnavailable)
     assert pg_store.list_keys() == []
     assert pg_store.create_key("client-a", max_uses=2**31 - 1).record.remaining_uses == 2**31 - 1

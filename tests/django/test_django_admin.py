@@ -263,6 +263,44 @@ def test_a_bad_form_makes_no_key(browser: Client, fields: dict[str, str], error:
     assert not APIKey.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"scopes": 'orders:read orders"write'}, "scopes"),
+        ({"scopes": "orders:read orders\\write"}, "scopes"),
+        ({"scopes": "orders:r\u00e9ad"}, "scopes"),
+        ({"scopes": "orders:read orders:\x01write"}, "scopes"),
+        ({"scopes": "orders:\x7fread"}, "scopes"),
+        ({"tier": "gold\r\nX-Injected: 1"}, "tier"),
+        ({"tier": "gold\u2603"}, "tier"),
+        ({"tier": 'gold"'}, "tier"),
+        ({"client_id": "acme\x1b[2J"}, "client_id"),
+        ({"client_id": "acme\u2028allowed GET /admin"}, "client_id"),
+        ({"client_id": "acme\x00"}, "client_id"),  # Django's own validator: held before
+    ],
+    ids=lambda value: repr(value) if isinstance(value, str) else None,
+)
+def test_a_value_that_would_break_a_response_is_a_form_error(
+    browser: Client, fields: dict[str, str], field: str
+) -> None:
+    response = add_key(browser, **fields)
+    assert response.status_code == 200
+    # Shown beside its own field, not as a failure of the whole form.
+    assert f'class="form-row errors field-{field}"' in text(response)
+    assert text(response).count('class="form-row errors') == 1
+    assert KEY_RE.search(text(response)) is None
+    assert not APIKey.objects.exists()
+    # The widest value accepted for the same field still makes a key.
+    good = {
+        "scopes": "orders:read https://x.example/a#b",
+        "tier": "gold plus/v2",
+        "client_id": "Acme GmbH \u00e9",
+    }
+    response = add_key(browser, **{field: good[field]})
+    assert response.status_code == 200
+    assert KEY_RE.search(text(response)) is not None
+
+
 def test_adding_needs_the_add_permission(store: KeyStore) -> None:
     viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_apikey"))

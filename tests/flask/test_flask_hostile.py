@@ -1,4 +1,4 @@
-"""Flask specifics of hostile input: ``strict_slashes=False`` views.
+"""Flask specifics of hostile input: ``strict_slashes=False`` views, ``require_scopes`` arguments.
 
 The HTTP cases shared by every adapter are in
 tests/conformance/test_hostile_input_conformance.py.
@@ -11,8 +11,8 @@ from typing import Any
 import flask
 import pytest
 
-from m2m_middleware import KeyStore, Settings, open_key_store
-from m2m_middleware.flask import M2MAuth
+from m2m_middleware import ConfigError, KeyStore, Settings, open_key_store
+from m2m_middleware.flask import M2MAuth, require_scopes
 
 
 @pytest.fixture
@@ -72,3 +72,29 @@ def test_a_lower_case_method_reaches_the_post_view_only_through_the_rule(
     writer = store.create_key("acme", scopes=["items:write"]).key
     response = client.open("/items/7", method=method, headers={"X-API-Key": writer})
     assert response.get_json() == {"view": "item", "method": "POST"}
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        ("orders:read\r\nX-Injected: 1",),
+        ("orders read",),
+        ('orders"read',),
+        ("orders\\read",),
+        ("r\u00e9ad",),
+        ("ok", ""),
+        (["orders:read"],),  # a list where a string belongs
+    ],
+    ids=repr,
+)
+def test_require_scopes_refuses_a_bad_scope_when_it_decorates(scopes: tuple[Any, ...]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        require_scopes(*scopes)
+    assert caught.value.field == "require_scopes"
+    assert "\n" not in str(caught.value)
+
+
+def test_require_scopes_accepts_every_scope_token() -> None:
+    # RFC 6749 section 3.3: every visible ASCII character but the quote and the backslash.
+    every = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\')
+    require_scopes(every, "orders:read", "https://api.example/orders#read")
