@@ -8,11 +8,15 @@ class M2MError(Exception):
 
 
 class ConfigError(M2MError, ValueError):
-    """A setting is unknown or invalid. The message names the field."""
+    """A setting is unknown or invalid. The message names the field.
 
-    def __init__(self, field: str, problem: str) -> None:
+    ``suggestion`` is the known field an unknown one probably meant (a typo), if any.
+    """
+
+    def __init__(self, field: str, problem: str, *, suggestion: str | None = None) -> None:
         self.field = field
         self.problem = problem
+        self.suggestion = suggestion
         super().__init__(f"{field}: {problem}")
 
 
