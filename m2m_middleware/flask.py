@@ -155,6 +155,7 @@ def _keys_command(args: tuple[str, ...]) -> None:
         prog="flask m2m keys",
         store=engine.store,
         notify=invalidation_url(engine.settings),
+        tiers=engine.settings.tier_limit_items,
     )
     raise SystemExit(code)
 

@@ -634,3 +634,70 @@ def test_python_dash_m_bad_invocation_has_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.startswith("m2m: error: --max-uses")
     assert proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+# -- tiers: refused where the app's settings are known -----------------------------------
+
+
+def test_the_plain_command_accepts_any_tier(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # It cannot know which tiers the app that reads this store configures.
+    assert create(capsys, url, "--client", "c", "--tier", "no-such-tier")["tier"] == "no-such-tier"
+
+
+def keys_in_app(
+    capsys: pytest.CaptureFixture[str], url: str, tiers: Any, *argv: str
+) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.keys_main(list(argv), prog="app keys", store=url, tiers=tiers)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("tiers", "given", "names"),
+    [
+        (("pro", "free"), "gold", "the app's tiers are free, pro"),
+        (("pro", "free"), "Pro", "the app's tiers are free, pro"),  # exact, as the limiter
+        (("pro",), "pro ", "the app's tiers are pro"),
+        ((), "gold", "the app configures no tiers"),
+    ],
+)
+def test_a_tier_the_app_does_not_configure_is_refused_naming_the_known_ones(
+    capsys: pytest.CaptureFixture[str], url: str, tiers: Any, given: str, names: str
+) -> None:
+    code, out, err = keys_in_app(capsys, url, tiers, "create", "--client", "c", "--tier", given)
+    assert (code, out) == (2, "")
+    expected = f"--tier: unknown tier {given!r}: {names}; without --tier a key gets default_limits"
+    assert err == f"app keys: error: {expected}\n"
+    with opened(url) as store:
+        assert store.list_keys() == []
+
+
+def test_a_configured_tier_or_none_is_accepted_in_the_app(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    tiers = {"pro": (), "free": ()}  # a mapping, as Settings.tier_limit_items
+    code, out, err = keys_in_app(
+        capsys, url, tiers, "create", "--client", "c", "--tier", "pro", "--json"
+    )
+    assert (code, err) == (0, "")
+    assert json.loads(out)["tier"] == "pro"
+    code, out, err = keys_in_app(capsys, url, tiers, "create", "--client", "c", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["tier"] is None
+
+
+def test_rotating_a_key_whose_tier_is_not_configured_warns_and_rotates(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    old = create(capsys, url, "--client", "c", "--tier", "gold")  # made with the plain CLI
+    code, out, err = keys_in_app(capsys, url, ("pro",), "rotate", old["key_id"], "--json")
+    assert code == 0  # a leaked key must be replaceable whatever its tier
+    assert json.loads(out)["tier"] == "gold"
+    assert err == (
+        f"app keys: warning: key {old['key_id']} has tier 'gold', which is not configured "
+        "(the app's tiers are pro): its successor keeps the tier and gets default_limits\n"
+    )
+    fine = create(capsys, url, "--client", "c", "--tier", "pro")
+    code, _, err = keys_in_app(capsys, url, ("pro",), "rotate", fine["key_id"])
+    assert (code, err) == (0, "")

@@ -46,6 +46,7 @@ class Command(BaseCommand):
                 prog="manage.py m2m_keys",
                 store=store,
                 notify=invalidation_url(config),
+                tiers=config.tier_limit_items,
             )
         finally:
             if store is not config.key_store:  # opened here: close it again
