@@ -63,6 +63,7 @@ import limits.storage
 from limits import RateLimitItem
 
 from .errors import ConfigError
+from .processes import watch_memory_limiter
 from .settings import REDIS_SCHEMES, Route, Settings
 from .syntax import log_safe
 
@@ -671,6 +672,10 @@ class Limiter:
         }
         self._plans: dict[tuple[str | None, tuple[int, ...]], LimitPlan] = {}
         self._tier_plans: dict[str | None, LimitPlan] = {}
+        if self.windows is not None and (
+            self._default or any(self._tiers.values()) or any(self._routes.values())
+        ):
+            watch_memory_limiter(self)  # one WARNING if several processes count apart
         #: Tier names not in ``tiers`` that were warned about (see :meth:`_unknown_tier`).
         self._unknown_tiers: set[str] = set()
         self._unknown_tiers_lock = threading.Lock()
