@@ -88,7 +88,53 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+#: The options whose value may be written with a minus sign by mistake, and what
+#: their value is: a minus there gets a message of its own instead of argparse's.
+_DURATION_OPTIONS = {
+    "--expires-in": "the expiry must be in the future: give a positive duration such as 30d",
+    "--grace": "the grace period cannot be negative: give a duration such as 1h, or 0",
+}
+_NEGATIVE_VALUE = re.compile(r"-[0-9.]")
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--expires-in -1d`` as ``--expires-in=-1d``.
+
+    argparse takes ``-1d`` for an option (it only knows plain negative numbers
+    such as ``-1`` as values) and answers "expected one argument", which names
+    neither the value nor the problem. Attached with ``=``, the value reaches
+    :func:`_duration_option`, which says what is wrong with it. Abbreviations
+    of the option (argparse accepts ``--expires``) are recognised too; nothing
+    after ``--`` is touched.
+    """
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":  # the end of the options
+            out.extend(words[i:])
+            break
+        option = _duration_option_named(word)
+        if option is not None and i + 1 < len(words) and _NEGATIVE_VALUE.match(words[i + 1]):
+            out.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def _duration_option_named(word: str) -> str | None:
+    if not word.startswith("--") or len(word) < 3:
+        return None
+    found = [name for name in _DURATION_OPTIONS if name.startswith(word)]
+    return found[0] if len(found) == 1 else None
+
+
 def _duration_option(option: str, text: str, *, allow_zero: bool) -> float:
+    if text.strip().startswith("-"):
+        raise UsageError(f"{option}: {_DURATION_OPTIONS[option]}, got {text!r}")
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
@@ -600,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(
+        _negative_values_attached(sys.argv[1:] if argv is None else argv)
+    )
     if args.command == "demo":
         return cmd_demo(args, extra)
     if extra:
@@ -677,7 +725,7 @@ def keys_main(
     )
 
     def run() -> int:
-        args = parser.parse_args(list(argv))
+        args = parser.parse_args(_negative_values_attached(argv))
         return _run_keys_command(args, args.handler)
 
     return _guarded(prog, run)

@@ -701,3 +701,74 @@ def test_rotating_a_key_whose_tier_is_not_configured_warns_and_rotates(
     fine = create(capsys, url, "--client", "c", "--tier", "pro")
     code, _, err = keys_in_app(capsys, url, ("pro",), "rotate", fine["key_id"])
     assert (code, err) == (0, "")
+
+
+# -- negative durations: a message about the value, not argparse's -----------------------
+
+EXPIRY_IN_THE_PAST = (
+    "--expires-in: the expiry must be in the future: give a positive duration such as 30d"
+)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--expires-in", "-1d"),  # argparse alone: "expected one argument"
+        ("--expires-in=", "-1d"),
+        ("--expires", "-1d"),  # an abbreviation argparse accepts
+        ("--expires-in", "-5"),  # a negative number argparse passes on as a value
+        ("--expires-in", "-0"),
+        ("--expires-in", "-.5h"),
+        ("--expires-in=", " -1d"),
+        ("--expires-in=", "-1d\n"),
+    ],
+)
+def test_a_negative_expiry_says_it_must_be_in_the_future(
+    capsys: pytest.CaptureFixture[str], url: str, option: str, value: str
+) -> None:
+    create(capsys, url, "--client", "someone")  # the store exists
+    given = [option + value] if option.endswith("=") else [option, value]
+    err = assert_one_line_error(
+        run(capsys, "keys", "create", "--client", "c", *given, "--store", url), 2
+    )
+    assert err == f"m2m: error: {EXPIRY_IN_THE_PAST}, got {value!r}\n"
+    with opened(url) as store:
+        assert [r.client_id for r in store.list_keys()] == ["someone"]
+
+
+@pytest.mark.parametrize("given", [["--grace", "-1h"], ["--grace=-1h"], ["--gr", "-30"]])
+def test_a_negative_grace_says_it_cannot_be_negative(
+    capsys: pytest.CaptureFixture[str], url: str, given: list[str]
+) -> None:
+    key_id = create(capsys, url, "--client", "c")["key_id"]
+    err = assert_one_line_error(run(capsys, "keys", "rotate", key_id, *given, "--store", url), 2)
+    assert err.startswith("m2m: error: --grace: the grace period cannot be negative")
+    with opened(url) as store:
+        assert len(store.list_keys()) == 1  # nothing rotated
+
+
+def test_only_option_values_are_attached(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # A value that merely looks negative elsewhere, or after "--", is left alone.
+    untouched = ["--client", "-1d", "--name", "-2h", "--max-uses", "-3"]
+    assert cli._negative_values_attached(untouched) == untouched
+    data = create(capsys, url, "--client=-1d", "--name=-2h", "--expires-in", "1d")
+    assert (data["client_id"], data["name"]) == ("-1d", "-2h")
+    assert cli._negative_values_attached(["--expires-in", "-1d", "--", "--grace", "-1"]) == [
+        "--expires-in=-1d",
+        "--",
+        "--grace",
+        "-1",
+    ]
+    assert cli._negative_values_attached(["--expires-in", "--json"]) == ["--expires-in", "--json"]
+
+
+def test_a_negative_expiry_through_the_app_commands(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    capsys.readouterr()
+    code = cli.keys_main(
+        ["create", "--client", "c", "--expires-in", "-1d"], prog="app keys", store=url
+    )
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err == f"app keys: error: {EXPIRY_IN_THE_PAST}, got '-1d'\n"

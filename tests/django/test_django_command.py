@@ -97,3 +97,15 @@ def test_a_tier_the_project_does_not_configure_is_refused(
         code, _, err = m2m_keys(capsys, "create", "--client", "billing", "--tier", "pro")
         assert code == 2
         assert "the app configures no tiers" in err
+
+
+@pytest.mark.parametrize("given", [["--expires-in", "-1d"], ["--expires-in=-1d"]])
+def test_a_negative_expiry_says_it_must_be_in_the_future(
+    store_url: str, capsys: pytest.CaptureFixture[str], given: list[str]
+) -> None:
+    code, out, err = m2m_keys(capsys, "create", "--client", "x", *given)
+    assert (code, out) == (2, "")
+    assert err == (
+        "manage.py m2m_keys: error: --expires-in: the expiry must be in the future: give a "
+        "positive duration such as 30d, got '-1d'\n"
+    )

@@ -110,3 +110,13 @@ def test_a_tier_the_app_does_not_configure_is_refused(tmp_path: Path) -> None:
     rotated = flask_m2m(app, "rotate", stray.key_id, "--json")
     assert rotated.exit_code == 0, rotated.output
     assert "warning: key" in rotated.stderr and "'gold'" in rotated.stderr
+
+
+@pytest.mark.parametrize("given", [["--expires-in", "-1d"], ["--expires-in=-1d"]])
+def test_a_negative_expiry_says_it_must_be_in_the_future(app: Flask, given: list[str]) -> None:
+    result = flask_m2m(app, "create", "--client", "x", *given)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "flask m2m keys: error: --expires-in: the expiry must be in the future: give a "
+        "positive duration such as 30d, got '-1d'\n"
+    )
