@@ -110,9 +110,18 @@ class KeyStore(abc.ABC):
 
     #: True when calls may block on I/O; async callers then hop to a thread.
     blocking: bool = True
-    #: Identifies the backing data so that caches of every store object
-    #: pointing at the same data hear about revocations.
+    #: Where the data is, as the URL says (no credentials): the name caches
+    #: subscribe under before the store has read its :attr:`store_id`.
     location: str = ""
+    #: A random id kept in the database itself (read on first connection), so
+    #: that every spelling of the same data (another host name, a symlink) is
+    #: one store to revocation notices; None until read, or for data that has
+    #: no place to keep one (memory).
+    store_id: str | None = None
+    #: Seconds between two looks at the data for keys another process
+    #: revoked or rotated (:meth:`poll_changes`); None when there is nothing to
+    #: poll (changes are heard by a listener, or cannot be made elsewhere).
+    change_poll_interval: float | None = None
 
     #: How often ``last_used_at`` is written back, at most, per key.
     touch_interval: float = 60.0
@@ -168,13 +177,40 @@ class KeyStore(abc.ABC):
         """
         return await asyncio.to_thread(function, *args, **kwargs)
 
+    @property
+    def identity(self) -> str:
+        """The name revocation notices of this data travel under: its store id once known."""
+        return self.store_id or self.location
+
+    def _learned_store_id(self, store_id: str) -> None:
+        """Record the id read from the database; notices under it reach this store's caches."""
+        self.store_id = store_id
+        link_store_id(self.location, store_id)
+
     def _invalidated(self, key_id: str) -> None:
         """Tell every cache of this store's data that ``key_id`` changed.
 
         A store whose writes may sit in a caller's open transaction tells them
         once it commits, so no cache reloads the old row in between.
         """
-        _notify_invalidated(self.location, key_id)
+        _notify_invalidated(self.identity, self.location, key_id)
+
+    def watch_changes(self) -> None:
+        """Start hearing about keys that other processes revoke or rotate.
+
+        Called by an engine whose cache depends on it. A store whose database
+        can push notices (PostgreSQL's ``LISTEN``) starts listening; one that
+        is polled instead sets :attr:`change_poll_interval`. Nothing by default.
+        """
+        return
+
+    def poll_changes(self) -> None:
+        """Tell this process's caches about keys changed elsewhere since the last poll.
+
+        Called at most every :attr:`change_poll_interval` seconds, on the request
+        path, so it must be cheap when nothing changed. Nothing by default.
+        """
+        return
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
@@ -332,23 +368,48 @@ def _compare(a: str, b: str) -> bool:
 #
 # Every verified-key cache registers here under its store's location, so a
 # revocation made through any store object in this process reaches them all
-# at once. Publishers (``invalidation.RedisBus``) carry it to other processes,
-# whose buses hand it to ``notify_local``; without one, other processes see it
+# at once. A store that reads its store id from the database links its
+# location to it, so notices under the id (from a store object that spells
+# the URL differently, or from another process) reach caches subscribed under
+# any linked location. Publishers (``invalidation.RedisBus``) carry notices to
+# other processes, whose listeners hand them to ``notify_local``; a store that
+# notices other processes' changes itself (SQLite's change log, PostgreSQL's
+# NOTIFY) hands them there too. Without either, other processes see a change
 # when their cache entry's TTL runs out.
+#
+# A callback gets the key id that changed, or None when any key may have
+# changed (a listener that was away and may have missed notices).
 
 _listeners: dict[str, list[Any]] = {}
 _listeners_lock = threading.Lock()
 _publishers: list[Any] = []
+_store_id_of: dict[str, str] = {}  # location -> store id
+_locations_of: dict[str, set[str]] = {}  # store id -> the locations linked to it
 
 
-def subscribe_invalidations(location: str, callback: Any) -> None:
+def subscribe_invalidations(name: str, callback: Any) -> None:
+    """Call ``callback(key_id)`` on every notice for the data named ``name``
+    (a store's location or store id). Held weakly: it goes with its owner."""
     ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else weakref.ref(callback)
     with _listeners_lock:
-        _listeners.setdefault(location, []).append(ref)
+        _listeners.setdefault(name, []).append(ref)
+
+
+def link_store_id(location: str, store_id: str) -> None:
+    """From now on, notices under ``store_id`` or ``location`` reach the caches of both."""
+    with _listeners_lock:
+        old = _store_id_of.get(location)
+        if old == store_id:
+            return
+        if old is not None:  # the file was replaced by another store's
+            _locations_of.get(old, set()).discard(location)
+        _store_id_of[location] = store_id
+        _locations_of.setdefault(store_id, set()).add(location)
 
 
 def add_publisher(publish: Any) -> None:
-    """``publish(location, key_id)`` is called on every revocation made in this process."""
+    """``publish(store_id, location, key_id)`` is called on every revocation made in
+    this process (``store_id`` is the store's identity: its location if it has no id)."""
     with _listeners_lock:
         _publishers.append(publish)
 
@@ -359,19 +420,27 @@ def remove_publisher(publish: Any) -> None:
             _publishers.remove(publish)
 
 
-def notify_local(location: str, key_id: str) -> None:
-    """Drop ``key_id`` from every cache in this process of the data at ``location``."""
+def notify_local(name: str, key_id: str | None) -> None:
+    """Drop ``key_id`` (None: every key) from every cache in this process of the
+    data named ``name``: a store id, or a location."""
     with _listeners_lock:
-        refs = list(_listeners.get(location, ()))
-        alive = [ref for ref in refs if ref() is not None]
-        _listeners[location] = alive
+        store_id = _store_id_of.get(name, name)
+        names = {store_id, *_locations_of.get(store_id, ())}
+        alive: list[Any] = []
+        for each in names:
+            refs = [ref for ref in _listeners.get(each, ()) if ref() is not None]
+            if refs:
+                _listeners[each] = refs
+                alive += refs
+            else:
+                _listeners.pop(each, None)
     for ref in alive:
         callback = ref()
         if callback is not None:
             callback(key_id)
 
 
-def _notify_invalidated(location: str, key_id: str) -> None:
-    notify_local(location, key_id)
+def _notify_invalidated(store_id: str, location: str, key_id: str) -> None:
+    notify_local(store_id, key_id)
     for publish in list(_publishers):
-        publish(location, key_id)
+        publish(store_id, location, key_id)

@@ -17,6 +17,14 @@ request each; reads and idempotent writes then try once more on a fresh
 connection. Other writes (taking a use, say) are never repeated: whether they
 were applied is unknown, and applying one twice would spend a use twice.
 
+Revocations and rotations reach the caches of other processes within a
+second without a bus: the write that revokes or rotates also sends a
+``NOTIFY`` (in the same transaction, so it is delivered only if the write
+commits), and every engine's store listens on a connection of its own
+(``invalidation.postgres_listener``). The notice names the store by the id
+kept in its ``m2m_store_meta`` table, not by its URL, so every spelling of
+the address hears it.
+
 The schema lives in the connection's current schema (the first of its
 ``search_path``; set it with ``?options=-csearch_path%3Dname``), is created on
 first use under an advisory lock so that processes starting together do not
@@ -28,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -53,6 +62,8 @@ from .base import KeyRecord, KeyStore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from ..invalidation import PostgresListener
 
 SCHEMA_VERSION = 1
 
@@ -86,6 +97,26 @@ _SCHEMA = (
     """,
     "CREATE UNIQUE INDEX IF NOT EXISTS m2m_api_keys_key_hash ON m2m_api_keys (key_hash)",
     "CREATE INDEX IF NOT EXISTS m2m_api_keys_client_id ON m2m_api_keys (client_id)",
+)
+
+#: Added after schema version 1 was released: created when missing, with no
+#: version bump, because older releases sharing the database ignore it.
+_META_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS m2m_store_meta (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        store_id text NOT NULL
+    )
+"""
+
+#: The channel revocation notices travel on (LISTEN is per database: the
+#: payload's store id tells the schemas, and so the stores, apart).
+NOTIFY_CHANNEL = "m2m_middleware_invalidate"
+
+#: Appended to an ``UPDATE ... RETURNING key_id`` in a ``changed`` CTE: one
+#: notice per changed row, sent when (and only if) the statement commits.
+_NOTIFY_CHANGED = (
+    " SELECT c.key_id, pg_notify(%s, json_build_object("
+    "'store_id', %s::text, 'key_id', c.key_id)::text) FROM changed AS c"
 )
 
 _COLUMNS = (
@@ -195,6 +226,7 @@ class PostgresKeyStore(KeyStore):
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._connect_error: str | None = None
+        self._listener: PostgresListener | None = None
 
     def __repr__(self) -> str:
         return f"PostgresKeyStore({self.location!r})"
@@ -307,7 +339,45 @@ class PostgresKeyStore(KeyStore):
                         f"PostgreSQL key store {self.location} has schema version {version}; "
                         f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
                     )
+                store_id = self._read_store_id(conn)
+            # Before the first read through this store, so a notice under the
+            # id can never miss a key that store put in a cache.
+            if store_id is not None:
+                self._learned_store_id(store_id)
             self._schema_ready = True
+
+    @staticmethod
+    def _read_store_id(conn: _Conn) -> str | None:
+        """The database's store id, made once (the caller holds the advisory lock).
+
+        None when the table is missing and this role may not create it (a
+        database made by an older release, used by a role without CREATE):
+        the store then goes by its location, as before.
+        """
+        row = None
+        found = conn.execute("SELECT to_regclass('m2m_store_meta')").fetchone()
+        try:
+            with conn.transaction():  # a savepoint: a refusal leaves the rest intact
+                if found is None or found[0] is None:
+                    conn.execute(_META_SCHEMA)
+                row = conn.execute("SELECT store_id FROM m2m_store_meta").fetchone()
+                if row is None:
+                    row = conn.execute(
+                        "INSERT INTO m2m_store_meta (store_id) VALUES (%s) "
+                        "ON CONFLICT (singleton) DO NOTHING RETURNING store_id",
+                        (secrets.token_hex(16),),
+                    ).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+        return str(row[0]) if row is not None else None
+
+    # -- hearing other processes ---------------------------------------------------
+
+    def watch_changes(self) -> None:
+        if self._listener is None and not self._closed:
+            from ..invalidation import postgres_listener
+
+            self._listener = postgres_listener(self.location, self._conninfo, self._redact)
 
     def close(self) -> None:
         if self._closed:
@@ -318,6 +388,9 @@ class PostgresKeyStore(KeyStore):
             with self._pool_lock:
                 self._closed = True
                 pool, self._pool = self._pool, None
+                listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.release()
             if pool is not None:
                 pool.close()
 
@@ -389,6 +462,9 @@ class PostgresKeyStore(KeyStore):
         return _record(row) if row else None
 
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        listener = self._listener
+        if listener is not None and not listener.settled.is_set():
+            listener.wait_settled(self.timeout)  # what this reads is then cached safely
         row = self._run(
             lambda conn: conn.execute(
                 f"SELECT {_COLUMNS}, key_hash FROM m2m_api_keys WHERE key_hash = %s",
@@ -408,12 +484,14 @@ class PostgresKeyStore(KeyStore):
         return [_record(row) for row in rows]
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
-        # LEAST ignores NULL: the earliest revocation stands, so a retry is harmless.
+        # LEAST ignores NULL: the earliest revocation stands, so a retry is
+        # harmless (a second notice too).
         count = self._run(
             lambda conn: (
                 conn.execute(
-                    "UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) WHERE key_id = %s",
-                    (when, key_id),
+                    "WITH changed AS (UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) "
+                    "WHERE key_id = %s RETURNING key_id)" + _NOTIFY_CHANGED,
+                    (when, key_id, NOTIFY_CHANNEL, self.identity),
                 ).rowcount
             ),
             retry=True,
@@ -424,7 +502,9 @@ class PostgresKeyStore(KeyStore):
         count = self._run(
             lambda conn: (
                 conn.execute(
-                    "UPDATE m2m_api_keys SET expires_at = %s WHERE key_id = %s", (when, key_id)
+                    "WITH changed AS (UPDATE m2m_api_keys SET expires_at = %s "
+                    "WHERE key_id = %s RETURNING key_id)" + _NOTIFY_CHANGED,
+                    (when, key_id, NOTIFY_CHANNEL, self.identity),
                 ).rowcount
             ),
             retry=True,

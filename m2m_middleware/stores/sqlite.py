@@ -5,13 +5,24 @@ writer wait for the lock instead of failing, so several worker processes can
 share one file. Each thread gets its own connection (sqlite3 connections are
 not meant to be shared between threads); the store remembers every connection
 it opens so that ``close()`` can release them all, whichever thread opened them.
+
+Revocations made by other processes are noticed without a bus: every revoke
+or rotate also appends a row to a change log (``m2m_key_events``) in the
+same transaction, and :meth:`SQLiteKeyStore.poll_changes` (called by the
+engine at most every ``change_poll_interval`` seconds) reads the new rows,
+but only when ``PRAGMA data_version`` says another connection has committed
+since the last look: the common case costs one pragma. Only the keys named
+in the log are dropped from the caches (other writes, ``take_use`` and
+``last_used_at`` in other processes, move ``data_version`` too).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -19,9 +30,20 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import KeyStoreError, StoreUnavailable
-from .base import KeyRecord, KeyStore, decode_metadata, encode_metadata
+from .base import KeyRecord, KeyStore, decode_metadata, encode_metadata, notify_local
 
 SCHEMA_VERSION = 1
+
+#: Seconds a change-log row is kept. Longer than the longest ``key_cache_ttl``
+#: (a day): a cache entry older than its TTL is read again anyway, so a poller
+#: away longer than this misses nothing it still holds.
+CHANGE_LOG_RETENTION = 2 * 86400.0
+#: The longest the poll may wait for a lock (it runs on the request path, also
+#: on an event loop). WAL readers never wait for a writer; this bounds the rare
+#: cases that do (a file system without WAL support, a crash recovery). A poll
+#: that meets a lock is simply tried again at the next interval.
+_POLL_BUSY_TIMEOUT = 0.01
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS m2m_api_keys (
@@ -39,6 +61,22 @@ CREATE TABLE IF NOT EXISTS m2m_api_keys (
     last_used_at REAL
 );
 CREATE INDEX IF NOT EXISTS m2m_api_keys_client ON m2m_api_keys (client_id);
+"""
+
+# Tables added after schema version 1 was released: created when missing,
+# without a version bump, because an older release reading the file is not
+# disturbed by them. AUTOINCREMENT: a sequence number is never used twice,
+# even after pruning emptied the log, so a poller's "after seq N" stays true.
+_CHANGE_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS m2m_store_meta (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    store_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS m2m_key_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -89,6 +127,40 @@ class _Connection:
         self.closed = False
 
 
+class _ChangeWatch:
+    """The connection :meth:`SQLiteKeyStore.poll_changes` looks through, and what it saw.
+
+    A connection of its own: ``PRAGMA data_version`` is per connection, and
+    tells of commits by every other connection (in this process too).
+    """
+
+    __slots__ = ("conn", "pid", "seq", "version")
+
+    def __init__(self, conn: sqlite3.Connection, version: int, seq: int) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self.version = version
+        self.seq = seq
+
+
+def _read_store_id(conn: sqlite3.Connection) -> str | None:
+    """The file's store id, made on first use; None for a read-only file of an older release."""
+    try:
+        conn.executescript(_CHANGE_LOG_SCHEMA)
+        row = conn.execute("SELECT store_id FROM m2m_store_meta").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT OR IGNORE INTO m2m_store_meta (singleton, store_id) VALUES (1, ?)",
+                (secrets.token_hex(16),),
+            )
+            row = conn.execute("SELECT store_id FROM m2m_store_meta").fetchone()
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_READONLY:
+            return None  # keys still work; other processes' revocations wait for the TTL
+        raise
+    return str(row[0])
+
+
 def _close_all(conns: list[_Connection]) -> None:
     for held in conns:
         with held.lock:  # wait for a statement in flight in the owning thread
@@ -98,6 +170,8 @@ def _close_all(conns: list[_Connection]) -> None:
 
 
 class SQLiteKeyStore(KeyStore):
+    change_poll_interval = 0.1
+
     def __init__(self, path: str, *, timeout: float = 5.0, **kwargs: str) -> None:
         super().__init__(**kwargs)
         self.path = path
@@ -116,6 +190,10 @@ class SQLiteKeyStore(KeyStore):
         weakref.finalize(self, _close_all, self._conns)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        #: The last change-log row before this store first connected (None: not yet).
+        self._log_start: int | None = None
+        self._watch: _ChangeWatch | None = None
+        self._watch_lock = threading.Lock()
 
     def _connect(self) -> _Connection:
         held: _Connection | None = getattr(self._local, "conn", None)
@@ -148,6 +226,14 @@ class SQLiteKeyStore(KeyStore):
                             f"SQLite key store {self.path!r} has schema version {version}; "
                             f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
                         )
+                    store_id = _read_store_id(conn)
+                    if store_id is not None:
+                        self._learned_store_id(store_id)
+                        # Before any key is read through this store: the polls
+                        # go on from here, so no later change escapes them.
+                        (self._log_start,) = conn.execute(
+                            "SELECT coalesce(max(seq), 0) FROM m2m_key_events"
+                        ).fetchone()
                 except sqlite3.Error as exc:
                     conn.close()
                     raise StoreUnavailable(
@@ -180,8 +266,70 @@ class SQLiteKeyStore(KeyStore):
         finally:
             held.lock.release()
 
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, so that a change and its change-log row commit together."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with suppress(sqlite3.Error):  # the error that got here matters more
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _log_change(db: sqlite3.Connection, key_id: str) -> None:
+        now = time.time()
+        db.execute("INSERT INTO m2m_key_events (key_id, at) VALUES (?, ?)", (key_id, now))
+        db.execute("DELETE FROM m2m_key_events WHERE at < ?", (now - CHANGE_LOG_RETENTION,))
+
+    def poll_changes(self) -> None:
+        if self._log_start is None:
+            return  # never connected, so nothing of it is cached (or no change log)
+        with self._watch_lock:
+            watch = self._watch
+            if watch is None or watch.pid != os.getpid():
+                # After fork() the parent's connection is never used here (SQLite
+                # forbids it): a new one goes on from where that one was.
+                watch = self._watch = self._open_watch(watch.seq if watch else self._log_start)
+            try:
+                version = watch.conn.execute("PRAGMA data_version").fetchone()[0]
+                if version == watch.version:
+                    return
+                rows = watch.conn.execute(
+                    "SELECT seq, key_id FROM m2m_key_events WHERE seq > ? ORDER BY seq",
+                    (watch.seq,),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                    return  # nothing read: the next poll reads it
+                raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
+            watch.version = version
+            if rows:
+                watch.seq = rows[-1][0]
+        for key_id in dict.fromkeys(row[1] for row in rows):
+            notify_local(self.identity, key_id)
+
+    def _open_watch(self, seq: int) -> _ChangeWatch:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=_POLL_BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+        with self._conns_lock:  # closed with the others, by close() or the finalizer
+            self._conns.append(_Connection(conn))
+        return _ChangeWatch(conn, -1, seq)  # -1: no version seen, so the first poll reads
+
     def close(self) -> None:
         super().close()
+        with self._watch_lock:  # a poll in flight finishes first
+            self._watch = None
         with self._conns_lock:
             conns = list(self._conns)
             self._conns.clear()  # in place: the finalizer holds this list
@@ -232,19 +380,23 @@ class SQLiteKeyStore(KeyStore):
         return [_record(row) for row in rows]
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
-        with self._db() as db:
+        with self._write() as db:
             cur = db.execute(
                 "UPDATE m2m_api_keys SET revoked_at = COALESCE(MIN(revoked_at, ?), ?) "
                 "WHERE key_id = ?",
                 (_ts(when), _ts(when), key_id),
             )
+            if cur.rowcount == 1:
+                self._log_change(db, key_id)
         return cur.rowcount == 1
 
     def _set_expiry(self, key_id: str, when: datetime) -> bool:
-        with self._db() as db:
+        with self._write() as db:
             cur = db.execute(
                 "UPDATE m2m_api_keys SET expires_at = ? WHERE key_id = ?", (_ts(when), key_id)
             )
+            if cur.rowcount == 1:
+                self._log_change(db, key_id)
         return cur.rowcount == 1
 
     def _take_use(self, key_id: str) -> int | None:

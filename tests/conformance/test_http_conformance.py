@@ -7,9 +7,14 @@ conftest.py) builds the same app in Starlette, Flask or Django.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,6 +193,36 @@ def test_revocation_after_use_is_seen_at_once(make_app: Maker, store: KeyStore) 
     store.revoke_key(issued.key_id)
     reply = app.get("/orders", api_key(issued.key))
     assert_problem(reply, 401, "invalid_token", secrets=(issued.key,))
+
+
+def test_a_revocation_by_another_process_is_refused_within_a_poll_interval(
+    make_app: Maker, tmp_path: Path
+) -> None:
+    # SQLite, no Redis, an hour of caching: the store's change log, polled at
+    # most every 0.1 s, is all that can tell the app. The other process is
+    # the operator's `m2m keys revoke`.
+    url = "sqlite:///" + str(tmp_path / "keys.db")
+    store = open_key_store(url)
+    try:
+        issued = store.create_key("acme", scopes=["orders:read"])
+        app = make_app(config(store, key_cache_ttl=3600, invalidation_url=""))
+        assert app.get("/orders", api_key(issued.key)).status == 200
+        result = subprocess.run(
+            [sys.executable, "-m", "m2m_middleware", "keys", "revoke", issued.key_id],
+            env={**os.environ, "M2M_KEY_STORE": url, "M2M_INVALIDATION_URL": ""},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        committed = time.monotonic()
+        while (reply := app.get("/orders", api_key(issued.key))).status == 200:
+            assert time.monotonic() - committed < 1.0, "still admitted a second later"
+            time.sleep(0.01)
+        assert_problem(reply, 401, "invalid_token", secrets=(issued.key,))
+    finally:
+        store.close()
 
 
 class CountingStore(MemoryKeyStore):

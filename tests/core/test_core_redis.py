@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import servers
@@ -346,6 +347,7 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
     engine = make_engine(
         store, rate_limit_storage=redis_server.url, default_limits="1000/minute", key_cache_ttl=3600
     )
+    engine._next_poll = float("inf")  # no polls of the SQLite change log: only the bus can tell
     assert engine.bus is not None and engine.bus.ready.wait(10)
     assert engine.check("GET", "/", None, issued.key).allowed
 
@@ -354,6 +356,34 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
     refused = engine.check("GET", "/", None, issued.key)
     assert isinstance(refused, Denied) and refused.error == "invalid_token"
     store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_notice_on_redis_names_the_store_however_its_url_is_spelled(
+    postgres_url: str, redis_server: servers.RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app says localhost, the operator's command 127.0.0.1:5432: one
+    # database, so one store (by the id kept in it), and the notice is heard.
+    parts = urlsplit(postgres_url)
+    assert parts.hostname == "127.0.0.1", postgres_url
+    spelled = postgres_url.replace(parts.netloc, f"{parts.username or 'postgres'}@localhost", 1)
+    store = open_key_store(spelled)
+    monkeypatch.setattr(store, "watch_changes", lambda: None)  # no NOTIFY: only Redis can tell
+    try:
+        issued = store.create_key("client-a")
+        engine = make_engine(
+            store,
+            rate_limit_storage=redis_server.url,
+            default_limits="1000/minute",
+            key_cache_ttl=3600,
+        )
+        assert engine.bus is not None and engine.bus.ready.wait(10)
+        assert engine.check("GET", "/", None, issued.key).allowed
+        revoke_elsewhere(postgres_url, issued.key_id, "--notify", redis_server.url)
+        wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, timeout=2)
+    finally:
+        store.close()
 
 
 @pytest.mark.slow
