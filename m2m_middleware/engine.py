@@ -176,6 +176,7 @@ class Engine:
         self.store = store or open_key_store(
             settings.key_store, prefix=settings.key_prefix, timeout=settings.storage_timeout
         )
+        bus_url = invalidation_url(settings, self.store)  # before the limiter connects anywhere
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
         self.store.watch_changes()
@@ -183,7 +184,6 @@ class Engine:
         #: seconds; never for a store that is not polled).
         self._next_poll = 0.0 if self.store.change_poll_interval else math.inf
         self._poll_interval = self.store.change_poll_interval or math.inf
-        bus_url = invalidation_url(settings)
         if bus_url is not None:
             from .invalidation import redis_bus
 

@@ -395,13 +395,34 @@ class Settings:
 
 #: URLs a key-invalidation bus can use: Redis pub/sub on one server.
 INVALIDATION_SCHEMES = ("redis://", "rediss://", "redis+unix://", "unix://")
+#: Redis limit storages whose URL the bus cannot use (no pub/sub client for them here).
+_NO_BUS_SCHEMES = ("redis+sentinel://", "redis+cluster://")
+#: Key-store URLs whose stores carry revocations between processes themselves.
+_SELF_NOTIFYING_STORES = ("memory://", "sqlite://", "postgresql://", "postgres://")
 
 
-def invalidation_url(settings: Settings) -> str | None:
-    """The Redis URL revocations travel on: the setting, else the limit storage's Redis."""
+def invalidation_url(settings: Settings, store: KeyStore | None = None) -> str | None:
+    """The Redis URL revocations travel on: the setting, else the limit storage's Redis.
+
+    A sentinel or cluster limit storage cannot carry them; unless the key
+    store (``store``, else ``settings.key_store``) tells other processes
+    itself, that is a ConfigError until ``invalidation_url`` says what to do,
+    rather than a silent fall-back to ``key_cache_ttl``.
+    """
     url = settings.invalidation_url
-    if url is None and settings.rate_limit_storage.startswith(INVALIDATION_SCHEMES):
-        url = settings.rate_limit_storage
+    storage = settings.rate_limit_storage
+    if url is None and storage.startswith(INVALIDATION_SCHEMES):
+        url = storage
+    elif url is None and storage.startswith(_NO_BUS_SCHEMES) and _needs_bus(settings, store):
+        scheme = storage.partition("://")[0]  # never the rest: it may hold a password
+        raise ConfigError(
+            "invalidation_url",
+            f"rate_limit_storage is {scheme}://, which cannot carry key revocations to "
+            f"other instances, and this key store cannot either: set invalidation_url to "
+            f"a redis:// URL that every instance reaches, so they drop a revoked key at "
+            f"once, or to '' to accept that they see it within key_cache_ttl "
+            f"({settings.key_cache_ttl:g} s)",
+        )
     return url or None
 
 
@@ -414,6 +435,13 @@ def jwks_url_allowed(url: str) -> bool:
     if parts.scheme == "https" and parts.hostname:
         return True
     return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def _needs_bus(settings: Settings, store: KeyStore | None) -> bool:
+    known = store if store is not None else settings.key_store
+    if isinstance(known, KeyStore):
+        return known.needs_bus
+    return not known.lower().startswith(_SELF_NOTIFYING_STORES)
 
 
 def _check_jwks_url(url: object) -> None:

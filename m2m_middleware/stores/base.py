@@ -122,6 +122,9 @@ class KeyStore(abc.ABC):
     #: revoked or rotated (:meth:`poll_changes`); None when there is nothing to
     #: poll (changes are heard by a listener, or cannot be made elsewhere).
     change_poll_interval: float | None = None
+    #: True when revocations made by other processes reach this store's caches
+    #: only over a bus (``invalidation_url``): the store cannot tell them itself.
+    needs_bus: bool = True
 
     #: How often ``last_used_at`` is written back, at most, per key.
     touch_interval: float = 60.0

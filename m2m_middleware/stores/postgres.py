@@ -192,6 +192,7 @@ class PostgresKeyStore(KeyStore):
     """
 
     blocking = True
+    needs_bus = False  # NOTIFY tells every process that listens
 
     def __init__(
         self,

@@ -171,6 +171,7 @@ def _close_all(conns: list[_Connection]) -> None:
 
 class SQLiteKeyStore(KeyStore):
     change_poll_interval = 0.1
+    needs_bus = False  # its change log tells every process that opens the file
 
     def __init__(self, path: str, *, timeout: float = 5.0, **kwargs: str) -> None:
         super().__init__(**kwargs)

@@ -25,6 +25,7 @@ import servers
 from core_support import header, make_engine, sqlite_url
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings, open_key_store
+from m2m_middleware.settings import invalidation_url
 from m2m_middleware.stores import MemoryKeyStore
 
 pytestmark = pytest.mark.redis
@@ -400,6 +401,52 @@ def test_without_the_bus_a_revocation_elsewhere_is_seen_within_the_cache_ttl(
     waited = wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, 3)
     assert waited <= 0.5 + 0.2
     store.close()
+
+
+class RemoteStore(MemoryKeyStore):
+    """A store other processes change, with no way of its own to tell this one."""
+
+    needs_bus = True
+
+
+SENTINEL = "redis+sentinel://:sentinel-Pa55@127.0.0.1:1/mymaster"
+CLUSTER = "redis+cluster://:cluster-Pa55@127.0.0.1:1"
+
+
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_a_limit_storage_that_cannot_carry_the_bus_is_a_config_error(storage: str) -> None:
+    # Never a silent fall-back to key_cache_ttl: the error says what to set,
+    # before anything connects (nothing listens on port 1).
+    with pytest.raises(ConfigError) as caught:
+        Engine(Settings(key_store=RemoteStore(), rate_limit_storage=storage))
+    assert caught.value.field == "invalidation_url"
+    message = str(caught.value)
+    assert storage.partition("://")[0] + "://" in message
+    assert "redis://" in message and "''" in message and "key_cache_ttl" in message
+    assert "Pa55" not in message
+    settings = Settings(key_store="django://", rate_limit_storage=storage)
+    with pytest.raises(ConfigError, match="invalidation_url"):
+        invalidation_url(settings)  # the CLI and the Django check ask the same
+
+
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_saying_what_to_do_about_such_a_storage_is_accepted(storage: str) -> None:
+    bus = "redis://127.0.0.1:6379/2"
+    store = RemoteStore()
+    ttl_only = Settings(rate_limit_storage=storage, invalidation_url="")
+    assert invalidation_url(ttl_only, store) is None
+    chosen = Settings(rate_limit_storage=storage, invalidation_url=bus)
+    assert invalidation_url(chosen, store) == bus
+
+
+@pytest.mark.parametrize("key_store", ["memory://", "sqlite:///k.db", "postgresql://db/keys"])
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_a_key_store_that_tells_other_processes_itself_needs_no_bus(
+    key_store: str, storage: str
+) -> None:
+    settings = Settings(key_store=key_store, rate_limit_storage=storage)
+    assert invalidation_url(settings) is None
+    assert invalidation_url(settings, open_key_store(key_store)) is None
 
 
 def test_the_cli_refuses_a_notify_url_that_is_not_redis(tmp_path: Path) -> None:
