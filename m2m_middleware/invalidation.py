@@ -42,6 +42,9 @@ from .stores.base import add_publisher, notify_local, remove_publisher
 logger = logging.getLogger("m2m_middleware")
 
 CHANNEL = "m2m_middleware:invalidate"
+#: The PostgreSQL channel revocation notices travel on (LISTEN is per database:
+#: the payload's store id tells the schemas, and so the stores, apart).
+NOTIFY_CHANNEL = "m2m_middleware_invalidate"
 #: Seconds between reconnection attempts of a listener that lost Redis.
 RECONNECT_DELAY = 1.0
 
@@ -269,8 +272,6 @@ class PostgresListener:
     def _listen(self) -> None:
         import psycopg
         from psycopg import sql
-
-        from .stores.postgres import NOTIFY_CHANNEL
 
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL))
         while not self._stop.is_set():

@@ -208,8 +208,8 @@ def django_key_store(django_db: None) -> Any:
 def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     """A ``django://`` store on the machine's PostgreSQL, in this test's own schema.
 
-    The database alias is added for the test and removed after it; the table
-    is made from the model (the migration is checked against the model in
+    The database alias is added for the test and removed after it; the tables
+    are made from the models (the migrations are checked against the models in
     tests/django/test_django_admin.py).
     """
     from contextlib import suppress
@@ -220,7 +220,7 @@ def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     from django.db import connections
 
     from m2m_middleware import open_key_store
-    from m2m_middleware.django.models import APIKey
+    from m2m_middleware.django.models import APIKey, KeyChange, StoreMeta
 
     alias = "m2m_postgres"
     parts = urlsplit(postgres_url)
@@ -238,7 +238,8 @@ def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     )[alias]
     try:
         with connections[alias].schema_editor() as editor:
-            editor.create_model(APIKey)
+            for model in (APIKey, KeyChange, StoreMeta):
+                editor.create_model(model)
         store = open_key_store(f"django://{alias}")
         yield store
         store.close()

@@ -96,3 +96,43 @@ class APIKey(models.Model):
     def status(self, now: datetime | None = None) -> str:
         """``"active"``, ``"revoked"``, ``"expired"`` or ``"used_up"``, as the store sees it."""
         return self.to_record().status(now)
+
+
+class KeyChange(models.Model):
+    """One revoke or rotate, written in its transaction: the change log that
+    processes sharing an SQLite database poll (``DjangoKeyStore.poll_changes``).
+
+    Not shown in the admin; rows older than the longest cache TTL are pruned
+    as new ones come.
+    """
+
+    seq: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
+    key_id: models.CharField[str, str] = models.CharField("key id", max_length=64)
+    at: models.DateTimeField[datetime, datetime] = models.DateTimeField("at", db_index=True)
+
+    class Meta:
+        verbose_name = "key change"
+        verbose_name_plural = "key changes"
+
+    def __str__(self) -> str:
+        return f"{self.seq}: {self.key_id}"
+
+
+class StoreMeta(models.Model):
+    """The store's identity, made once: revocation notices name the data by it,
+    whatever database alias or host name a process reaches it by.
+
+    One row; should two processes make one each at once, both then take the
+    lowest.
+    """
+
+    store_id: models.CharField[str, str] = models.CharField(
+        "store id", max_length=64, primary_key=True
+    )
+
+    class Meta:
+        verbose_name = "key store"
+        verbose_name_plural = "key store"
+
+    def __str__(self) -> str:
+        return self.store_id

@@ -58,12 +58,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import keys as keyformat
 from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..invalidation import NOTIFY_CHANNEL, PostgresListener, postgres_listener
 from .base import KeyRecord, KeyStore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from ..invalidation import PostgresListener
 
 SCHEMA_VERSION = 1
 
@@ -107,10 +106,6 @@ _META_SCHEMA = """
         store_id text NOT NULL
     )
 """
-
-#: The channel revocation notices travel on (LISTEN is per database: the
-#: payload's store id tells the schemas, and so the stores, apart).
-NOTIFY_CHANNEL = "m2m_middleware_invalidate"
 
 #: Appended to an ``UPDATE ... RETURNING key_id`` in a ``changed`` CTE: one
 #: notice per changed row, sent when (and only if) the statement commits.
@@ -376,8 +371,6 @@ class PostgresKeyStore(KeyStore):
 
     def watch_changes(self) -> None:
         if self._listener is None and not self._closed:
-            from ..invalidation import postgres_listener
-
             self._listener = postgres_listener(self.location, self._conninfo, self._redact)
 
     def close(self) -> None:

@@ -127,20 +127,45 @@ class _Connection:
         self.closed = False
 
 
-class _ChangeWatch:
-    """The connection :meth:`SQLiteKeyStore.poll_changes` looks through, and what it saw.
+class ChangeLogWatch:
+    """Reads new rows of a change log (``seq``, ``key_id``) through a connection of its own.
 
-    A connection of its own: ``PRAGMA data_version`` is per connection, and
-    tells of commits by every other connection (in this process too).
+    ``PRAGMA data_version`` is per connection and moves whenever another
+    connection (in this process too) committed, so the common case, nothing
+    new, is that one pragma. Used by :class:`SQLiteKeyStore` and by the
+    Django store on SQLite. ``after``: the last row already accounted for;
+    None for the newest row now.
     """
 
-    __slots__ = ("conn", "pid", "seq", "version")
-
-    def __init__(self, conn: sqlite3.Connection, version: int, seq: int) -> None:
-        self.conn = conn
+    def __init__(self, path: str, table: str, after: int | None = None) -> None:
+        self.conn = sqlite3.connect(
+            path, timeout=_POLL_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
         self.pid = os.getpid()
+        self._select = f"SELECT seq, key_id FROM {table} WHERE seq > ? ORDER BY seq"
+        self.version = -1  # none seen: the first look reads
+        if after is None:
+            # The version first: a commit between the two reads is then both in
+            # the starting point and, once more, in the next look (harmless).
+            (self.version,) = self.conn.execute("PRAGMA data_version").fetchone()
+            (after,) = self.conn.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()
+        self.seq: int = after
+
+    def new_key_ids(self) -> list[str]:
+        """The keys changed since the last look, in order, each once; [] when busy."""
+        try:
+            (version,) = self.conn.execute("PRAGMA data_version").fetchone()
+            if version == self.version:
+                return []
+            rows = self.conn.execute(self._select, (self.seq,)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                return []  # nothing read: the next look reads it
+            raise
         self.version = version
-        self.seq = seq
+        if rows:
+            self.seq = rows[-1][0]
+        return list(dict.fromkeys(row[1] for row in rows))
 
 
 def _read_store_id(conn: sqlite3.Connection) -> str | None:
@@ -193,7 +218,7 @@ class SQLiteKeyStore(KeyStore):
         self._schema_lock = threading.Lock()
         #: The last change-log row before this store first connected (None: not yet).
         self._log_start: int | None = None
-        self._watch: _ChangeWatch | None = None
+        self._watch: ChangeLogWatch | None = None
         self._watch_lock = threading.Lock()
 
     def _connect(self) -> _Connection:
@@ -291,41 +316,22 @@ class SQLiteKeyStore(KeyStore):
             return  # never connected, so nothing of it is cached (or no change log)
         with self._watch_lock:
             watch = self._watch
-            if watch is None or watch.pid != os.getpid():
-                # After fork() the parent's connection is never used here (SQLite
-                # forbids it): a new one goes on from where that one was.
-                watch = self._watch = self._open_watch(watch.seq if watch else self._log_start)
             try:
-                version = watch.conn.execute("PRAGMA data_version").fetchone()[0]
-                if version == watch.version:
-                    return
-                rows = watch.conn.execute(
-                    "SELECT seq, key_id FROM m2m_key_events WHERE seq > ? ORDER BY seq",
-                    (watch.seq,),
-                ).fetchall()
+                if watch is None or watch.pid != os.getpid():
+                    # After fork() the parent's connection is never used here
+                    # (SQLite forbids it): a new one goes on from where it was.
+                    watch = self._watch = self._open_watch(watch.seq if watch else self._log_start)
+                changed = watch.new_key_ids()
             except sqlite3.Error as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
-                    return  # nothing read: the next poll reads it
                 raise StoreUnavailable(f"SQLite key store {self.path!r}: {exc}") from exc
-            watch.version = version
-            if rows:
-                watch.seq = rows[-1][0]
-        for key_id in dict.fromkeys(row[1] for row in rows):
+        for key_id in changed:
             notify_local(self.identity, key_id)
 
-    def _open_watch(self, seq: int) -> _ChangeWatch:
-        try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=_POLL_BUSY_TIMEOUT,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+    def _open_watch(self, after: int) -> ChangeLogWatch:
+        watch = ChangeLogWatch(self.path, "m2m_key_events", after)
         with self._conns_lock:  # closed with the others, by close() or the finalizer
-            self._conns.append(_Connection(conn))
-        return _ChangeWatch(conn, -1, seq)  # -1: no version seen, so the first poll reads
+            self._conns.append(_Connection(watch.conn))
+        return watch
 
     def close(self) -> None:
         super().close()
