@@ -473,8 +473,9 @@ def add_keys_commands(
     notify_options.add_argument(
         "--notify",
         metavar="REDIS_URL",
-        help="publish the change to running instances over Redis, so they drop the key at "
-        f"once instead of within key_cache_ttl (default: {notify_help})",
+        help="also publish the change to running instances over Redis, so they drop the key "
+        "at once (SQLite and PostgreSQL stores tell them by themselves; other stores need "
+        f"this) (default: {notify_help})",
     )
 
     keys_commands = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

@@ -45,7 +45,7 @@ CHANNEL = "m2m_middleware:invalidate"
 #: The PostgreSQL channel revocation notices travel on (LISTEN is per database:
 #: the payload's store id tells the schemas, and so the stores, apart).
 NOTIFY_CHANNEL = "m2m_middleware_invalidate"
-#: Seconds between reconnection attempts of a listener that lost Redis.
+#: Seconds between reconnection attempts of a listener that lost its channel.
 RECONNECT_DELAY = 1.0
 
 _buses: dict[str, RedisBus] = {}
