@@ -116,9 +116,9 @@ def test_a_cli_revocation_is_refused_within_a_poll_interval(
     assert check(engine, "GET", "/", None, issued.key).allowed
     m2m_keys("revoke", issued.key_id, "--store", sqlite_url(db))
     # The revocation has committed: from now on, at most one poll interval
-    # (0.1 s) of requests may still pass, not an hour.
-    waited = wait_until(lambda: refused(check, engine, issued.key), timeout=1.0)
-    assert waited < 0.5
+    # (0.1 s; test_the_first_request_after_the_poll_interval_is_refused pins
+    # that exactly) of requests may still pass, not an hour.
+    wait_until(lambda: refused(check, engine, issued.key), timeout=1.0)
 
 
 def test_the_first_request_after_the_poll_interval_is_refused(
@@ -401,8 +401,7 @@ def test_a_cli_revocation_reaches_another_process_within_a_second(
         assert engine.bus is None
         assert check(engine, "GET", "/", None, issued.key).allowed
         m2m_keys(action, issued.key_id, "--store", postgres_url)  # spelled the other way
-        waited = wait_until(lambda: refused(check, engine, issued.key), timeout=1.0)
-        assert waited < 1.0
+        wait_until(lambda: refused(check, engine, issued.key), timeout=1.0)
     finally:
         store.close()
 
@@ -436,7 +435,7 @@ def test_the_listener_comes_back_after_its_backend_is_terminated(
         later = store.create_key("billing")
         assert check(engine, "GET", "/", None, later.key).allowed
         m2m_keys("revoke", later.key_id, "--store", postgres_url)
-        assert wait_until(lambda: refused(check, engine, later.key), timeout=1.0) < 1.0
+        wait_until(lambda: refused(check, engine, later.key), timeout=1.0)
     finally:
         store.close()
     records = [r for r in caplog.records if "key-invalidation channel" in r.getMessage()]
