@@ -30,6 +30,7 @@ from .errors import (
 )
 from .limiting import Charge, Limiter, LimitPlan, StorageDown
 from .outcome import PUBLIC, Allowed, Denied, deny
+from .redaction import redact
 from .settings import Route, Settings, invalidation_url
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
@@ -521,7 +522,7 @@ class Engine:
     def _store_failed(self, exc: Exception) -> None:
         if not self._store_down:
             self._store_down = True
-            logger.error("key store unreachable: %s", exc)
+            logger.error("key store unreachable: %s", redact(str(exc)))
 
     def _store_ok(self) -> None:
         if self._store_down:

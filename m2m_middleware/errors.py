@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from .redaction import redact
+
 
 class M2MError(Exception):
     """Base class of every error the package raises."""
 
 
 class ConfigError(M2MError, ValueError):
-    """A setting is unknown or invalid. The message names the field."""
+    """A setting is unknown or invalid. The message names the field.
+
+    The message never shows a password or token: a URL's userinfo, secret
+    query parameters and keyword-DSN passwords are masked here, whatever the
+    caller quoted (callers mask the secrets they know of as well).
+    """
 
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
-        self.problem = problem
+        self.problem = problem = redact(problem)
         super().__init__(f"{field}: {problem}")
 
 

@@ -25,6 +25,7 @@ from time import monotonic
 from typing import Any
 
 from .jwtkeys import KeyRing, import_jwk
+from .redaction import redact, redact_url, secrets_of
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -90,6 +91,9 @@ class JWKSClient:
         clock: Callable[[], float] = monotonic,
     ) -> None:
         self.url = url
+        #: The URL as logs and diagnostics show it: a token in its query masked.
+        self.shown_url = redact_url(url)
+        self._secrets = secrets_of(url)
         self.timeout = timeout
         self.refetch_interval = refetch_interval
         self.fetch = fetch
@@ -128,7 +132,11 @@ class JWKSClient:
                 self._hold_until = self.clock() + self.refetch_interval
                 if not self._failing:
                     self._failing = True
-                    logger.error("JWKS %s cannot be fetched: %s", self.url, exc)
+                    logger.error(
+                        "JWKS %s cannot be fetched: %s",
+                        self.shown_url,
+                        redact(str(exc), self._secrets),
+                    )
                 return
             now = self.clock()
             self.ring = ring
@@ -137,12 +145,12 @@ class JWKSClient:
                 self._hold_until = now + self.refetch_interval
             if self._failing:
                 self._failing = False
-                logger.warning("JWKS %s fetched again", self.url)
+                logger.warning("JWKS %s fetched again", self.shown_url)
 
     def snapshot(self) -> dict[str, Any]:
         """For diagnostics: how many fetches, how many keys."""
         return {
-            "url": self.url,
+            "url": self.shown_url,
             "fetches": self.fetches,
             "keys": len(self.ring.keys) if self.ring is not None else None,
         }

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import threading
 import time
 import weakref
@@ -55,6 +54,7 @@ import limits.strategies
 from limits import RateLimitItem
 
 from .errors import ConfigError
+from .redaction import redact, secrets_of
 from .settings import Route, Settings
 
 logger = logging.getLogger("m2m_middleware")
@@ -127,19 +127,17 @@ return out
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
 
 
-def redact(uri: str) -> str:
-    """``uri`` with its password, if any, replaced by ``***``: fit for messages and logs."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
-
-
 def open_limit_storage(uri: str, **options: Any) -> Any:
     """The ``limits`` storage for ``uri``, or a ConfigError that never shows its password."""
     try:
         return limits.storage.storage_from_string(uri, **options)
     except Exception as exc:  # limits raises ConfigurationError / ImportError
         hint = ' (pip install "m2m-middleware[redis]")' if _scheme(uri) in REDIS_SCHEMES else ""
-        problem = str(exc).replace(uri, redact(uri))
-        raise ConfigError("rate_limit_storage", f"{redact(uri)!r}: {problem}{hint}") from None
+        secrets = secrets_of(uri)
+        problem = redact(str(exc), secrets)
+        raise ConfigError(
+            "rate_limit_storage", f"{redact(uri, secrets)!r}: {problem}{hint}"
+        ) from None
 
 
 def _scheme(uri: str) -> str:
@@ -274,6 +272,7 @@ class Limiter:
         self.settings = settings
         self.send_headers = settings.rate_limit_headers
         uri = settings.rate_limit_storage
+        self._secrets = secrets_of(uri)
         self.fixed = settings.rate_limit_strategy == "fixed-window"
         self.windows: MemoryWindows | None = None
         if self.fixed and uri.partition("?")[0] == "memory://":
@@ -343,10 +342,11 @@ class Limiter:
     # -- outage bookkeeping ---------------------------------------------------
 
     def _failed(self, exc: BaseException) -> StorageDown:
+        problem = redact(str(exc), self._secrets)  # a client library may quote its URL
         if not self._down:
             self._down = True
-            logger.error("rate-limit storage unreachable (%s): %s", type(exc).__name__, exc)
-        return StorageDown(str(exc))
+            logger.error("rate-limit storage unreachable (%s): %s", type(exc).__name__, problem)
+        return StorageDown(problem)
 
     def _recovered(self) -> None:
         if self._down:

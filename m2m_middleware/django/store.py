@@ -37,6 +37,7 @@ from django.utils import timezone
 
 from .. import keys as keyformat
 from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..redaction import redact_url
 from ..stores.base import KeyRecord, KeyStore
 
 if TYPE_CHECKING:
@@ -93,7 +94,9 @@ def store_from_url(url: str, *, prefix: str = keyformat.DEFAULT_PREFIX) -> Djang
     if alias.endswith("/"):
         alias = alias[:-1]
     if "/" in alias or "?" in alias or "#" in alias:
-        raise ConfigError("key_store", f"{url!r}: write django:// or django://<database alias>")
+        raise ConfigError(
+            "key_store", f"{redact_url(url)!r}: write django:// or django://<database alias>"
+        )
     alias = alias or "default"
     check_usable(alias)
     return DjangoKeyStore(alias, prefix=prefix)

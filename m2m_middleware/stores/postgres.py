@@ -34,7 +34,7 @@ from contextlib import suppress
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 try:
     import psycopg
@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .. import keys as keyformat
 from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..redaction import redact, secrets_of
 from .base import KeyRecord, KeyStore
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class PostgresKeyStore(KeyStore):
             raise ValueError("max_size must be a positive integer")
         self.timeout = float(timeout)
         self.max_size = max_size
-        self._secrets = _secrets_of(url)
+        self._secrets = secrets_of(url)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -186,7 +187,8 @@ class PostgresKeyStore(KeyStore):
             raise ConfigError(
                 "key_store", self._redact(f"not a valid PostgreSQL URL: {detail}")
             ) from None
-        self._secrets += _secrets_of_params(params)
+        if params.get("password"):  # as libpq decoded it: quotes and escapes undone
+            self._secrets += (str(params["password"]),)
         self.location = _location(params)
         self._conninfo = make_conninfo("", **_with_timeouts(params, self.timeout))
         self._pool: ConnectionPool[_Conn] | None = None
@@ -324,9 +326,7 @@ class PostgresKeyStore(KeyStore):
     # -- errors ------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
     def _no_connection(self) -> StoreUnavailable:
         message = f"PostgreSQL key store {self.location}: no connection within {self.timeout:g} s"
@@ -504,19 +504,3 @@ def _with_timeouts(params: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     ours = f"-c statement_timeout={math.ceil(timeout * 1000)}"
     merged["options"] = f"{ours} {merged['options']}" if merged.get("options") else ours
     return merged
-
-
-def _secrets_of(url: str) -> tuple[str, ...]:
-    """The password as spelt in the URL, raw and decoded, for scrubbing messages."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return ()
-    if not password:
-        return ()
-    return tuple({password, unquote(password)})
-
-
-def _secrets_of_params(params: Mapping[str, Any]) -> tuple[str, ...]:
-    password = params.get("password")
-    return (str(password),) if password else ()
