@@ -73,6 +73,30 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
+def _create_private(path: str) -> None:
+    """Create the key file readable and writable by its owner only, unless it exists.
+
+    sqlite3 would create it under the process umask, often 0644: every local
+    user could read the client list and the key hashes. SQLite gives the
+    ``-wal`` and ``-shm`` files it makes later the mode of the database file,
+    so they are 0600 too. An existing file's mode is the operator's choice
+    and is left alone.
+    """
+    if path in ("", ":memory:"):
+        return
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
+    except FileExistsError:
+        return
+    try:
+        if hasattr(os, "fchmod"):  # not on Windows before 3.13, whose ACLs differ anyway
+            os.fchmod(fd, 0o600)  # a umask such as 0o277 would leave it unwritable
+    finally:
+        os.close(fd)
+
+
 class _Connection:
     """One thread's connection, with the lock that ``close()`` takes to close it.
 
@@ -122,13 +146,15 @@ class SQLiteKeyStore(KeyStore):
         if held is not None and not held.closed:
             return held
         try:
+            _create_private(self.path)
             # check_same_thread=False only so that close() may close it from
             # another thread; each connection is still used by one thread.
             conn = sqlite3.connect(
                 self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {reason}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
