@@ -219,6 +219,10 @@ class KeyStore(abc.ABC):
             metadata=MappingProxyType(dict(metadata or {})),
         )
         self._insert(record, keyformat.hash_key(plaintext))
+        # Caches that just refused this (then unknown) hash as a guess must
+        # not keep refusing it: a new key works at once here, and over a bus
+        # in other processes (else within a second, the engine's bound).
+        self._invalidated(record.key_id)
         return IssuedKey(plaintext, record)
 
     def get_key(self, key_id: str) -> KeyRecord:
