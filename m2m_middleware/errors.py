@@ -35,6 +35,18 @@ class KeyNotFound(KeyStoreError, LookupError):
         super().__init__(f"no key with id {key_id!r}")
 
 
+class UnreadableRow(KeyStoreError):
+    """A stored row does not make a key record (edited by hand, or by other software).
+
+    The message names the key id and what is wrong, never the row's hash or values.
+    """
+
+    def __init__(self, key_id: str, problem: str) -> None:
+        self.key_id = key_id
+        self.problem = problem
+        super().__init__(f"key {key_id!r}: its stored row cannot be read ({problem})")
+
+
 class StoreUnavailable(KeyStoreError):
     """The key store or the limit storage cannot be reached."""
 

@@ -25,18 +25,19 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import (
     DatabaseError,
+    DataError,
     IntegrityError,
     InterfaceError,
     OperationalError,
     connections,
     transaction,
 )
-from django.db.models import DateTimeField, F, Value
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.functions import Coalesce, Greatest, Least
 from django.utils import timezone
 
 from .. import keys as keyformat
-from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
 from ..redaction import redact_url
 from ..stores.base import KeyRecord, KeyStore
 
@@ -100,6 +101,35 @@ def store_from_url(url: str, *, prefix: str = keyformat.DEFAULT_PREFIX) -> Djang
     alias = alias or "default"
     check_usable(alias)
     return DjangoKeyStore(alias, prefix=prefix)
+
+
+#: The time columns. Django reads a text it cannot parse there as None, which
+#: would make a garbled revoked_at or expires_at read "never": each is loaded
+#: with a flag from the database saying whether it is NULL, to tell them apart.
+_TIME_COLUMNS = ("created_at", "expires_at", "revoked_at", "last_used_at")
+_STORED = "m2m_stored_"
+#: What Django's field converters raise for a value its column should not hold
+#: (an impossible date on SQLite; on PostgreSQL, psycopg's DataError for
+#: 'infinity', which Django wraps).
+_UNCONVERTIBLE = (ValueError, TypeError, AttributeError, OverflowError, DataError)
+
+
+def _with_null_flags(rows: QuerySet[APIKey]) -> QuerySet[APIKey]:
+    return rows.annotate(
+        **{
+            _STORED + column: ExpressionWrapper(
+                Q(**{f"{column}__isnull": False}), output_field=BooleanField()
+            )
+            for column in _TIME_COLUMNS
+        }
+    )
+
+
+def _checked(row: APIKey) -> KeyRecord:
+    for column in _TIME_COLUMNS:
+        if getattr(row, column) is None and getattr(row, _STORED + column, False):
+            raise UnreadableRow(str(row.key_id), f"{column} is not a time")
+    return row.to_record()
 
 
 def _to_db(value: datetime | None) -> datetime | None:
@@ -178,6 +208,28 @@ class DjangoKeyStore(KeyStore):
     def _rows(self) -> QuerySet[APIKey]:
         return _model().objects.using(self.using)
 
+    def _read_one(self, rows: QuerySet[APIKey]) -> tuple[KeyRecord, str] | None:
+        """The record and hash of the one row in ``rows``; UnreadableRow if it is bad."""
+        try:
+            row = _with_null_flags(rows).first()
+        except _UNCONVERTIBLE:
+            raise self._diagnose(rows) from None
+        return None if row is None else (_checked(row), row.key_hash)
+
+    def _diagnose(self, rows: QuerySet[APIKey]) -> UnreadableRow:
+        """Which column of the row in ``rows`` Django cannot convert (the bad path only)."""
+        try:
+            key_id = str(rows.values_list("key_id", flat=True).first())
+        except _UNCONVERTIBLE:
+            key_id = "?"
+        for column in ("client_id", "name", "scopes", "tier", *_TIME_COLUMNS, "remaining_uses"):
+            try:
+                rows.values_list(column, flat=True).first()
+            except _UNCONVERTIBLE:
+                what = "a time" if column in _TIME_COLUMNS else "what the column holds"
+                return UnreadableRow(key_id, f"{column} is not {what}")
+        return UnreadableRow(key_id, "a column does not hold what it should")
+
     # -- storage primitives --------------------------------------------------
 
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
@@ -199,20 +251,39 @@ class DjangoKeyStore(KeyStore):
 
     def _fetch(self, key_id: str) -> KeyRecord | None:
         with self._db():
-            row = self._rows().filter(key_id=key_id).first()
-        return row.to_record() if row is not None else None
+            found = self._read_one(self._rows().filter(key_id=key_id))
+        return found[0] if found is not None else None
 
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
         with self._db():
-            row = self._rows().filter(key_hash=key_hash).first()
-        return (row.to_record(), row.key_hash) if row is not None else None
+            return self._read_one(self._rows().filter(key_hash=key_hash))
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
+        found: list[KeyRecord | UnreadableRow] = []
         with self._db():
             rows = self._rows().all()
             if client_id is not None:
                 rows = rows.filter(client_id=client_id)
-            return [row.to_record() for row in rows]
+            try:
+                loaded = list(_with_null_flags(rows))
+            except _UNCONVERTIBLE:
+                # One row Django cannot convert fails the whole query: read
+                # them one by one (the bad path only) so the others are listed.
+                for key_id in rows.values_list("key_id", flat=True):
+                    try:
+                        one = self._read_one(self._rows().filter(key_id=key_id))
+                    except UnreadableRow as bad:
+                        found.append(bad)
+                    else:
+                        if one is not None:
+                            found.append(one[0])
+                return found
+        for row in loaded:
+            try:
+                found.append(_checked(row))
+            except UnreadableRow as bad:
+                found.append(bad)
+        return found
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         at = Value(_to_db(when), output_field=DateTimeField())

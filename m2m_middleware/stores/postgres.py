@@ -32,14 +32,15 @@ import threading
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime, timezone
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 try:
     import psycopg
+    from psycopg.abc import Buffer
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.rows import TupleRow
+    from psycopg.types.datetime import TimestamptzLoader
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -48,9 +49,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .. import keys as keyformat
-from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
 from ..redaction import redact, secrets_of
-from .base import KeyRecord, KeyStore
+from .base import KeyRecord, KeyStore, checked_record
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -105,27 +106,64 @@ T = TypeVar("T")
 _Conn = psycopg.Connection[TupleRow]
 
 
-def _utc(value: datetime | None) -> datetime | None:
+class _Unreadable:
+    """What :class:`_LenientTimestamptzLoader` reads for a time Python cannot hold."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+class _LenientTimestamptzLoader(TimestamptzLoader):
+    """``'infinity'`` or a year past 9999 read as a marker that the row check
+    refuses, instead of a DataError that fails the whole query: a listing with
+    one such row would fail, and a lookup would look like an outage."""
+
+    def load(self, data: Buffer) -> Any:  # a datetime, or the marker
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return _UNREADABLE
+
+
+def _utc(key_id: str, column: str, value: object) -> object:
     # psycopg returns timestamptz in the session's time zone; records are UTC.
-    return value.astimezone(timezone.utc) if value is not None else None
+    if not isinstance(value, datetime):
+        return value  # None, or a marker checked_record refuses
+    try:
+        return value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):  # within a day of year 1 or 9999
+        raise UnreadableRow(key_id, f"{column} is not a time") from None
 
 
 def _record(row: TupleRow) -> KeyRecord:
-    created = _utc(row[5])
-    assert created is not None  # NOT NULL column
-    return KeyRecord(
+    """A row as a record; UnreadableRow if a column does not hold what it should."""
+    key_id = row[0] if isinstance(row[0], str) else repr(row[0])
+    scopes = row[3]
+    if scopes is None or isinstance(scopes, str):
+        raise UnreadableRow(key_id, "scopes is not a list of scopes")
+    return checked_record(
         key_id=row[0],
         client_id=row[1],
         name=row[2],
-        scopes=frozenset(row[3]),
+        scopes=scopes,
         tier=row[4],
-        created_at=created,
-        expires_at=_utc(row[6]),
-        revoked_at=_utc(row[7]),
+        created_at=_utc(key_id, "created_at", row[5]),
+        expires_at=_utc(key_id, "expires_at", row[6]),
+        revoked_at=_utc(key_id, "revoked_at", row[7]),
         remaining_uses=row[8],
-        metadata=MappingProxyType(row[9] or {}),
-        last_used_at=_utc(row[10]),
+        metadata=row[9],
+        last_used_at=_utc(key_id, "last_used_at", row[10]),
     )
+
+
+def _each_record(rows: list[TupleRow]) -> list[KeyRecord | UnreadableRow]:
+    found: list[KeyRecord | UnreadableRow] = []
+    for row in rows:
+        try:
+            found.append(_record(row))
+        except UnreadableRow as bad:
+            found.append(bad)
+    return found
 
 
 def _location(params: Mapping[str, Any]) -> str:
@@ -246,6 +284,7 @@ class PostgresKeyStore(KeyStore):
                     store._connect_error = " ".join(str(exc).split())  # libpq's is multi-line
                     raise
                 store._connect_error = None
+                conn.adapters.register_loader("timestamptz", _LenientTimestamptzLoader)
                 return conn
 
         return RememberingConnection
@@ -398,14 +437,14 @@ class PostgresKeyStore(KeyStore):
         )
         return (_record(row), row[-1]) if row else None
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
         query = f"SELECT {_COLUMNS} FROM m2m_api_keys"
         params: tuple[str, ...] = ()
         if client_id is not None:
             query += " WHERE client_id = %s"
             params = (client_id,)
         rows = self._run(lambda conn: conn.execute(query, params).fetchall(), retry=True)
-        return [_record(row) for row in rows]
+        return _each_record(rows)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         # LEAST ignores NULL: the earliest revocation stands, so a retry is harmless.

@@ -258,6 +258,33 @@ def test_a_repeated_forged_key_reaches_the_store_once_a_second(
     assert app.get("/orders", api_key(guess)).status == 200
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "metadata = '{not json'",
+        "metadata = '[1]'",
+        "created_at = 'yesterday'",
+        "revoked_at = 'last week'",
+        "remaining_uses = 'plenty'",
+        "scopes = x'00'",
+    ],
+)
+def test_a_key_whose_row_cannot_be_read_is_401_never_500(
+    make_app: Maker, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_key_store("sqlite:///" + str(tmp_path / "k.db"))
+    good = store.create_key("acme", scopes=["orders:read"])
+    bad = store.create_key("acme", scopes=["orders:read"])
+    with closing(sqlite3.connect(tmp_path / "k.db")) as raw, raw:
+        raw.execute(f"UPDATE m2m_api_keys SET {damage} WHERE key_id = ?", (bad.key_id,))
+    app = make_app(config(store, key_cache_ttl=0))
+    for _ in range(3):
+        reply = app.get("/orders", api_key(bad.key))
+        assert_problem(reply, 401, "invalid_token", secrets=(bad.key,))
+    assert app.get("/orders", api_key(good.key)).status == 200
+    assert len([r for r in caplog.records if bad.key_id in r.getMessage()]) == 1
+
+
 def test_two_different_credentials_is_400(make_app: Maker, store: KeyStore) -> None:
     first = store.create_key("acme", scopes=["orders:read"]).key
     second = store.create_key("acme", scopes=["orders:read"]).key

@@ -579,3 +579,4 @@ def test_an_engine_authenticates_keys_kept_in_postgres(postgres_url: str) -> Non
             assert outcome.status == 401
     finally:
         engine.close()
+
