@@ -26,9 +26,11 @@ race, and carries a version that a newer release can migrate from.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime, timezone
@@ -104,6 +106,47 @@ _RECONNECT_WINDOW = 10.0
 
 T = TypeVar("T")
 _Conn = psycopg.Connection[TupleRow]
+
+#: Every pool of ours is named so; psycopg_pool passes the name (or a
+#: connection or task that knows its pool) in the arguments of its records.
+_POOL_PREFIX = "m2m key store "
+
+
+def _of_our_pool(arg: object) -> bool:
+    if isinstance(arg, str):
+        return arg.startswith(_POOL_PREFIX)
+    if getattr(type(arg), "m2m_key_store", False):  # one of our connections, idle or not
+        return True
+    pool = getattr(arg, "_pool", None) or getattr(arg, "pool", None)  # a connection, a task
+    if isinstance(pool, weakref.ref):
+        pool = pool()
+    name = getattr(pool, "name", None)
+    return isinstance(name, str) and name.startswith(_POOL_PREFIX)
+
+
+class _QuietPoolFilter(logging.Filter):
+    """Our pools' own records are DEBUG, not WARNING.
+
+    While the server is down, psycopg_pool logs a WARNING for every
+    connection attempt (with backoff, for as long as requests keep asking)
+    and for every connection it discards. The engine already logs one record
+    per outage (with the cause the last attempt met) and one per recovery;
+    these would bury it. Kept, at DEBUG, for whoever turns ``psycopg.pool``
+    up to DEBUG; other pools' records are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not isinstance(record.args, tuple):
+            return True
+        if not any(_of_our_pool(arg) for arg in record.args):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # Handlers with no level of their own would still print it.
+        return _pool_logger.isEnabledFor(logging.DEBUG)
+
+
+_pool_logger = logging.getLogger("psycopg.pool")
+_pool_logger.addFilter(_QuietPoolFilter())
 
 
 class _Unreadable:
@@ -258,7 +301,7 @@ class PostgresKeyStore(KeyStore):
                     open=False,
                     timeout=self.timeout,
                     reconnect_timeout=_RECONNECT_WINDOW,
-                    name=f"m2m key store {self.location}",
+                    name=_POOL_PREFIX + self.location,
                 )
                 # Connects in the background: a database that is down now is
                 # retried by the pool, not fatal to whoever opened the store.
@@ -276,6 +319,8 @@ class PostgresKeyStore(KeyStore):
         store = self
 
         class RememberingConnection(psycopg.Connection[TupleRow]):
+            m2m_key_store = True  # for _QuietPoolFilter: a pool forgets idle ones
+
             @classmethod
             def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
                 try:
