@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import atexit
 import hmac
 import json
 import logging
@@ -12,6 +13,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -19,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
 from ..errors import KeyNotFound, UnreadableRow
+from ..redaction import redact
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -216,6 +219,8 @@ class KeyStore(abc.ABC):
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._reported_rows: OrderedDict[str, None] = OrderedDict()
+        with suppress(TypeError):  # a subclass made unhashable is not flushed at exit
+            _live_stores.add(self)  # last_used_at is written back at exit too
 
     # -- storage primitives --------------------------------------------------
 
@@ -276,6 +281,11 @@ class KeyStore(abc.ABC):
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
         self.flush_last_used()
+
+    def _at_exit(self) -> None:
+        """Write back what is pending as the process exits (see :func:`_flush_at_exit`)."""
+        if self._pending_touches:
+            self.flush_last_used()
 
     # -- public API -----------------------------------------------------------
 
@@ -455,6 +465,31 @@ class KeyStore(abc.ABC):
 
 def _compare(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
+
+
+# -- last_used_at at exit ------------------------------------------------------------
+#
+# last_used_at waits in memory for up to touch_interval; a short run (a job
+# that makes one request, a worker recycled early) would otherwise exit with
+# it unwritten, so the key looks never used. Stores are held weakly: a store
+# dropped earlier is not kept alive for this, and a closed one has nothing left.
+
+_live_stores: weakref.WeakSet[KeyStore] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    for store in list(_live_stores):
+        try:
+            store._at_exit()
+        except Exception as exc:  # the database may be gone too; say so, quietly
+            logger.warning(
+                "last_used_at could not be written back at exit (%s): %s",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+
+
+atexit.register(_flush_at_exit)
 
 
 # -- invalidation ----------------------------------------------------------------

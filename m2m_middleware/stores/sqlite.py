@@ -238,6 +238,13 @@ class SQLiteKeyStore(KeyStore):
         _close_all(conns)
         self._local.conn = None
 
+    def _at_exit(self) -> None:
+        super()._at_exit()
+        # The connection finalizer may have run before this write opened one.
+        with self._conns_lock:
+            conns = list(self._conns)
+        _close_all(conns)
+
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
         with self._db() as db:
             db.execute(

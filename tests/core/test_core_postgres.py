@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import psycopg
 import pytest
 import servers
-from core_support import TAKE_ALL_USES
+from core_support import TAKE_ALL_USES, run_one_request_then_exit
 
 from m2m_middleware import (
     Allowed,
@@ -671,3 +671,10 @@ def test_other_pools_keep_their_warnings(
     finally:
         pool.close()
 
+
+def test_last_used_is_written_back_when_a_short_run_exits(postgres_url: str) -> None:
+    store = open_key_store(postgres_url)
+    issued = store.create_key("billing")
+    assert run_one_request_then_exit(postgres_url, issued.key) == "True\n"
+    assert store.get_key(issued.key_id).last_used_at is not None
+    store.close()

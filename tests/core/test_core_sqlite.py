@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from core_support import make_engine, sqlite_url
+from core_support import make_engine, run_one_request_then_exit, sqlite_url
 
 from m2m_middleware import ConfigError, KeyStore, StoreUnavailable, open_key_store
 from m2m_middleware.keys import hash_key
@@ -225,3 +228,24 @@ def test_an_existing_key_file_keeps_the_mode_its_owner_gave_it(tmp_path: Path) -
         assert modes(tmp_path)["shared.db"] == 0o640
     finally:
         store.close()
+
+
+def test_last_used_is_written_back_when_a_short_run_exits(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "k.db")
+    store = open_key_store(url)
+    issued = store.create_key("client-a")
+    before = time.time()
+    output = run_one_request_then_exit(url, issued.key)
+    assert output == "True\n"  # nothing on stderr either
+    used = store.get_key(issued.key_id).last_used_at
+    assert used is not None and before - 1 <= used.timestamp() <= time.time()
+    store.close()
+
+
+def test_a_store_dropped_is_not_kept_alive_for_the_exit_write_back(tmp_path: Path) -> None:
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    store.mark_used("key_x")
+    dropped = weakref.ref(store)
+    del store
+    gc.collect()
+    assert dropped() is None
