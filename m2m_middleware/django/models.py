@@ -79,6 +79,11 @@ class APIKey(models.Model):
     def to_record(self) -> KeyRecord:
         """This row as a record; UnreadableRow if a column does not hold what it should
         (metadata that is no JSON object, say, which Django hands back as the raw text)."""
+        from .store import NULL_FLAG, TIME_COLUMNS
+
+        for column in TIME_COLUMNS:  # loaded through store.with_null_flags
+            if getattr(self, column) is None and getattr(self, NULL_FLAG + column, False):
+                raise UnreadableRow(str(self.key_id), f"{column} is not a time")
         scopes: object = self.scopes
         return checked_record(
             key_id=self.key_id,

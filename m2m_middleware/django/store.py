@@ -105,31 +105,26 @@ def store_from_url(url: str, *, prefix: str = keyformat.DEFAULT_PREFIX) -> Djang
 
 #: The time columns. Django reads a text it cannot parse there as None, which
 #: would make a garbled revoked_at or expires_at read "never": each is loaded
-#: with a flag from the database saying whether it is NULL, to tell them apart.
-_TIME_COLUMNS = ("created_at", "expires_at", "revoked_at", "last_used_at")
-_STORED = "m2m_stored_"
+#: with a flag from the database saying whether it is NULL, to tell them apart
+#: (``APIKey.to_record`` reads the flags).
+TIME_COLUMNS = ("created_at", "expires_at", "revoked_at", "last_used_at")
+NULL_FLAG = "m2m_stored_"
 #: What Django's field converters raise for a value its column should not hold
 #: (an impossible date on SQLite; on PostgreSQL, psycopg's DataError for
 #: 'infinity', which Django wraps).
 _UNCONVERTIBLE = (ValueError, TypeError, AttributeError, OverflowError, DataError)
 
 
-def _with_null_flags(rows: QuerySet[APIKey]) -> QuerySet[APIKey]:
+def with_null_flags(rows: QuerySet[APIKey]) -> QuerySet[APIKey]:
+    """``rows`` loaded with the database's word on which time columns are NULL."""
     return rows.annotate(
         **{
-            _STORED + column: ExpressionWrapper(
+            NULL_FLAG + column: ExpressionWrapper(
                 Q(**{f"{column}__isnull": False}), output_field=BooleanField()
             )
-            for column in _TIME_COLUMNS
+            for column in TIME_COLUMNS
         }
     )
-
-
-def _checked(row: APIKey) -> KeyRecord:
-    for column in _TIME_COLUMNS:
-        if getattr(row, column) is None and getattr(row, _STORED + column, False):
-            raise UnreadableRow(str(row.key_id), f"{column} is not a time")
-    return row.to_record()
 
 
 def _to_db(value: datetime | None) -> datetime | None:
@@ -211,10 +206,10 @@ class DjangoKeyStore(KeyStore):
     def _read_one(self, rows: QuerySet[APIKey]) -> tuple[KeyRecord, str] | None:
         """The record and hash of the one row in ``rows``; UnreadableRow if it is bad."""
         try:
-            row = _with_null_flags(rows).first()
+            row = with_null_flags(rows).first()
         except _UNCONVERTIBLE:
             raise self._diagnose(rows) from None
-        return None if row is None else (_checked(row), row.key_hash)
+        return None if row is None else (row.to_record(), row.key_hash)
 
     def _diagnose(self, rows: QuerySet[APIKey]) -> UnreadableRow:
         """Which column of the row in ``rows`` Django cannot convert (the bad path only)."""
@@ -222,11 +217,11 @@ class DjangoKeyStore(KeyStore):
             key_id = str(rows.values_list("key_id", flat=True).first())
         except _UNCONVERTIBLE:
             key_id = "?"
-        for column in ("client_id", "name", "scopes", "tier", *_TIME_COLUMNS, "remaining_uses"):
+        for column in ("client_id", "name", "scopes", "tier", *TIME_COLUMNS, "remaining_uses"):
             try:
                 rows.values_list(column, flat=True).first()
             except _UNCONVERTIBLE:
-                what = "a time" if column in _TIME_COLUMNS else "what the column holds"
+                what = "a time" if column in TIME_COLUMNS else "what the column holds"
                 return UnreadableRow(key_id, f"{column} is not {what}")
         return UnreadableRow(key_id, "a column does not hold what it should")
 
@@ -265,7 +260,7 @@ class DjangoKeyStore(KeyStore):
             if client_id is not None:
                 rows = rows.filter(client_id=client_id)
             try:
-                loaded = list(_with_null_flags(rows))
+                loaded = list(with_null_flags(rows))
             except _UNCONVERTIBLE:
                 # One row Django cannot convert fails the whole query: read
                 # them one by one (the bad path only) so the others are listed.
@@ -280,7 +275,7 @@ class DjangoKeyStore(KeyStore):
                 return found
         for row in loaded:
             try:
-                found.append(_checked(row))
+                found.append(row.to_record())
             except UnreadableRow as bad:
                 found.append(bad)
         return found
