@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .redaction import redact, secrets_of
 from .stores.base import add_publisher, notify_local, remove_publisher
 
 logger = logging.getLogger("m2m_middleware")
@@ -80,6 +81,7 @@ class RedisBus:
 
         self.url = url
         self.timeout = timeout
+        self._secrets = secrets_of(url)  # redis-py may quote its URL in an error
         connect_url = "unix://" + url[len("redis+unix://") :] if url.startswith("redis+") else url
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
@@ -113,7 +115,7 @@ class RedisBus:
                     "cannot publish a key invalidation to Redis (%s): %s; other instances "
                     "will see it within key_cache_ttl",
                     type(exc).__name__,
-                    exc,
+                    redact(str(exc), self._secrets),
                 )
         else:
             if self._publish_down:
@@ -160,7 +162,7 @@ class RedisBus:
                         "lost the Redis key-invalidation channel (%s): %s; revocations made "
                         "elsewhere are seen within key_cache_ttl until it is back",
                         type(exc).__name__,
-                        exc,
+                        redact(str(exc), self._secrets),
                     )
                 self._stop.wait(RECONNECT_DELAY)
             finally:

@@ -13,6 +13,7 @@ from limits import RateLimitItem, parse_many
 
 from .errors import ConfigError
 from .keys import validate_prefix
+from .redaction import redact_url
 from .stores.base import KeyStore
 from .syntax import (
     CONTROL_CHARACTERS,
@@ -229,9 +230,12 @@ class Settings:
             {str(n): parse_limits(f"tiers.{n}", v) for n, v in self.tiers.items()},
         )
         if not isinstance(self.rate_limit_storage, str) or "://" not in self.rate_limit_storage:
+            shown = self.rate_limit_storage
+            if isinstance(shown, str):
+                shown = redact_url(shown)
             raise ConfigError(
                 "rate_limit_storage",
-                f"expected a limits storage URI like 'memory://', got {self.rate_limit_storage!r}",
+                f"expected a limits storage URI like 'memory://', got {shown!r}",
             )
         if self.rate_limit_strategy not in STRATEGIES:
             raise ConfigError(
@@ -388,10 +392,25 @@ class Settings:
             values[field_name] = value
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # The generated repr would show the URL fields as given, passwords and
+        # all, in every log line or traceback that prints the settings.
+        shown = []
+        for item in dataclasses.fields(self):
+            if item.repr:
+                value = getattr(self, item.name)
+                if item.name in _URL_FIELDS and isinstance(value, str):
+                    value = redact_url(value)
+                shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def replace(self, **changes: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
 
+
+#: Fields that hold a URL (or a DSN), and so possibly a password or a token.
+_URL_FIELDS = frozenset({"key_store", "rate_limit_storage", "invalidation_url", "jwt_jwks_url"})
 
 #: URLs a key-invalidation bus can use: Redis pub/sub on one server.
 INVALIDATION_SCHEMES = ("redis://", "rediss://", "redis+unix://", "unix://")
@@ -450,7 +469,8 @@ def _check_jwks_url(url: object) -> None:
     if jwks_url_allowed(url):
         return
     raise ConfigError(
-        "jwt_jwks_url", f"expected an https:// URL (http only for localhost), got {url!r}"
+        "jwt_jwks_url",
+        f"expected an https:// URL (http only for localhost), got {redact_url(url)!r}",
     )
 
 

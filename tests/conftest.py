@@ -166,6 +166,11 @@ def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     connections["default"].settings_dict["TEST"]["NAME"] = str(path)
     old_config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
     yield
+    # What a process exit would write back (last_used_at of stores the tests
+    # left open), written while the test database still exists.
+    from m2m_middleware.stores.base import _flush_at_exit
+
+    _flush_at_exit()
     connections.close_all()
     teardown_databases(old_config, verbosity=0)
 

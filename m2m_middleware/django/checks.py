@@ -10,6 +10,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ..errors import ConfigError
 from ..limiting import open_limit_storage
+from ..redaction import redact, secrets_of
 from ..settings import Settings, invalidation_url
 from ..stores import open_key_store
 
@@ -37,7 +38,10 @@ def _check_key_store(config: Settings) -> None:
     except ConfigError:
         raise
     except Exception as exc:  # e.g. ValueError for a path with a NUL byte
-        raise ConfigError("key_store", f"{config.key_store!r}: {exc}") from None
+        url = config.key_store
+        secrets = secrets_of(url) if isinstance(url, str) else ()
+        problem = redact(f"{url!r}: {exc}", secrets)
+        raise ConfigError("key_store", problem) from None
     try:
         invalidation_url(config, store)  # whether revocations can reach other instances
     finally:

@@ -40,19 +40,21 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import (
     DatabaseError,
+    DataError,
     IntegrityError,
     InterfaceError,
     OperationalError,
     connections,
     transaction,
 )
-from django.db.models import DateTimeField, F, Value
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.functions import Coalesce, Greatest, Least
 from django.utils import timezone
 
 from .. import keys as keyformat
-from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
 from ..invalidation import NOTIFY_CHANNEL, PostgresListener, postgres_listener
+from ..redaction import redact_url
 from ..stores.base import KeyRecord, KeyStore, notify_local, utcnow
 from ..stores.sqlite import CHANGE_LOG_RETENTION, ChangeLogWatch, SQLiteKeyStore
 
@@ -129,7 +131,9 @@ def store_from_url(url: str, *, prefix: str = keyformat.DEFAULT_PREFIX) -> Djang
     if alias.endswith("/"):
         alias = alias[:-1]
     if "/" in alias or "?" in alias or "#" in alias:
-        raise ConfigError("key_store", f"{url!r}: write django:// or django://<database alias>")
+        raise ConfigError(
+            "key_store", f"{redact_url(url)!r}: write django:// or django://<database alias>"
+        )
     alias = alias or "default"
     check_usable(alias)
     return DjangoKeyStore(alias, prefix=prefix)
@@ -161,6 +165,30 @@ def _listener_conninfo(connection: BaseDatabaseWrapper, timeout: float) -> tuple
         if key in known and isinstance(value, (str, int)) and not isinstance(value, bool)
     }
     return make_conninfo("", **_with_timeouts(kept, timeout)), kept.get("password", "")
+
+
+#: The time columns. Django reads a text it cannot parse there as None, which
+#: would make a garbled revoked_at or expires_at read "never": each is loaded
+#: with a flag from the database saying whether it is NULL, to tell them apart
+#: (``APIKey.to_record`` reads the flags).
+TIME_COLUMNS = ("created_at", "expires_at", "revoked_at", "last_used_at")
+NULL_FLAG = "m2m_stored_"
+#: What Django's field converters raise for a value its column should not hold
+#: (an impossible date on SQLite; on PostgreSQL, psycopg's DataError for
+#: 'infinity', which Django wraps).
+_UNCONVERTIBLE = (ValueError, TypeError, AttributeError, OverflowError, DataError)
+
+
+def with_null_flags(rows: QuerySet[APIKey]) -> QuerySet[APIKey]:
+    """``rows`` loaded with the database's word on which time columns are NULL."""
+    return rows.annotate(
+        **{
+            NULL_FLAG + column: ExpressionWrapper(
+                Q(**{f"{column}__isnull": False}), output_field=BooleanField()
+            )
+            for column in TIME_COLUMNS
+        }
+    )
 
 
 def _to_db(value: datetime | None) -> datetime | None:
@@ -367,6 +395,28 @@ class DjangoKeyStore(KeyStore):
     def _rows(self) -> QuerySet[APIKey]:
         return _model().objects.using(self.using)
 
+    def _read_one(self, rows: QuerySet[APIKey]) -> tuple[KeyRecord, str] | None:
+        """The record and hash of the one row in ``rows``; UnreadableRow if it is bad."""
+        try:
+            row = with_null_flags(rows).first()
+        except _UNCONVERTIBLE:
+            raise self._diagnose(rows) from None
+        return None if row is None else (row.to_record(), row.key_hash)
+
+    def _diagnose(self, rows: QuerySet[APIKey]) -> UnreadableRow:
+        """Which column of the row in ``rows`` Django cannot convert (the bad path only)."""
+        try:
+            key_id = str(rows.values_list("key_id", flat=True).first())
+        except _UNCONVERTIBLE:
+            key_id = "?"
+        for column in ("client_id", "name", "scopes", "tier", *TIME_COLUMNS, "remaining_uses"):
+            try:
+                rows.values_list(column, flat=True).first()
+            except _UNCONVERTIBLE:
+                what = "a time" if column in TIME_COLUMNS else "what the column holds"
+                return UnreadableRow(key_id, f"{column} is not {what}")
+        return UnreadableRow(key_id, "a column does not hold what it should")
+
     # -- storage primitives --------------------------------------------------
 
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
@@ -388,8 +438,8 @@ class DjangoKeyStore(KeyStore):
 
     def _fetch(self, key_id: str) -> KeyRecord | None:
         with self._db():
-            row = self._rows().filter(key_id=key_id).first()
-        return row.to_record() if row is not None else None
+            found = self._read_one(self._rows().filter(key_id=key_id))
+        return found[0] if found is not None else None
 
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
         self._read_store_id()
@@ -397,15 +447,34 @@ class DjangoKeyStore(KeyStore):
         if listener is not None and not listener.settled.is_set():
             listener.wait_settled(self.listen_timeout)  # what this reads is then cached safely
         with self._db():
-            row = self._rows().filter(key_hash=key_hash).first()
-        return (row.to_record(), row.key_hash) if row is not None else None
+            return self._read_one(self._rows().filter(key_hash=key_hash))
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
+        found: list[KeyRecord | UnreadableRow] = []
         with self._db():
             rows = self._rows().all()
             if client_id is not None:
                 rows = rows.filter(client_id=client_id)
-            return [row.to_record() for row in rows]
+            try:
+                loaded = list(with_null_flags(rows))
+            except _UNCONVERTIBLE:
+                # One row Django cannot convert fails the whole query: read
+                # them one by one (the bad path only) so the others are listed.
+                for key_id in rows.values_list("key_id", flat=True):
+                    try:
+                        one = self._read_one(self._rows().filter(key_id=key_id))
+                    except UnreadableRow as bad:
+                        found.append(bad)
+                    else:
+                        if one is not None:
+                            found.append(one[0])
+                return found
+        for row in loaded:
+            try:
+                found.append(row.to_record())
+            except UnreadableRow as bad:
+                found.append(bad)
+        return found
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         at = Value(_to_db(when), output_field=DateTimeField())

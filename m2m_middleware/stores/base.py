@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import atexit
 import hmac
 import json
+import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
-from ..errors import KeyNotFound
+from ..errors import KeyNotFound, UnreadableRow
+from ..redaction import redact
 from ..syntax import check_client_id, check_scope, check_tier
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+logger = logging.getLogger("m2m_middleware")
+
+#: Key ids whose unreadable row was logged, per store: each is logged once,
+#: and a flood of bad rows cannot grow the set past this.
+_REPORTED_ROWS = 1024
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -97,8 +106,96 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(metadata or {}), sort_keys=True, separators=(",", ":"))
 
 
-def decode_metadata(text: str | None) -> Mapping[str, Any]:
-    return MappingProxyType(json.loads(text)) if text else _EMPTY
+def read_metadata(key_id: str, text: object) -> object:
+    """A metadata column's JSON text, decoded; UnreadableRow if it is not JSON."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, (str, bytes)):
+        raise UnreadableRow(key_id, "metadata is not JSON text")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
+        raise UnreadableRow(key_id, "metadata is not valid JSON") from None
+
+
+def _aware(key_id: str, column: str, value: object, *, required: bool = False) -> datetime | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise UnreadableRow(key_id, f"{column} is not a time")
+    return value
+
+
+def _optional_text(key_id: str, column: str, value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise UnreadableRow(key_id, f"{column} is not text")
+    return value
+
+
+def checked_record(
+    *,
+    key_id: object,
+    client_id: object,
+    name: object,
+    scopes: object,
+    tier: object,
+    created_at: object,
+    expires_at: object,
+    revoked_at: object,
+    remaining_uses: object,
+    metadata: object,
+    last_used_at: object,
+) -> KeyRecord:
+    """A :class:`KeyRecord` from one row's values, each checked for its type.
+
+    A row written by hand or by other software may hold a text where a time
+    belongs, a NULL where a value must be, or metadata that is no JSON object.
+    Such a row raises :class:`UnreadableRow` here, once, instead of a
+    ``TypeError`` somewhere in a request (a 500). Times must be aware
+    datetimes (each store converts its own column format first); scopes a
+    collection of scope strings; metadata a JSON object (or NULL: none).
+    """
+    if not isinstance(key_id, str) or not key_id:
+        raise UnreadableRow(repr(key_id), "key_id is not a non-empty text")
+    if not isinstance(client_id, str) or not client_id:
+        raise UnreadableRow(key_id, "client_id is not a non-empty text")
+    if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
+        raise UnreadableRow(key_id, "scopes is not a list of scopes")
+    try:
+        scope_set = frozenset(scopes)
+    except TypeError:  # an unhashable element
+        raise UnreadableRow(key_id, "scopes holds a value that is no scope") from None
+    for scope in scope_set:
+        if (
+            not isinstance(scope, str)
+            or not scope
+            or not scope.isprintable()
+            or any(ch.isspace() for ch in scope)
+        ):
+            raise UnreadableRow(key_id, "scopes holds a value that is no scope")
+    if remaining_uses is not None and (
+        isinstance(remaining_uses, bool) or not isinstance(remaining_uses, int)
+    ):
+        raise UnreadableRow(key_id, "remaining_uses is not a whole number")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise UnreadableRow(key_id, "metadata is not a JSON object")
+    created = _aware(key_id, "created_at", created_at, required=True)
+    assert created is not None
+    return KeyRecord(
+        key_id=key_id,
+        client_id=client_id,
+        name=_optional_text(key_id, "name", name),
+        scopes=scope_set,
+        tier=_optional_text(key_id, "tier", tier),
+        created_at=created,
+        expires_at=_aware(key_id, "expires_at", expires_at),
+        revoked_at=_aware(key_id, "revoked_at", revoked_at),
+        remaining_uses=remaining_uses,
+        metadata=MappingProxyType(dict(metadata)),
+        last_used_at=_aware(key_id, "last_used_at", last_used_at),
+    )
 
 
 class KeyStore(abc.ABC):
@@ -134,11 +231,17 @@ class KeyStore(abc.ABC):
         self._pending_touches: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
+        self._reported_rows: OrderedDict[str, None] = OrderedDict()
+        with suppress(TypeError):  # a subclass made unhashable is not flushed at exit
+            _live_stores.add(self)  # last_used_at is written back at exit too
 
     # -- storage primitives --------------------------------------------------
 
     @abc.abstractmethod
     def _insert(self, record: KeyRecord, key_hash: str) -> None: ...
+
+    # The three reads raise UnreadableRow for a row that does not make a
+    # record (see checked_record); _fetch_all returns it in the row's place.
 
     @abc.abstractmethod
     def _fetch(self, key_id: str) -> KeyRecord | None: ...
@@ -147,7 +250,7 @@ class KeyStore(abc.ABC):
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None: ...
 
     @abc.abstractmethod
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]: ...
+    def _fetch_all(self, client_id: str | None) -> Sequence[KeyRecord | UnreadableRow]: ...
 
     @abc.abstractmethod
     def _set_revoked(self, key_id: str, when: datetime) -> bool: ...
@@ -219,6 +322,11 @@ class KeyStore(abc.ABC):
         """Release connections; the store must not be used afterwards."""
         self.flush_last_used()
 
+    def _at_exit(self) -> None:
+        """Write back what is pending as the process exits (see :func:`_flush_at_exit`)."""
+        if self._pending_touches:
+            self.flush_last_used()
+
     # -- public API -----------------------------------------------------------
 
     def create_key(
@@ -257,6 +365,10 @@ class KeyStore(abc.ABC):
             metadata=MappingProxyType(dict(metadata or {})),
         )
         self._insert(record, keyformat.hash_key(plaintext))
+        # Caches that just refused this (then unknown) hash as a guess must
+        # not keep refusing it: a new key works at once here, and over a bus
+        # in other processes (else within a second, the engine's bound).
+        self._invalidated(record.key_id)
         return IssuedKey(plaintext, record)
 
     def get_key(self, key_id: str) -> KeyRecord:
@@ -269,8 +381,15 @@ class KeyStore(abc.ABC):
         return record
 
     def list_keys(self, client_id: str | None = None) -> list[KeyRecord]:
+        """The keys, oldest first; a row that cannot be read is left out, with a warning."""
         self.flush_last_used()
-        return sorted(self._fetch_all(client_id), key=lambda r: (r.created_at, r.key_id))
+        records = []
+        for found in self._fetch_all(client_id):
+            if isinstance(found, UnreadableRow):
+                self._report_unreadable(found)
+            else:
+                records.append(found)
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
 
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not self._set_revoked(key_id, utcnow()):
@@ -318,7 +437,14 @@ class KeyStore(abc.ABC):
     # -- used by the engine ---------------------------------------------------
 
     def find_by_hash(self, key_hash: str) -> KeyRecord | None:
-        found = self._fetch_by_hash(key_hash)
+        """The record of the key with this hash; None for no key, or one whose row is unreadable."""
+        try:
+            found = self._fetch_by_hash(key_hash)
+        except UnreadableRow as bad:
+            # Refused as no key (401), never a 500; logged once, by key id
+            # only: the hash would let a reader of the log replay lookups.
+            self._report_unreadable(bad)
+            return None
         if found is None:
             return None
         record, stored_hash = found
@@ -327,6 +453,18 @@ class KeyStore(abc.ABC):
         if not _compare(stored_hash, key_hash):
             return None
         return record
+
+    def _report_unreadable(self, bad: UnreadableRow) -> None:
+        reported = self._reported_rows
+        if bad.key_id in reported:
+            return
+        while len(reported) >= _REPORTED_ROWS:
+            try:
+                reported.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                break
+        reported[bad.key_id] = None
+        logger.warning("%s; it is treated as no key until the row is fixed", bad)
 
     def take_use(self, key_id: str) -> int | None:
         """Take one use of a usage-limited key: the uses left after it, or None if none were."""
@@ -365,6 +503,31 @@ class KeyStore(abc.ABC):
 
 def _compare(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
+
+
+# -- last_used_at at exit ------------------------------------------------------------
+#
+# last_used_at waits in memory for up to touch_interval; a short run (a job
+# that makes one request, a worker recycled early) would otherwise exit with
+# it unwritten, so the key looks never used. Stores are held weakly: a store
+# dropped earlier is not kept alive for this, and a closed one has nothing left.
+
+_live_stores: weakref.WeakSet[KeyStore] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    for store in list(_live_stores):
+        try:
+            store._at_exit()
+        except Exception as exc:  # the database may be gone too; say so, quietly
+            logger.warning(
+                "last_used_at could not be written back at exit (%s): %s",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+
+
+atexit.register(_flush_at_exit)
 
 
 # -- invalidation ----------------------------------------------------------------

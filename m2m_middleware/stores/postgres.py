@@ -34,21 +34,24 @@ race, and carries a version that a newer release can migrate from.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime, timezone
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 try:
     import psycopg
+    from psycopg.abc import Buffer
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.rows import TupleRow
+    from psycopg.types.datetime import TimestamptzLoader
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -57,9 +60,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .. import keys as keyformat
-from ..errors import ConfigError, KeyStoreError, StoreUnavailable
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
 from ..invalidation import NOTIFY_CHANNEL, PostgresListener, postgres_listener
-from .base import KeyRecord, KeyStore
+from ..redaction import redact, secrets_of
+from .base import KeyRecord, KeyStore, checked_record
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -129,28 +133,106 @@ _RECONNECT_WINDOW = 10.0
 T = TypeVar("T")
 _Conn = psycopg.Connection[TupleRow]
 
+#: Every pool of ours is named so; psycopg_pool passes the name (or a
+#: connection or task that knows its pool) in the arguments of its records.
+_POOL_PREFIX = "m2m key store "
 
-def _utc(value: datetime | None) -> datetime | None:
+
+def _of_our_pool(arg: object) -> bool:
+    if isinstance(arg, str):
+        return arg.startswith(_POOL_PREFIX)
+    if getattr(type(arg), "m2m_key_store", False):  # one of our connections, idle or not
+        return True
+    pool = getattr(arg, "_pool", None) or getattr(arg, "pool", None)  # a connection, a task
+    if isinstance(pool, weakref.ref):
+        pool = pool()
+    name = getattr(pool, "name", None)
+    return isinstance(name, str) and name.startswith(_POOL_PREFIX)
+
+
+class _QuietPoolFilter(logging.Filter):
+    """Our pools' own records are DEBUG, not WARNING.
+
+    While the server is down, psycopg_pool logs a WARNING for every
+    connection attempt (with backoff, for as long as requests keep asking)
+    and for every connection it discards. The engine already logs one record
+    per outage (with the cause the last attempt met) and one per recovery;
+    these would bury it. Kept, at DEBUG, for whoever turns ``psycopg.pool``
+    up to DEBUG; other pools' records are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not isinstance(record.args, tuple):
+            return True
+        if not any(_of_our_pool(arg) for arg in record.args):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # Handlers with no level of their own would still print it.
+        return _pool_logger.isEnabledFor(logging.DEBUG)
+
+
+_pool_logger = logging.getLogger("psycopg.pool")
+_pool_logger.addFilter(_QuietPoolFilter())
+
+
+class _Unreadable:
+    """What :class:`_LenientTimestamptzLoader` reads for a time Python cannot hold."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+class _LenientTimestamptzLoader(TimestamptzLoader):
+    """``'infinity'`` or a year past 9999 read as a marker that the row check
+    refuses, instead of a DataError that fails the whole query: a listing with
+    one such row would fail, and a lookup would look like an outage."""
+
+    def load(self, data: Buffer) -> Any:  # a datetime, or the marker
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return _UNREADABLE
+
+
+def _utc(key_id: str, column: str, value: object) -> object:
     # psycopg returns timestamptz in the session's time zone; records are UTC.
-    return value.astimezone(timezone.utc) if value is not None else None
+    if not isinstance(value, datetime):
+        return value  # None, or a marker checked_record refuses
+    try:
+        return value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):  # within a day of year 1 or 9999
+        raise UnreadableRow(key_id, f"{column} is not a time") from None
 
 
 def _record(row: TupleRow) -> KeyRecord:
-    created = _utc(row[5])
-    assert created is not None  # NOT NULL column
-    return KeyRecord(
+    """A row as a record; UnreadableRow if a column does not hold what it should."""
+    key_id = row[0] if isinstance(row[0], str) else repr(row[0])
+    scopes = row[3]
+    if scopes is None or isinstance(scopes, str):
+        raise UnreadableRow(key_id, "scopes is not a list of scopes")
+    return checked_record(
         key_id=row[0],
         client_id=row[1],
         name=row[2],
-        scopes=frozenset(row[3]),
+        scopes=scopes,
         tier=row[4],
-        created_at=created,
-        expires_at=_utc(row[6]),
-        revoked_at=_utc(row[7]),
+        created_at=_utc(key_id, "created_at", row[5]),
+        expires_at=_utc(key_id, "expires_at", row[6]),
+        revoked_at=_utc(key_id, "revoked_at", row[7]),
         remaining_uses=row[8],
-        metadata=MappingProxyType(row[9] or {}),
-        last_used_at=_utc(row[10]),
+        metadata=row[9],
+        last_used_at=_utc(key_id, "last_used_at", row[10]),
     )
+
+
+def _each_record(rows: list[TupleRow]) -> list[KeyRecord | UnreadableRow]:
+    found: list[KeyRecord | UnreadableRow] = []
+    for row in rows:
+        try:
+            found.append(_record(row))
+        except UnreadableRow as bad:
+            found.append(bad)
+    return found
 
 
 def _location(params: Mapping[str, Any]) -> str:
@@ -204,7 +286,7 @@ class PostgresKeyStore(KeyStore):
             raise ValueError("max_size must be a positive integer")
         self.timeout = float(timeout)
         self.max_size = max_size
-        self._secrets = _secrets_of(url)
+        self._secrets = secrets_of(url)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -213,7 +295,8 @@ class PostgresKeyStore(KeyStore):
             raise ConfigError(
                 "key_store", self._redact(f"not a valid PostgreSQL URL: {detail}")
             ) from None
-        self._secrets += _secrets_of_params(params)
+        if params.get("password"):  # as libpq decoded it: quotes and escapes undone
+            self._secrets += (str(params["password"]),)
         self.location = _location(params)
         self._conninfo = make_conninfo("", **_with_timeouts(params, self.timeout))
         self._pool: ConnectionPool[_Conn] | None = None
@@ -246,7 +329,7 @@ class PostgresKeyStore(KeyStore):
                     open=False,
                     timeout=self.timeout,
                     reconnect_timeout=_RECONNECT_WINDOW,
-                    name=f"m2m key store {self.location}",
+                    name=_POOL_PREFIX + self.location,
                 )
                 # Connects in the background: a database that is down now is
                 # retried by the pool, not fatal to whoever opened the store.
@@ -264,6 +347,8 @@ class PostgresKeyStore(KeyStore):
         store = self
 
         class RememberingConnection(psycopg.Connection[TupleRow]):
+            m2m_key_store = True  # for _QuietPoolFilter: a pool forgets idle ones
+
             @classmethod
             def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
                 try:
@@ -272,6 +357,7 @@ class PostgresKeyStore(KeyStore):
                     store._connect_error = " ".join(str(exc).split())  # libpq's is multi-line
                     raise
                 store._connect_error = None
+                conn.adapters.register_loader("timestamptz", _LenientTimestamptzLoader)
                 return conn
 
         return RememberingConnection
@@ -391,9 +477,7 @@ class PostgresKeyStore(KeyStore):
     # -- errors ------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
     def _no_connection(self) -> StoreUnavailable:
         message = f"PostgreSQL key store {self.location}: no connection within {self.timeout:g} s"
@@ -468,14 +552,14 @@ class PostgresKeyStore(KeyStore):
         )
         return (_record(row), row[-1]) if row else None
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
         query = f"SELECT {_COLUMNS} FROM m2m_api_keys"
         params: tuple[str, ...] = ()
         if client_id is not None:
             query += " WHERE client_id = %s"
             params = (client_id,)
         rows = self._run(lambda conn: conn.execute(query, params).fetchall(), retry=True)
-        return [_record(row) for row in rows]
+        return _each_record(rows)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         # LEAST ignores NULL: the earliest revocation stands, so a retry is
@@ -578,19 +662,3 @@ def _with_timeouts(params: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     ours = f"-c statement_timeout={math.ceil(timeout * 1000)}"
     merged["options"] = f"{ours} {merged['options']}" if merged.get("options") else ours
     return merged
-
-
-def _secrets_of(url: str) -> tuple[str, ...]:
-    """The password as spelt in the URL, raw and decoded, for scrubbing messages."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return ()
-    if not password:
-        return ()
-    return tuple({password, unquote(password)})
-
-
-def _secrets_of_params(params: Mapping[str, Any]) -> tuple[str, ...]:
-    password = params.get("password")
-    return (str(password),) if password else ()

@@ -29,8 +29,15 @@ from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import KeyStoreError, StoreUnavailable
-from .base import KeyRecord, KeyStore, decode_metadata, encode_metadata, notify_local
+from ..errors import KeyStoreError, StoreUnavailable, UnreadableRow
+from .base import (
+    KeyRecord,
+    KeyStore,
+    checked_record,
+    encode_metadata,
+    notify_local,
+    read_metadata,
+)
 
 SCHEMA_VERSION = 1
 
@@ -89,26 +96,74 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def _dt(value: float | None) -> datetime | None:
-    return datetime.fromtimestamp(value, timezone.utc) if value is not None else None
+def _time(key_id: str, column: str, value: object) -> datetime | None:
+    """An epoch-seconds column as a datetime; UnreadableRow for a text, NaN or a year past 9999.
+
+    SQLite keeps whatever was written: a REAL column may hold any text.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnreadableRow(key_id, f"{column} is not a time")
+    try:
+        return datetime.fromtimestamp(value, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UnreadableRow(key_id, f"{column} is not a time") from None
 
 
 def _record(row: tuple[Any, ...]) -> KeyRecord:
-    created = _dt(row[5])
-    assert created is not None
-    return KeyRecord(
+    """A row as a record; UnreadableRow if a column does not hold what it should."""
+    key_id = row[0] if isinstance(row[0], str) else repr(row[0])
+    scopes = row[3]
+    if not isinstance(scopes, str):
+        raise UnreadableRow(key_id, "scopes is not text")
+    return checked_record(
         key_id=row[0],
         client_id=row[1],
         name=row[2],
-        scopes=frozenset(row[3].split()),
+        scopes=scopes.split(),
         tier=row[4],
-        created_at=created,
-        expires_at=_dt(row[6]),
-        revoked_at=_dt(row[7]),
+        created_at=_time(key_id, "created_at", row[5]),
+        expires_at=_time(key_id, "expires_at", row[6]),
+        revoked_at=_time(key_id, "revoked_at", row[7]),
         remaining_uses=row[8],
-        metadata=decode_metadata(row[9]),
-        last_used_at=_dt(row[10]),
+        metadata=read_metadata(key_id, row[9]),
+        last_used_at=_time(key_id, "last_used_at", row[10]),
     )
+
+
+def _each_record(rows: list[tuple[Any, ...]]) -> list[KeyRecord | UnreadableRow]:
+    found: list[KeyRecord | UnreadableRow] = []
+    for row in rows:
+        try:
+            found.append(_record(row))
+        except UnreadableRow as bad:
+            found.append(bad)
+    return found
+
+
+def _create_private(path: str) -> None:
+    """Create the key file readable and writable by its owner only, unless it exists.
+
+    sqlite3 would create it under the process umask, often 0644: every local
+    user could read the client list and the key hashes. SQLite gives the
+    ``-wal`` and ``-shm`` files it makes later the mode of the database file,
+    so they are 0600 too. An existing file's mode is the operator's choice
+    and is left alone.
+    """
+    if path in ("", ":memory:"):
+        return
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
+    except FileExistsError:
+        return
+    try:
+        if hasattr(os, "fchmod"):  # not on Windows before 3.13, whose ACLs differ anyway
+            os.fchmod(fd, 0o600)  # a umask such as 0o277 would leave it unwritable
+    finally:
+        os.close(fd)
 
 
 class _Connection:
@@ -226,13 +281,15 @@ class SQLiteKeyStore(KeyStore):
         if held is not None and not held.closed:
             return held
         try:
+            _create_private(self.path)
             # check_same_thread=False only so that close() may close it from
             # another thread; each connection is still used by one thread.
             conn = sqlite3.connect(
                 self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {reason}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -343,6 +400,13 @@ class SQLiteKeyStore(KeyStore):
         _close_all(conns)
         self._local.conn = None
 
+    def _at_exit(self) -> None:
+        super()._at_exit()
+        # The connection finalizer may have run before this write opened one.
+        with self._conns_lock:
+            conns = list(self._conns)
+        _close_all(conns)
+
     def _insert(self, record: KeyRecord, key_hash: str) -> None:
         with self._db() as db:
             db.execute(
@@ -376,7 +440,7 @@ class SQLiteKeyStore(KeyStore):
             ).fetchone()
         return (_record(row), row[-1]) if row else None
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
         with self._db() as db:
             if client_id is None:
                 rows = db.execute(f"SELECT {_COLUMNS} FROM m2m_api_keys").fetchall()
@@ -384,7 +448,7 @@ class SQLiteKeyStore(KeyStore):
                 rows = db.execute(
                     f"SELECT {_COLUMNS} FROM m2m_api_keys WHERE client_id = ?", (client_id,)
                 ).fetchall()
-        return [_record(row) for row in rows]
+        return _each_record(rows)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         with self._write() as db:

@@ -32,7 +32,7 @@ from django.urls import path
 from m2m_middleware import ConfigError, KeyStoreError, StoreUnavailable, open_key_store
 from m2m_middleware.django import get_client
 from m2m_middleware.django.models import APIKey
-from m2m_middleware.django.store import DjangoKeyStore
+from m2m_middleware.django.store import DjangoKeyStore, with_null_flags
 from m2m_middleware.keys import hash_key
 from m2m_middleware.stores.base import subscribe_invalidations
 
@@ -281,6 +281,8 @@ def test_revocation_notices_wait_for_the_commit(store: DjangoKeyStore) -> None:
 
     subscribe_invalidations(store.location, listener)
     first, second = store.create_key("acme"), store.create_key("acme")
+    assert heard == [first.key_id, second.key_id]  # new keys: caches forget "unknown"
+    heard.clear()
     with transaction.atomic():
         store.revoke_key(first.key_id)
         assert heard == []  # not visible to anyone yet
@@ -290,8 +292,8 @@ def test_revocation_notices_wait_for_the_commit(store: DjangoKeyStore) -> None:
         raise RuntimeError("roll back")
     assert heard == [first.key_id]
     assert store.get_key(second.key_id).revoked_at is None
-    store.rotate_key(second.key_id)  # outside a transaction: at once
-    assert heard == [first.key_id, second.key_id]
+    successor = store.rotate_key(second.key_id)  # outside a transaction: at once
+    assert heard == [first.key_id, successor.key_id, second.key_id]
 
 
 # -- concurrency ---------------------------------------------------------------------------
@@ -412,6 +414,27 @@ def test_the_middleware_reads_keys_from_the_database(
         assert (revoked.status_code, revoked.json()["error"]) == (401, "invalid_token")
         assert get(client, f"/{view}", None).status_code == 401
     assert store.get_key(issued.key_id).remaining_uses == 0
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize(
+    "damage",
+    ["created_at = 'yesterday'", "revoked_at = 12345", "remaining_uses = 'lots'"],
+)
+def test_the_middleware_answers_401_for_a_row_it_cannot_read(
+    store: DjangoKeyStore, client: str, damage: str
+) -> None:
+    from django.db import connection
+
+    good, bad = store.create_key("acme"), store.create_key("acme")
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE m2m_middleware_apikey SET {damage} WHERE key_id = %s", [bad.key_id])
+    with override_settings(ROOT_URLCONF=URLCONF, M2M_AUTH=M2M_AUTH):
+        refused = get(client, f"/{client}", bad.key)
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_token")
+        assert get(client, f"/{client}", good.key).status_code == 200
+    # The admin loads rows as the store does, so it labels this one too.
+    assert with_null_flags(APIKey.objects.filter(pk=bad.key_id)).get().status() == "unreadable"
 
 
 def test_a_revocation_reaches_a_cached_key_at_once(store: DjangoKeyStore) -> None:
