@@ -154,7 +154,7 @@ def _keys_command(args: tuple[str, ...]) -> None:
         args,
         prog="flask m2m keys",
         store=engine.store,
-        notify=invalidation_url(engine.settings),
+        notify=invalidation_url(engine.settings, engine.store),
         tiers=engine.settings.tier_limit_items,
     )
     raise SystemExit(code)

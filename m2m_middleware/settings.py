@@ -16,6 +16,7 @@ from limits import RateLimitItem, parse_many
 from .errors import ConfigError
 from .extras import require_extra, require_jose
 from .keys import validate_prefix
+from .redaction import redact_url
 from .stores.base import KeyStore
 from .syntax import (
     CONTROL_CHARACTERS,
@@ -276,9 +277,12 @@ class Settings:
             {str(n): parse_limits(f"tiers.{n}", v) for n, v in self.tiers.items()},
         )
         if not isinstance(self.rate_limit_storage, str) or "://" not in self.rate_limit_storage:
+            shown = self.rate_limit_storage
+            if isinstance(shown, str):
+                shown = redact_url(shown)
             raise ConfigError(
                 "rate_limit_storage",
-                f"expected a limits storage URI like 'memory://', got {self.rate_limit_storage!r}",
+                f"expected a limits storage URI like 'memory://', got {shown!r}",
             )
         if self.rate_limit_strategy not in STRATEGIES:
             raise ConfigError(
@@ -439,6 +443,18 @@ class Settings:
             values[field_name] = value
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # The generated repr would show the URL fields as given, passwords and
+        # all, in every log line or traceback that prints the settings.
+        shown = []
+        for item in dataclasses.fields(self):
+            if item.repr:
+                value = getattr(self, item.name)
+                if item.name in _URL_FIELDS and isinstance(value, str):
+                    value = redact_url(value)
+                shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def replace(self, **changes: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
@@ -478,15 +494,39 @@ def _checked_keywords(generated: Callable[..., None]) -> Callable[..., None]:
 # Not `Settings.__init__ = ...`: mypy would (rightly) refuse assigning to a method.
 setattr(Settings, "__init__", _checked_keywords(Settings.__init__))  # noqa: B010
 
+#: Fields that hold a URL (or a DSN), and so possibly a password or a token.
+_URL_FIELDS = frozenset({"key_store", "rate_limit_storage", "invalidation_url", "jwt_jwks_url"})
+
 #: URLs a key-invalidation bus can use: Redis pub/sub on one server.
 INVALIDATION_SCHEMES = ("redis://", "rediss://", "redis+unix://", "unix://")
+#: Redis limit storages whose URL the bus cannot use (no pub/sub client for them here).
+_NO_BUS_SCHEMES = ("redis+sentinel://", "redis+cluster://")
+#: Key-store URLs whose stores carry revocations between processes themselves.
+_SELF_NOTIFYING_STORES = ("memory://", "sqlite://", "postgresql://", "postgres://")
 
 
-def invalidation_url(settings: Settings) -> str | None:
-    """The Redis URL revocations travel on: the setting, else the limit storage's Redis."""
+def invalidation_url(settings: Settings, store: KeyStore | None = None) -> str | None:
+    """The Redis URL revocations travel on: the setting, else the limit storage's Redis.
+
+    A sentinel or cluster limit storage cannot carry them; unless the key
+    store (``store``, else ``settings.key_store``) tells other processes
+    itself, that is a ConfigError until ``invalidation_url`` says what to do,
+    rather than a silent fall-back to ``key_cache_ttl``.
+    """
     url = settings.invalidation_url
-    if url is None and settings.rate_limit_storage.startswith(INVALIDATION_SCHEMES):
-        url = settings.rate_limit_storage
+    storage = settings.rate_limit_storage
+    if url is None and storage.startswith(INVALIDATION_SCHEMES):
+        url = storage
+    elif url is None and storage.startswith(_NO_BUS_SCHEMES) and _needs_bus(settings, store):
+        scheme = storage.partition("://")[0]  # never the rest: it may hold a password
+        raise ConfigError(
+            "invalidation_url",
+            f"rate_limit_storage is {scheme}://, which cannot carry key revocations to "
+            f"other instances, and this key store cannot either: set invalidation_url to "
+            f"a redis:// URL that every instance reaches, so they drop a revoked key at "
+            f"once, or to '' to accept that they see it within key_cache_ttl "
+            f"({settings.key_cache_ttl:g} s)",
+        )
     return url or None
 
 
@@ -501,13 +541,21 @@ def jwks_url_allowed(url: str) -> bool:
     return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
 
 
+def _needs_bus(settings: Settings, store: KeyStore | None) -> bool:
+    known = store if store is not None else settings.key_store
+    if isinstance(known, KeyStore):
+        return known.needs_bus
+    return not known.lower().startswith(_SELF_NOTIFYING_STORES)
+
+
 def _check_jwks_url(url: object) -> None:
     if not isinstance(url, str):
         raise ConfigError("jwt_jwks_url", f"expected a URL, got {url!r}")
     if jwks_url_allowed(url):
         return
     raise ConfigError(
-        "jwt_jwks_url", f"expected an https:// URL (http only for localhost), got {url!r}"
+        "jwt_jwks_url",
+        f"expected an https:// URL (http only for localhost), got {redact_url(url)!r}",
     )
 
 

@@ -166,6 +166,11 @@ def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     connections["default"].settings_dict["TEST"]["NAME"] = str(path)
     old_config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
     yield
+    # What a process exit would write back (last_used_at of stores the tests
+    # left open), written while the test database still exists.
+    from m2m_middleware.stores.base import _flush_at_exit
+
+    _flush_at_exit()
     connections.close_all()
     teardown_databases(old_config, verbosity=0)
 
@@ -208,8 +213,8 @@ def django_key_store(django_db: None) -> Any:
 def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     """A ``django://`` store on the machine's PostgreSQL, in this test's own schema.
 
-    The database alias is added for the test and removed after it; the table
-    is made from the model (the migration is checked against the model in
+    The database alias is added for the test and removed after it; the tables
+    are made from the models (the migrations are checked against the models in
     tests/django/test_django_admin.py).
     """
     from contextlib import suppress
@@ -220,7 +225,7 @@ def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     from django.db import connections
 
     from m2m_middleware import open_key_store
-    from m2m_middleware.django.models import APIKey
+    from m2m_middleware.django.models import APIKey, KeyChange, StoreMeta
 
     alias = "m2m_postgres"
     parts = urlsplit(postgres_url)
@@ -238,7 +243,8 @@ def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     )[alias]
     try:
         with connections[alias].schema_editor() as editor:
-            editor.create_model(APIKey)
+            for model in (APIKey, KeyChange, StoreMeta):
+                editor.create_model(model)
         store = open_key_store(f"django://{alias}")
         yield store
         store.close()

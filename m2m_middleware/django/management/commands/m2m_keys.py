@@ -41,11 +41,15 @@ class Command(BaseCommand):
         except ConfigError as exc:
             raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
         try:
+            try:
+                notify = invalidation_url(config, store)
+            except ConfigError as exc:
+                raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
             code = keys_main(
                 args or ["--help"],
                 prog="manage.py m2m_keys",
                 store=store,
-                notify=invalidation_url(config),
+                notify=notify,
                 tiers=config.tier_limit_items,
             )
         finally:
