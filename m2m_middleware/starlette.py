@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 try:
     from starlette.authentication import AuthCredentials, UnauthenticatedUser
     from starlette.requests import HTTPConnection
     from starlette.responses import Response
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
     from starlette.websockets import WebSocket
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -30,11 +31,6 @@ from .outcome import Denied
 from .scopes import ScopeRequirement
 from .settings import Settings
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Close code for a refused websocket: RFC 6455 "policy violation".
@@ -62,6 +58,10 @@ class M2MMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        # Positional-only, as Starlette's middleware factory protocol has it: else
+        # ``add_middleware(M2MMiddleware, settings=...)`` fails type checking
+        # (an ``app=`` keyword could land in both ``app`` and ``**fields``).
+        /,
         settings: Settings | None = None,
         *,
         engine: Engine | None = None,
