@@ -178,11 +178,12 @@ async def _send_denied(denied: Denied, send: Send, kind: str = "http") -> None:
 async def _refuse_websocket(denied: Denied, scope: Scope, send: Send) -> None:
     """Refuse a handshake (before ``websocket.accept``) with the HTTP answer, where possible.
 
-    With the ASGI websocket denial response extension (uvicorn's websockets,
-    wsproto and websockets-sansio implementations, hypercorn, daphne) the client
-    gets the status, headers and problem body an HTTP request would. Without
-    it all a server can send is a close, which uvicorn turns into a bare 403:
-    1008 (policy violation), with the error code as the reason.
+    With the ASGI websocket denial response extension (offered by each of
+    uvicorn's implementations: websockets, websockets-sansio, wsproto; see
+    tests/integration/test_websocket_refusals.py) the client gets the status,
+    headers and problem body an HTTP request would. Without it all an app can
+    send is a close, which uvicorn turns into a bare 403: 1008 (policy
+    violation), with the error code as the reason.
     """
     if WS_DENIAL_EXTENSION in (scope.get("extensions") or ()):
         await _send_denied(denied, send, "websocket")
