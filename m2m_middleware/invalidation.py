@@ -156,7 +156,7 @@ class RedisBus:
                         self._deliver(message.get("data"))
             except Exception as exc:
                 self.ready.clear()
-                if not self._down:
+                if not self._down and not self._stop.is_set():  # stopping is no outage
                     self._down = True
                     logger.error(
                         "lost the Redis key-invalidation channel (%s): %s; revocations made "
@@ -300,7 +300,9 @@ class PostgresListener:
                 self.ready.clear()
                 self._may_have_missed = True
                 self.settled.set()
-                if not self._down:
+                # A connection cut while the listener is being stopped (its
+                # store closed) is the end of listening, not an outage.
+                if not self._down and not self._stop.is_set():
                     self._down = True
                     detail = " ".join(str(exc).split()) or type(exc).__name__
                     logger.error(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -151,20 +151,24 @@ class Route:
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated configuration. Invalid values raise :class:`ConfigError` naming the field."""
+    """Validated configuration. Invalid values raise :class:`ConfigError` naming the field.
 
-    schemes: tuple[str, ...] = ("api_key",)
+    Fields that hold several values take any sequence (a list, as people write
+    them, or a tuple) and hold a tuple once validated.
+    """
+
+    schemes: Sequence[str] = ("api_key",)
     key_store: str | KeyStore = "sqlite:///m2m_keys.db"
     api_key_header: str = "X-API-Key"
     key_prefix: str = "m2m"
     jwt_issuer: str | None = None
-    jwt_audience: str | tuple[str, ...] | None = None
-    jwt_algorithms: tuple[str, ...] | None = None
+    jwt_audience: str | Sequence[str] | None = None
+    jwt_algorithms: Sequence[str] | None = None
     jwt_keys: Any = field(default=None, repr=False)  # may hold an HMAC secret
     jwt_jwks_url: str | None = None
     jwt_leeway: float = 0.0
     jwt_typ: str | None = None
-    jwt_client_id_claims: tuple[str, ...] = ("client_id", "sub")
+    jwt_client_id_claims: Sequence[str] = ("client_id", "sub")
     jwt_tier_claim: str | None = None
     jwt_jwks_timeout: float = 3.0
     jwt_jwks_refetch_interval: float = 30.0
@@ -173,13 +177,13 @@ class Settings:
     rate_limit_storage: str = "memory://"
     rate_limit_strategy: str = "fixed-window"
     rate_limit_headers: bool = True
-    public_paths: tuple[str, ...] = ()
+    public_paths: Sequence[str] = ()
     on_storage_error: str = "deny"
     storage_timeout: float = 1.0
     invalidation_url: str | None = None
     key_cache_ttl: float = 30.0
     key_cache_size: int = 10_000
-    routes: tuple[Any, ...] = ()
+    routes: Sequence[Mapping[str, Any]] = ()
     realm: str = "api"
     max_credential_length: int = 4096
 
