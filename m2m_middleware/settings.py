@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -191,23 +191,26 @@ class Route:
 class Settings:
     """Validated configuration. Invalid values raise :class:`ConfigError` naming the field.
 
+    Fields that hold several values take any sequence (a list, as people write
+    them, or a tuple) and hold a tuple once validated.
+
     Fields are keyword arguments only. An unknown one is a :class:`ConfigError`
     naming it and the closest known field (``did you mean `default_limits`?``),
     here as in :meth:`from_mapping`; see :func:`_checked_keywords`.
     """
 
-    schemes: tuple[str, ...] = ("api_key",)
+    schemes: Sequence[str] = ("api_key",)
     key_store: str | KeyStore = "sqlite:///m2m_keys.db"
     api_key_header: str = "X-API-Key"
     key_prefix: str = "m2m"
     jwt_issuer: str | None = None
-    jwt_audience: str | tuple[str, ...] | None = None
-    jwt_algorithms: tuple[str, ...] | None = None
+    jwt_audience: str | Sequence[str] | None = None
+    jwt_algorithms: Sequence[str] | None = None
     jwt_keys: Any = field(default=None, repr=False)  # may hold an HMAC secret
     jwt_jwks_url: str | None = None
     jwt_leeway: float = 0.0
     jwt_typ: str | None = None
-    jwt_client_id_claims: tuple[str, ...] = ("client_id", "sub")
+    jwt_client_id_claims: Sequence[str] = ("client_id", "sub")
     jwt_tier_claim: str | None = None
     jwt_jwks_timeout: float = 3.0
     jwt_jwks_refetch_interval: float = 30.0
@@ -216,13 +219,13 @@ class Settings:
     rate_limit_storage: str = "memory://"
     rate_limit_strategy: str = "fixed-window"
     rate_limit_headers: bool = True
-    public_paths: tuple[str, ...] = ()
+    public_paths: Sequence[str] = ()
     on_storage_error: str = "deny"
     storage_timeout: float = 1.0
     invalidation_url: str | None = None
     key_cache_ttl: float = 30.0
     key_cache_size: int = 10_000
-    routes: tuple[Any, ...] = ()
+    routes: Sequence[Mapping[str, Any]] = ()
     realm: str = "api"
     max_credential_length: int = 4096
 

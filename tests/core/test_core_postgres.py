@@ -667,7 +667,9 @@ def test_other_pools_keep_their_warnings(
 ) -> None:
     from psycopg_pool import ConnectionPool
 
-    caplog.set_level(logging.WARNING)
+    # On the logger itself: the CLI, run in-process by other tests of this
+    # worker, turns psycopg.pool down to ERROR for its own output.
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
     pool = ConnectionPool(
         f"postgresql://postgres@127.0.0.1:{servers.free_port()}/test",
         min_size=1,
