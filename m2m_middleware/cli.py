@@ -27,7 +27,7 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -88,7 +88,53 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+#: The options whose value may be written with a minus sign by mistake, and what
+#: their value is: a minus there gets a message of its own instead of argparse's.
+_DURATION_OPTIONS = {
+    "--expires-in": "the expiry must be in the future: give a positive duration such as 30d",
+    "--grace": "the grace period cannot be negative: give a duration such as 1h, or 0",
+}
+_NEGATIVE_VALUE = re.compile(r"-[0-9.]")
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--expires-in -1d`` as ``--expires-in=-1d``.
+
+    argparse takes ``-1d`` for an option (it only knows plain negative numbers
+    such as ``-1`` as values) and answers "expected one argument", which names
+    neither the value nor the problem. Attached with ``=``, the value reaches
+    :func:`_duration_option`, which says what is wrong with it. Abbreviations
+    of the option (argparse accepts ``--expires``) are recognised too; nothing
+    after ``--`` is touched.
+    """
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":  # the end of the options
+            out.extend(words[i:])
+            break
+        option = _duration_option_named(word)
+        if option is not None and i + 1 < len(words) and _NEGATIVE_VALUE.match(words[i + 1]):
+            out.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def _duration_option_named(word: str) -> str | None:
+    if not word.startswith("--") or len(word) < 3:
+        return None
+    found = [name for name in _DURATION_OPTIONS if name.startswith(word)]
+    return found[0] if len(found) == 1 else None
+
+
 def _duration_option(option: str, text: str, *, allow_zero: bool) -> float:
+    if text.strip().startswith("-"):
+        raise UsageError(f"{option}: {_DURATION_OPTIONS[option]}, got {text!r}")
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
@@ -113,6 +159,29 @@ def _scopes_option(values: Sequence[str]) -> list[str]:
             raise UsageError("--scope: a scope cannot be empty")
         scopes.extend(_checked("--scope", check_scope, part) for part in parts)
     return sorted(set(scopes))
+
+
+def _known_tiers(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The app's configured tiers (``flask m2m keys``, ``manage.py m2m_keys``), or
+    None for the plain ``m2m`` command, which cannot know which tiers an app has."""
+    tiers: tuple[str, ...] | None = getattr(args, "app_tiers", None)
+    return tiers
+
+
+def _tiers_text(tiers: Sequence[str]) -> str:
+    if not tiers:
+        return "the app configures no tiers"
+    return f"the app's tiers are {', '.join(sorted(tiers))}"
+
+
+def _configured_tier(args: argparse.Namespace, tier: str) -> None:
+    """A key with a tier the app does not configure would quietly get default_limits."""
+    known = _known_tiers(args)
+    if known is not None and tier not in known:
+        raise UsageError(
+            f"--tier: unknown tier {tier!r}: {_tiers_text(known)}; "
+            "without --tier a key gets default_limits"
+        )
 
 
 def _non_empty(option: str, value: str | None) -> str | None:
@@ -220,6 +289,7 @@ def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
     tier = _non_empty("--tier", args.tier)
     if tier is not None:
         _checked("--tier", check_tier, tier)
+        _configured_tier(args, tier)
     name = _non_empty("--name", args.name)
     max_uses = _max_uses_option(args.max_uses) if args.max_uses is not None else None
     expires_at = None
@@ -360,6 +430,17 @@ def cmd_keys_rotate(args: argparse.Namespace, store: KeyStore) -> int:
     if old.remaining_uses == 0:
         # The successor inherits the uses left; none are.
         raise CommandError(f"key {old.key_id!r} has no uses left; create a new key instead")
+    known = _known_tiers(args)
+    if known is not None and old.tier is not None and old.tier not in known:
+        # Warned, not refused: rotating is how a leaked key is replaced, and
+        # the tier was already the key's. The successor keeps it.
+        prog = getattr(args, "prog", PROG)
+        print(
+            f"{prog}: warning: key {old.key_id} has tier {_printable(old.tier)!r}, which "
+            f"is not configured ({_tiers_text(known)}): its successor keeps the tier and "
+            "gets default_limits",
+            file=sys.stderr,
+        )
     issued = store.rotate_key(args.key_id, grace_seconds=grace)
     old_end = _end_of_life(store.get_key(args.key_id))
     record = issued.record
@@ -566,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(
+        _negative_values_attached(sys.argv[1:] if argv is None else argv)
+    )
     if args.command == "demo":
         return cmd_demo(args, extra)
     if extra:
@@ -630,12 +713,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def keys_main(
-    argv: Sequence[str], *, prog: str, store: KeyStore | str, notify: str | None = None
+    argv: Sequence[str],
+    *,
+    prog: str,
+    store: KeyStore | str,
+    notify: str | None = None,
+    tiers: Iterable[str] | None = None,
 ) -> int:
     """The ``keys`` actions on an app's own store: ``flask m2m keys`` and
     ``manage.py m2m_keys``. The same options and output as ``m2m keys``, but
     ``--store`` defaults to the app's ``key_store`` and ``--notify`` to its
-    ``invalidation_url``."""
+    ``invalidation_url``. ``tiers`` are the app's configured tier names: a
+    ``--tier`` outside them is refused (None: any tier, as ``m2m keys``)."""
     parser = argparse.ArgumentParser(
         prog=prog, description="Create, list, revoke and rotate API keys in this app's key store."
     )
@@ -644,10 +733,15 @@ def keys_main(
         store_help="key-store URL (default: the app's key_store setting)",
         notify_help="the app's invalidation_url, if it has one",
     )
-    parser.set_defaults(app_store=store, app_notify=notify)
+    parser.set_defaults(
+        app_store=store,
+        app_notify=notify,
+        app_tiers=tuple(tiers) if tiers is not None else None,
+        prog=prog,
+    )
 
     def run() -> int:
-        args = parser.parse_args(list(argv))
+        args = parser.parse_args(_negative_values_attached(argv))
         return _run_keys_command(args, args.handler)
 
     return _guarded(prog, run)

@@ -21,6 +21,7 @@ from .client import Client
 from .credentials import extract_credential, looks_like_jwt
 from .errors import (
     AuthError,
+    ConfigError,
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
@@ -231,6 +232,13 @@ class KeyCache:
 
 class Engine:
     def __init__(self, settings: Settings | None = None, *, store: KeyStore | None = None) -> None:
+        if settings is not None and not isinstance(settings, Settings):
+            # A dict here would fail later as an AttributeError deep inside.
+            raise ConfigError(
+                "settings",
+                f"expected Settings(...), got {type(settings).__name__}: write "
+                "settings=Settings(**fields), or Settings.from_mapping(mapping)",
+            )
         self.settings = settings = settings or Settings()
         self.tokens: TokenVerifier | None = None
         self.bus: RedisBus | None = None

@@ -15,11 +15,13 @@ class ConfigError(M2MError, ValueError):
     The message never shows a password or token: a URL's userinfo, secret
     query parameters and keyword-DSN passwords are masked here, whatever the
     caller quoted (callers mask the secrets they know of as well).
+    ``suggestion`` is the known field an unknown one probably meant (a typo), if any.
     """
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, *, suggestion: str | None = None) -> None:
         self.field = field
         self.problem = problem = redact(problem)
+        self.suggestion = suggestion
         super().__init__(f"{field}: {problem}")
 
 

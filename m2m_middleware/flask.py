@@ -156,6 +156,7 @@ def _keys_command(args: tuple[str, ...]) -> None:
         prog="flask m2m keys",
         store=engine.store,
         notify=invalidation_url(engine.settings, engine.store),
+        tiers=engine.settings.tier_limit_items,
     )
     raise SystemExit(code)
 

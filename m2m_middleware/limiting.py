@@ -62,6 +62,7 @@ import limits.storage
 from limits import RateLimitItem
 
 from .errors import ConfigError
+from .processes import watch_memory_limiter
 from .redaction import redact, secrets_of
 from .settings import REDIS_SCHEMES, Route, Settings
 from .syntax import log_safe
@@ -616,6 +617,10 @@ def _script_call(
     return keys, args
 
 
+#: Distinct unknown tier names a limiter logs; see :meth:`Limiter._unknown_tier`.
+UNKNOWN_TIERS_LOGGED = 32
+
+
 def _policy_header(limits_: Sequence[Limit]) -> str:
     return ", ".join(f'"{lim.policy}";q={lim.amount};w={lim.expiry}' for lim in limits_)
 
@@ -666,6 +671,13 @@ class Limiter:
         }
         self._plans: dict[tuple[str | None, tuple[int, ...]], LimitPlan] = {}
         self._tier_plans: dict[str | None, LimitPlan] = {}
+        if self.windows is not None and (
+            self._default or any(self._tiers.values()) or any(self._routes.values())
+        ):
+            watch_memory_limiter(self)  # one WARNING if several processes count apart
+        #: Tier names not in ``tiers`` that were warned about (see :meth:`_unknown_tier`).
+        self._unknown_tiers: set[str] = set()
+        self._unknown_tiers_lock = threading.Lock()
         self._down = False
 
     # -- planning -------------------------------------------------------------
@@ -685,12 +697,46 @@ class Limiter:
         return plan
 
     def _build_plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
-        base = self._tiers.get(tier, self._default) if tier is not None else self._default
+        base = self._default
+        if tier is not None:
+            found = self._tiers.get(tier)
+            if found is None:
+                self._unknown_tier(tier)
+            else:
+                base = found
         chosen = base + tuple(lim for r in routes for lim in self._routes[r.index])
         return LimitPlan(chosen, _policy_header(chosen))
 
     def known_tier(self, tier: str | None) -> bool:
         return tier is None or tier in self._tiers
+
+    def _unknown_tier(self, tier: str) -> None:
+        """One WARNING per tier name that a client carries but ``tiers`` does not name.
+
+        Such a client quietly gets ``default_limits``: a tier misspelt on a key
+        (made with the plain ``m2m`` CLI, which cannot know the app's tiers) or
+        in a token's tier claim. Plans are built when a key or token is first
+        verified, then cached with it, so this never runs per request; and at
+        most :data:`UNKNOWN_TIERS_LOGGED` names are logged (a token issuer could
+        mint any number), then one line saying that more are not.
+        """
+        with self._unknown_tiers_lock:
+            warned = self._unknown_tiers
+            if tier in warned or len(warned) > UNKNOWN_TIERS_LOGGED:
+                return
+            warned.add(tier)
+            if len(warned) > UNKNOWN_TIERS_LOGGED:
+                logger.warning(
+                    "more than %d tier names that are not in tiers: the others are not logged",
+                    UNKNOWN_TIERS_LOGGED,
+                )
+                return
+        configured = ", ".join(sorted(self._tiers)) or "none"
+        logger.warning(
+            "tier %s is not in tiers (configured: %s): its clients get default_limits",
+            log_safe(tier[:200]),
+            configured,
+        )
 
     # -- outage bookkeeping ---------------------------------------------------
 

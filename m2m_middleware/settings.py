@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,6 +14,7 @@ from urllib.parse import urlsplit
 from limits import RateLimitItem, parse_many
 
 from .errors import ConfigError
+from .extras import require_extra, require_jose
 from .keys import validate_prefix
 from .redaction import redact_url
 from .stores.base import KeyStore
@@ -35,6 +38,39 @@ _HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
+ROUTE_FIELDS = ("path", "methods", "scopes", "limits", "cost")
+#: Key-store URL schemes served by an extra: the extra, and what to call the store.
+_KEY_STORE_EXTRAS = {
+    "postgresql": ("postgres", "a postgresql:// key_store"),
+    "postgres": ("postgres", "a postgresql:// key_store"),
+    "django": ("django", "a django:// key_store"),
+}
+
+
+def unknown_name_error(field: str, name: object, known: Iterable[str], kind: str) -> ConfigError:
+    """``field: unknown <kind>; did you mean `<closest>`?``, or the known names when none is close.
+
+    ``field`` is where the name stands (the name itself for a setting,
+    ``routes[0].scope`` for a route rule's). The closest known name is
+    difflib's choice, on the lower-case name (settings are matched in lower
+    case), cut to 64 characters first: matching costs the product of the
+    lengths, and nothing longer is a typo of a field name.
+    """
+    text = str(name)
+    close = difflib.get_close_matches(text[:64].lower(), list(known), n=1, cutoff=0.6)
+    if close:
+        problem = f"unknown {kind}; did you mean `{close[0]}`?"
+    else:
+        problem = f"unknown {kind}; the known ones are {', '.join(sorted(known))}"
+    return ConfigError(field, problem, suggestion=close[0] if close else None)
+
+
+def shown_name(name: object) -> str:
+    """A name as written, fit for one line of a message: escaped and cut when it is odd."""
+    text = str(name)
+    if text.isprintable() and len(text) <= 64:
+        return text
+    return ascii(text[:64]) + ("..." if len(text) > 64 else "")
 
 
 def parse_limits(field_name: str, value: object) -> tuple[RateLimitItem, ...]:
@@ -97,9 +133,11 @@ class Route:
         name = f"routes[{index}]"
         if not isinstance(value, Mapping):
             raise ConfigError(name, f"expected a mapping with 'path', got {value!r}")
-        unknown = set(value) - {"path", "methods", "scopes", "limits", "cost"}
-        if unknown:
-            raise ConfigError(f"{name}.{sorted(unknown)[0]}", "unknown route field")
+        for key in value:
+            if key not in ROUTE_FIELDS:
+                raise unknown_name_error(
+                    f"{name}.{shown_name(key)}", key, ROUTE_FIELDS, "route field"
+                )
         path = value.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError(
@@ -149,12 +187,16 @@ class Route:
         return self.pattern.match(slashed(path)) is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Validated configuration. Invalid values raise :class:`ConfigError` naming the field.
 
     Fields that hold several values take any sequence (a list, as people write
     them, or a tuple) and hold a tuple once validated.
+
+    Fields are keyword arguments only. An unknown one is a :class:`ConfigError`
+    naming it and the closest known field (``did you mean `default_limits`?``),
+    here as in :meth:`from_mapping`; see :func:`_checked_keywords`.
     """
 
     schemes: Sequence[str] = ("api_key",)
@@ -205,6 +247,10 @@ class Settings:
         set_(self, "schemes", tuple(dict.fromkeys(schemes)))
         if not isinstance(self.key_store, (str, KeyStore)):
             raise ConfigError("key_store", f"expected a URL or a KeyStore, got {self.key_store!r}")
+        if isinstance(self.key_store, str):
+            store_extra = _KEY_STORE_EXTRAS.get(self.key_store.partition("://")[0].lower())
+            if store_extra is not None and "://" in self.key_store:
+                require_extra("key_store", store_extra[1], store_extra[0])
         if not isinstance(self.api_key_header, str) or not _HEADER_RE.fullmatch(
             self.api_key_header
         ):
@@ -246,6 +292,8 @@ class Settings:
                 "rate_limit_strategy", f"{self.rate_limit_strategy!r}; choose from {STRATEGIES}"
             )
         scheme = self.rate_limit_storage.partition("://")[0].lower()
+        if scheme in REDIS_SCHEMES:
+            require_extra("rate_limit_storage", f"a {scheme}:// rate_limit_storage", "redis")
         if self.rate_limit_strategy != "fixed-window" and scheme not in {"memory", *REDIS_SCHEMES}:
             # Only a scheme is shown: the URI may hold a password.
             raise ConfigError(
@@ -280,6 +328,8 @@ class Settings:
                 f"expected a redis:// (or rediss://, redis+unix://) URL, or '' for none, "
                 f"got {shown!r}",
             )
+        if url:
+            require_extra("invalidation_url", "a key-invalidation bus", "redis")
         _number("key_cache_ttl", self.key_cache_ttl, minimum=0, maximum=86400)
         _number("key_cache_size", self.key_cache_size, minimum=0, maximum=10_000_000, integer=True)
         routes = self.routes
@@ -334,6 +384,7 @@ class Settings:
         if not wanted and self.jwt_keys is None:
             set_(self, "jwt_key_ring", None)
             return
+        require_jose("schemes" if wanted else "jwt_keys")
         from .jwtkeys import (
             DEFAULT_ALGORITHMS,
             SUPPORTED_ALGORITHMS,
@@ -387,12 +438,11 @@ class Settings:
             raise ConfigError(
                 "M2M_AUTH", f"expected a mapping of settings, got {type(mapping).__name__}"
             )
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
         values: dict[str, Any] = {}
         for name, value in mapping.items():
             field_name = str(name).lower()
-            if field_name not in known:
-                raise ConfigError(str(name), "unknown setting")
+            if field_name not in SETTING_FIELDS:
+                raise unknown_name_error(shown_name(name), name, SETTING_FIELDS, "setting")
             values[field_name] = value
         return cls(**values)
 
@@ -412,6 +462,40 @@ class Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
 
+
+#: The fields ``Settings(...)`` and ``Settings.from_mapping`` take.
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Settings) if f.init)
+
+
+def _checked_keywords(generated: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass's ``__init__``, behind a check of what it was given.
+
+    The generated ``__init__`` answers an unknown field or a positional
+    argument with a ``TypeError`` that says neither which fields exist nor
+    which one was meant; this answers with a :class:`ConfigError` that does.
+    Type checkers still see the generated signature (the dataclass), so a
+    typo is caught by mypy before it runs, too.
+    """
+
+    @functools.wraps(generated)
+    def __init__(self: Settings, *args: Any, **fields: Any) -> None:
+        if args:
+            raise ConfigError(
+                "Settings",
+                f"takes keyword arguments only, got {len(args)} positional argument(s): "
+                "write Settings(default_limits=...), or Settings.from_mapping({...}) "
+                "for a mapping",
+            )
+        for name in fields:
+            if name not in SETTING_FIELDS:
+                raise unknown_name_error(shown_name(name), name, SETTING_FIELDS, "setting")
+        generated(self, **fields)
+
+    return __init__
+
+
+# Not `Settings.__init__ = ...`: mypy would (rightly) refuse assigning to a method.
+setattr(Settings, "__init__", _checked_keywords(Settings.__init__))  # noqa: B010
 
 #: Fields that hold a URL (or a DSN), and so possibly a password or a token.
 _URL_FIELDS = frozenset({"key_store", "rate_limit_storage", "invalidation_url", "jwt_jwks_url"})

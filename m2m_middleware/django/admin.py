@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django import forms
 from django.conf import settings
@@ -58,14 +58,28 @@ GRACE_CHOICES = [
 ]
 
 
+def _validated() -> Settings | None:
+    """``M2M_AUTH`` as the middleware reads it; None when it is invalid (the
+    system checks report that: E001/E002)."""
+    config = getattr(settings, "M2M_AUTH", None)
+    try:
+        return config if isinstance(config, Settings) else Settings.from_mapping(config)
+    except (ConfigError, TypeError):
+        return None
+
+
+def _configured_tiers() -> tuple[str, ...]:
+    """The tier names a new key may have: those ``M2M_AUTH`` configures."""
+    validated = _validated()
+    return tuple(sorted(validated.tier_limit_items)) if validated is not None else ()
+
+
 def _configured() -> tuple[str | None, str, str | None]:
     """The django:// alias of ``M2M_AUTH`` (None: another store), its key prefix,
     and a warning for the admin's pages when the middleware reads other keys."""
-    config = getattr(settings, "M2M_AUTH", None)
-    try:
-        validated = config if isinstance(config, Settings) else Settings.from_mapping(config)
-    except (ConfigError, TypeError):
-        return None, keyformat.DEFAULT_PREFIX, None  # the system checks report it (E001/E002)
+    validated = _validated()
+    if validated is None:
+        return None, keyformat.DEFAULT_PREFIX, None
     store = validated.key_store
     if isinstance(store, DjangoKeyStore):
         return store.using, store.prefix, None
@@ -118,7 +132,11 @@ class CreateKeyForm(forms.Form):
         help_text="Separated by spaces, e.g. <code>orders:read orders:write</code>.",
         widget=forms.TextInput(attrs={"class": "vTextField"}),
     )
-    tier = forms.CharField(label="Tier", max_length=255, required=False)
+    #: A choice of the configured tiers (see __init__): a tier ``tiers`` does not
+    #: name would quietly give the key default_limits.
+    tier = forms.ChoiceField(
+        label="Tier", required=False, help_text="The client's rate limits: one of the tiers."
+    )
     expires_at = forms.SplitDateTimeField(
         label="Expires",
         required=False,
@@ -131,6 +149,17 @@ class CreateKeyForm(forms.Form):
         min_value=1,
         help_text="Leave empty for no usage limit.",
     )
+
+    def __init__(self, *args: Any, tiers: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = cast(forms.ChoiceField, self.fields["tier"])
+        field.choices = [("", "None: default_limits"), *((t, t) for t in tiers)]
+        # A tier name may hold "%": the message is %-formatted with the value.
+        known = ", ".join(tiers).replace("%", "%%") if tiers else "none are configured"
+        field.error_messages = {
+            **field.error_messages,
+            "invalid_choice": f"%(value)s is not a tier of M2M_AUTH (its tiers: {known}).",
+        }
 
     # The store refuses the same values; checked here too, so each problem
     # is shown beside its own field.
@@ -259,7 +288,9 @@ class APIKeyAdmin(_ModelAdmin):
     ) -> HttpResponse:
         if not self.has_add_permission(request):
             raise PermissionDenied
-        form = CreateKeyForm(request.POST if request.method == "POST" else None)
+        form = CreateKeyForm(
+            request.POST if request.method == "POST" else None, tiers=_configured_tiers()
+        )
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             store = self.key_store()

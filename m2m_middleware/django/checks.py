@@ -18,9 +18,13 @@ MIDDLEWARE_PATH = "m2m_middleware.django.M2MAuthMiddleware"
 
 
 def _e002(exc: ConfigError) -> Error:
+    if exc.suggestion is not None:
+        hint = f"Rename '{exc.field}' to '{exc.suggestion}' in M2M_AUTH."
+    else:
+        hint = f"Fix the '{exc.field}' entry of M2M_AUTH."
     return Error(
         f"M2M_AUTH is invalid: {exc}",
-        hint=f"Fix the '{exc.field}' entry of M2M_AUTH.",
+        hint=hint,
         obj=exc.field,
         id="m2m_middleware.E002",
     )

@@ -636,6 +636,144 @@ def test_python_dash_m_bad_invocation_has_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+# -- tiers: refused where the app's settings are known -----------------------------------
+
+
+def test_the_plain_command_accepts_any_tier(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # It cannot know which tiers the app that reads this store configures.
+    assert create(capsys, url, "--client", "c", "--tier", "no-such-tier")["tier"] == "no-such-tier"
+
+
+def keys_in_app(
+    capsys: pytest.CaptureFixture[str], url: str, tiers: Any, *argv: str
+) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.keys_main(list(argv), prog="app keys", store=url, tiers=tiers)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("tiers", "given", "names"),
+    [
+        (("pro", "free"), "gold", "the app's tiers are free, pro"),
+        (("pro", "free"), "Pro", "the app's tiers are free, pro"),  # exact, as the limiter
+        (("pro",), "pro ", "the app's tiers are pro"),
+        ((), "gold", "the app configures no tiers"),
+    ],
+)
+def test_a_tier_the_app_does_not_configure_is_refused_naming_the_known_ones(
+    capsys: pytest.CaptureFixture[str], url: str, tiers: Any, given: str, names: str
+) -> None:
+    code, out, err = keys_in_app(capsys, url, tiers, "create", "--client", "c", "--tier", given)
+    assert (code, out) == (2, "")
+    expected = f"--tier: unknown tier {given!r}: {names}; without --tier a key gets default_limits"
+    assert err == f"app keys: error: {expected}\n"
+    with opened(url) as store:
+        assert store.list_keys() == []
+
+
+def test_a_configured_tier_or_none_is_accepted_in_the_app(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    tiers = {"pro": (), "free": ()}  # a mapping, as Settings.tier_limit_items
+    code, out, err = keys_in_app(
+        capsys, url, tiers, "create", "--client", "c", "--tier", "pro", "--json"
+    )
+    assert (code, err) == (0, "")
+    assert json.loads(out)["tier"] == "pro"
+    code, out, err = keys_in_app(capsys, url, tiers, "create", "--client", "c", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["tier"] is None
+
+
+def test_rotating_a_key_whose_tier_is_not_configured_warns_and_rotates(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    old = create(capsys, url, "--client", "c", "--tier", "gold")  # made with the plain CLI
+    code, out, err = keys_in_app(capsys, url, ("pro",), "rotate", old["key_id"], "--json")
+    assert code == 0  # a leaked key must be replaceable whatever its tier
+    assert json.loads(out)["tier"] == "gold"
+    assert err == (
+        f"app keys: warning: key {old['key_id']} has tier 'gold', which is not configured "
+        "(the app's tiers are pro): its successor keeps the tier and gets default_limits\n"
+    )
+    fine = create(capsys, url, "--client", "c", "--tier", "pro")
+    code, _, err = keys_in_app(capsys, url, ("pro",), "rotate", fine["key_id"])
+    assert (code, err) == (0, "")
+
+
+# -- negative durations: a message about the value, not argparse's -----------------------
+
+EXPIRY_IN_THE_PAST = (
+    "--expires-in: the expiry must be in the future: give a positive duration such as 30d"
+)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--expires-in", "-1d"),  # argparse alone: "expected one argument"
+        ("--expires-in=", "-1d"),
+        ("--expires", "-1d"),  # an abbreviation argparse accepts
+        ("--expires-in", "-5"),  # a negative number argparse passes on as a value
+        ("--expires-in", "-0"),
+        ("--expires-in", "-.5h"),
+        ("--expires-in=", " -1d"),
+        ("--expires-in=", "-1d\n"),
+    ],
+)
+def test_a_negative_expiry_says_it_must_be_in_the_future(
+    capsys: pytest.CaptureFixture[str], url: str, option: str, value: str
+) -> None:
+    create(capsys, url, "--client", "someone")  # the store exists
+    given = [option + value] if option.endswith("=") else [option, value]
+    err = assert_one_line_error(
+        run(capsys, "keys", "create", "--client", "c", *given, "--store", url), 2
+    )
+    assert err == f"m2m: error: {EXPIRY_IN_THE_PAST}, got {value!r}\n"
+    with opened(url) as store:
+        assert [r.client_id for r in store.list_keys()] == ["someone"]
+
+
+@pytest.mark.parametrize("given", [["--grace", "-1h"], ["--grace=-1h"], ["--gr", "-30"]])
+def test_a_negative_grace_says_it_cannot_be_negative(
+    capsys: pytest.CaptureFixture[str], url: str, given: list[str]
+) -> None:
+    key_id = create(capsys, url, "--client", "c")["key_id"]
+    err = assert_one_line_error(run(capsys, "keys", "rotate", key_id, *given, "--store", url), 2)
+    assert err.startswith("m2m: error: --grace: the grace period cannot be negative")
+    with opened(url) as store:
+        assert len(store.list_keys()) == 1  # nothing rotated
+
+
+def test_only_option_values_are_attached(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    # A value that merely looks negative elsewhere, or after "--", is left alone.
+    untouched = ["--client", "-1d", "--name", "-2h", "--max-uses", "-3"]
+    assert cli._negative_values_attached(untouched) == untouched
+    data = create(capsys, url, "--client=-1d", "--name=-2h", "--expires-in", "1d")
+    assert (data["client_id"], data["name"]) == ("-1d", "-2h")
+    assert cli._negative_values_attached(["--expires-in", "-1d", "--", "--grace", "-1"]) == [
+        "--expires-in=-1d",
+        "--",
+        "--grace",
+        "-1",
+    ]
+    assert cli._negative_values_attached(["--expires-in", "--json"]) == ["--expires-in", "--json"]
+
+
+def test_a_negative_expiry_through_the_app_commands(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    capsys.readouterr()
+    code = cli.keys_main(
+        ["create", "--client", "c", "--expires-in", "-1d"], prog="app keys", store=url
+    )
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err == f"app keys: error: {EXPIRY_IN_THE_PAST}, got '-1d'\n"
+
+
 def spoil_metadata(db_path: Path, key_id: str) -> None:
     """A row edited by hand: metadata that is not JSON."""
     import sqlite3

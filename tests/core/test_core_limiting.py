@@ -6,6 +6,7 @@ can be opened, run out and swept without sleeping.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -104,3 +105,75 @@ def test_a_limit_written_twice_is_one_limit(strategy: str) -> None:
     assert [limiter.charge(plan, "client-a", 1, now=t0).allowed for _ in range(6)] == [True] * 5 + [
         False
     ]
+
+
+# -- tiers that are not configured -----------------------------------------------------
+
+
+def _tier_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "m2m_middleware" and r.levelno == logging.WARNING
+    ]
+
+
+def test_an_unknown_tier_is_warned_about_once_per_name_with_or_without_routes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(
+        key_store="memory://",
+        default_limits="5/second",
+        tiers={"gold": "10/second"},
+        routes=[{"path": "/a", "limits": "1/second"}, {"path": "/b"}],
+    )
+    limiter = Limiter(settings)
+    caplog.set_level(logging.WARNING, logger="m2m_middleware")
+    a, b = settings.route_rules
+    for _ in range(3):
+        for routes in ((), (a,), (b,), (a, b)):
+            assert limiter.plan("platinum", routes).limits[0].amount == 5  # the default
+            assert limiter.plan("gold", routes).limits[0].amount == 10
+            limiter.plan(None, routes)
+    assert _tier_warnings(caplog) == [
+        "tier platinum is not in tiers (configured: gold): its clients get default_limits"
+    ]
+    limiter.plan("Gold", ())  # tier names are exact: another name, another warning
+    assert len(_tier_warnings(caplog)) == 2
+
+
+def test_unknown_tier_warnings_are_escaped_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    from m2m_middleware.limiting import UNKNOWN_TIERS_LOGGED
+
+    limiter = Limiter(Settings(key_store="memory://", default_limits="5/second"))
+    caplog.set_level(logging.WARNING, logger="m2m_middleware")
+    limiter.plan("gold\nallowed GET /admin client=root", ())
+    limiter.plan("x" * 5000, ())
+    [forged, long] = _tier_warnings(caplog)
+    assert "\n" not in forged
+    assert "gold\\nallowed\\x20GET" in forged
+    assert "(configured: none)" in forged
+    assert len(long) < 400
+    for n in range(UNKNOWN_TIERS_LOGGED * 10):  # a token issuer could mint any number
+        limiter.plan(f"t{n}", ())
+    warnings = _tier_warnings(caplog)
+    assert len(warnings) == UNKNOWN_TIERS_LOGGED + 1
+    assert warnings[-1].startswith(f"more than {UNKNOWN_TIERS_LOGGED} tier names")
+
+
+def test_a_token_tier_claim_that_is_not_configured_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from jwt_support import bearer, claims, hs256, jwt_engine
+
+    engine = jwt_engine(jwt_tier_claim="tier", default_limits="2/day", tiers={"gold": "9/day"})
+    caplog.set_level(logging.WARNING, logger="m2m_middleware")
+    for sub in ("a", "b"):
+        token = bearer(hs256(claims(sub=sub, tier="platnum")))
+        assert [engine.check("GET", "/x", token, None).allowed for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
+    [warning] = _tier_warnings(caplog)
+    assert warning.startswith("tier platnum is not in tiers (configured: gold)")

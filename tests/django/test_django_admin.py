@@ -65,7 +65,13 @@ _urls.urlpatterns = [  # type: ignore[attr-defined]
 ]
 sys.modules[URLCONF] = _urls
 
-M2M_AUTH = {"key_store": "django://", "public_paths": ["/admin/*"], "key_cache_ttl": 3600}
+M2M_AUTH = {
+    "key_store": "django://",
+    "public_paths": ["/admin", "/admin/*"],
+    "key_cache_ttl": 3600,
+    # The tiers a new key may have in the admin (test_the_tier_is_a_choice_of_the_configured_ones)
+    "tiers": {"gold": "100/second", "gold plus/v2": "100/second", "50%": "1/second"},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -498,3 +504,40 @@ def test_a_key_that_cannot_be_rotated_is_reported(browser: Client, store: KeySto
     assert "Not rotated" in page
     assert "revoked" in page
     assert APIKey.objects.count() == 1
+
+
+# -- tiers: a choice of the configured ones ----------------------------------------------
+
+
+def test_the_tier_is_a_choice_of_the_configured_ones(browser: Client) -> None:
+    page = text(browser.get(ADD))
+    select = re.search(r'<select name="tier"[^>]*>(.*?)</select>', page, re.S)
+    assert select is not None, page
+    options = re.findall(r'<option value="([^"]*)"', select.group(1))
+    assert options == ["", "50%", "gold", "gold plus/v2"]
+
+    response = add_key(browser, tier="")
+    assert KEY_RE.search(text(response)) is not None
+    assert APIKey.objects.get().tier is None
+
+
+@pytest.mark.parametrize("tier", ["platinum", "Gold", "gold ", "50%%"])
+def test_a_tier_that_is_not_configured_is_refused_naming_the_known_ones(
+    browser: Client, tier: str
+) -> None:
+    response = add_key(browser, tier=tier)
+    assert response.status_code == 200
+    page = text(response)
+    assert 'class="form-row errors field-tier"' in page
+    assert "is not a tier of M2M_AUTH (its tiers: 50%, gold, gold plus/v2)." in page
+    assert KEY_RE.search(page) is None
+    assert not APIKey.objects.exists()
+
+
+def test_without_tiers_only_the_default_limits_can_be_chosen(browser: Client) -> None:
+    with override_settings(M2M_AUTH={"key_store": "django://", "public_paths": ["/admin/*"]}):
+        page = text(browser.get(ADD))
+        assert re.findall(r'<option value="([^"]*)"', page) == [""]
+        response = add_key(browser, tier="gold")
+    assert "is not a tier of M2M_AUTH (its tiers: none are configured)." in text(response)
+    assert not APIKey.objects.exists()

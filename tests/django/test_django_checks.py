@@ -11,6 +11,7 @@ import pytest
 from django.apps import apps
 from django.core import checks
 from django.test import override_settings
+from missing_modules import WAYS, hide
 
 from m2m_middleware import Settings
 from m2m_middleware.django.apps import M2MMiddlewareConfig
@@ -234,6 +235,78 @@ def test_a_strategy_the_storage_cannot_charge_all_or_nothing_is_e002() -> None:
     assert [m.id for m in messages] == ["m2m_middleware.E002"]
     assert messages[0].obj == "rate_limit_strategy"
     assert "all-or-nothing" in messages[0].msg
+
+
+# -- mistakes a person can act on -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "meant"),
+    [
+        ({"defualt_limits": "10/second"}, "defualt_limits", "default_limits"),
+        ({"DEFUALT_LIMITS": "10/second"}, "DEFUALT_LIMITS", "default_limits"),
+        ({"rate_limit_store": "memory://"}, "rate_limit_store", "rate_limit_storage"),
+        ({"routes": [{"path": "/x", "scope": ["a"]}]}, "routes[0].scope", "scopes"),
+    ],
+)
+def test_a_misspelt_field_is_e002_suggesting_the_one_meant(
+    value: dict[str, Any], field: str, meant: str
+) -> None:
+    with override_settings(M2M_AUTH=value):
+        messages = run_checks()
+    assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", field)]
+    assert f"did you mean `{meant}`?" in messages[0].msg
+    assert messages[0].hint == f"Rename '{field}' to '{meant}' in M2M_AUTH."
+
+
+@pytest.mark.parametrize("how", WAYS)
+@pytest.mark.parametrize(
+    ("module", "value", "field", "extra"),
+    [
+        ("redis", {"rate_limit_storage": "redis://127.0.0.1:6379"}, "rate_limit_storage", "redis"),
+        ("redis", {"invalidation_url": "redis://127.0.0.1:6379"}, "invalidation_url", "redis"),
+        ("psycopg", {"key_store": "postgresql://127.0.0.1/keys"}, "key_store", "postgres"),
+        ("psycopg_pool", {"key_store": "postgresql://127.0.0.1/keys"}, "key_store", "postgres"),
+        ("joserfc", {"schemes": ["jwt"], "jwt_keys": "s" * 32}, "schemes", ""),
+    ],
+)
+def test_a_missing_extra_is_e002_with_the_install_line(
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    module: str,
+    value: dict[str, Any],
+    field: str,
+    extra: str,
+) -> None:
+    hide(monkeypatch, module, how)
+    with override_settings(M2M_AUTH={"key_store": "memory://", **value}):
+        messages = run_checks()
+    assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", field)]
+    assert f'pip install "m2m-middleware{f"[{extra}]" if extra else ""}"' in messages[0].msg
+
+
+@pytest.mark.parametrize("how", WAYS)
+@pytest.mark.parametrize(
+    ("module", "value", "field"),
+    [
+        ("redis", {"defualt_limits": "1/second"}, "defualt_limits"),
+        ("redis", {"rate_limit_storage": "redis://127.0.0.1:6379"}, "rate_limit_storage"),
+        ("psycopg", {"key_store": "postgresql://127.0.0.1/keys"}, "key_store"),
+    ],
+)
+def test_the_middleware_refuses_to_start_with_the_same_config_error(
+    monkeypatch: pytest.MonkeyPatch, how: str, module: str, value: dict[str, Any], field: str
+) -> None:
+    from m2m_middleware.django import M2MAuthMiddleware
+
+    hide(monkeypatch, module, how)
+    with (
+        override_settings(M2M_AUTH={"key_store": "memory://", **value}),
+        pytest.raises(ConfigError) as caught,
+    ):
+        M2MAuthMiddleware(lambda request: None)
+    assert type(caught.value) is ConfigError
+    assert caught.value.field == field
 
 
 class RemoteStore(MemoryKeyStore):

@@ -73,3 +73,39 @@ def test_an_invalid_m2m_auth_is_named(capsys: pytest.CaptureFixture[str]) -> Non
         pytest.raises(CommandError, match="key_store"),
     ):
         call_command("m2m_keys", "list")
+
+
+def test_a_tier_the_project_does_not_configure_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    with override_settings(M2M_AUTH={"key_store": url, "tiers": {"pro": "100/second"}}):
+        code, out, err = m2m_keys(capsys, "create", "--client", "billing", "--tier", "gold")
+        assert (code, out) == (2, "")
+        assert err == (
+            "manage.py m2m_keys: error: --tier: unknown tier 'gold': the app's tiers are pro"
+            "; without --tier a key gets default_limits\n"
+        )
+        code, out, _ = m2m_keys(capsys, "create", "--client", "billing", "--tier", "pro", "--json")
+        assert code == 0
+        assert json.loads(out)["tier"] == "pro"
+        stray = open_key_store(url).create_key("x", tier="gold")
+        code, _, err = m2m_keys(capsys, "rotate", stray.key_id)
+        assert code == 0
+        assert "warning: key" in err and "'gold'" in err
+    with override_settings(M2M_AUTH={"key_store": url}):
+        code, _, err = m2m_keys(capsys, "create", "--client", "billing", "--tier", "pro")
+        assert code == 2
+        assert "the app configures no tiers" in err
+
+
+@pytest.mark.parametrize("given", [["--expires-in", "-1d"], ["--expires-in=-1d"]])
+def test_a_negative_expiry_says_it_must_be_in_the_future(
+    store_url: str, capsys: pytest.CaptureFixture[str], given: list[str]
+) -> None:
+    code, out, err = m2m_keys(capsys, "create", "--client", "x", *given)
+    assert (code, out) == (2, "")
+    assert err == (
+        "manage.py m2m_keys: error: --expires-in: the expiry must be in the future: give a "
+        "positive duration such as 30d, got '-1d'\n"
+    )

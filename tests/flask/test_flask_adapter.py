@@ -9,6 +9,7 @@ from typing import Any, cast
 import flask
 import pytest
 from adapter_support import config
+from missing_modules import WAYS, hide
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from m2m_middleware import Client, ConfigError, Engine, KeyStore, Settings, open_key_store
@@ -472,3 +473,60 @@ def test_a_non_ascii_path_matches_a_unicode_rule(store: KeyStore) -> None:
     assert response.get_json() == {"item": "1"}
     # The rule is for the accented path only.
     assert client.get("/cafe/1", headers={"X-API-Key": nobody}).status_code == 200
+
+
+# -- configuration mistakes, at start-up ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mapping", "field", "meant"),
+    [
+        ({"defualt_limits": "1/second"}, "defualt_limits", "default_limits"),
+        ({"DEFUALT_LIMITS": "1/second"}, "DEFUALT_LIMITS", "default_limits"),
+        ({"public_path": ["/health"]}, "public_path", "public_paths"),
+        ({"routes": [{"path": "/orders", "scope": "orders:read"}]}, "routes[0].scope", "scopes"),
+    ],
+)
+def test_a_misspelt_field_in_app_config_names_the_one_meant(
+    store: KeyStore, mapping: dict[str, Any], field: str, meant: str
+) -> None:
+    app = add_views(make_app())
+    app.config["M2M_AUTH"] = {"key_store": store, **mapping}
+    with pytest.raises(ConfigError) as caught:
+        M2MAuth(app)
+    assert caught.value.field == field
+    assert f"did you mean `{meant}`?" in str(caught.value)
+
+
+def test_a_misspelt_keyword_of_m2m_auth_names_the_one_meant() -> None:
+    with pytest.raises(ConfigError) as caught:
+        M2MAuth(key_store="memory://", defualt_limits="1/second")
+    assert caught.value.suggestion == "default_limits"
+
+
+@pytest.mark.parametrize("how", WAYS)
+@pytest.mark.parametrize(
+    ("module", "mapping", "field", "extra"),
+    [
+        ("redis", {"rate_limit_storage": "redis://127.0.0.1:6379"}, "rate_limit_storage", "redis"),
+        ("redis", {"invalidation_url": "redis://127.0.0.1:6379"}, "invalidation_url", "redis"),
+        ("psycopg", {"key_store": "postgresql://127.0.0.1/keys"}, "key_store", "postgres"),
+        ("joserfc", {"schemes": ["jwt"], "jwt_keys": "s" * 32}, "schemes", ""),
+    ],
+)
+def test_a_missing_extra_fails_the_app_start_up_with_the_install_line(
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    module: str,
+    mapping: dict[str, Any],
+    field: str,
+    extra: str,
+) -> None:
+    app = add_views(make_app())
+    app.config["M2M_AUTH"] = {"key_store": "memory://", **mapping}
+    hide(monkeypatch, module, how)
+    with pytest.raises(ConfigError) as caught:
+        M2MAuth(app)
+    assert type(caught.value) is ConfigError
+    assert caught.value.field == field
+    assert f'pip install "m2m-middleware{f"[{extra}]" if extra else ""}"' in str(caught.value)

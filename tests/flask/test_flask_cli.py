@@ -88,3 +88,35 @@ def test_help_lists_the_actions(app: Flask) -> None:
     assert result.exit_code == 0
     for action in ("create", "list", "revoke", "rotate"):
         assert action in result.output
+
+
+def test_a_tier_the_app_does_not_configure_is_refused(tmp_path: Path) -> None:
+    app = make_app(
+        key_store=f"sqlite:///{tmp_path / 'keys.db'}",
+        tiers={"pro": "100/second", "free": "1/second"},
+    )
+    refused = flask_m2m(app, "create", "--client", "billing", "--tier", "gold")
+    assert refused.exit_code == 2
+    assert refused.stdout == ""
+    assert refused.stderr == (
+        "flask m2m keys: error: --tier: unknown tier 'gold': the app's tiers are free, pro"
+        "; without --tier a key gets default_limits\n"
+    )
+    accepted = flask_m2m(app, "create", "--client", "billing", "--tier", "pro", "--json")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads(accepted.stdout)["tier"] == "pro"
+    # A key made elsewhere with a tier the app lacks still rotates, with a warning.
+    stray = open_key_store(f"sqlite:///{tmp_path / 'keys.db'}").create_key("x", tier="gold")
+    rotated = flask_m2m(app, "rotate", stray.key_id, "--json")
+    assert rotated.exit_code == 0, rotated.output
+    assert "warning: key" in rotated.stderr and "'gold'" in rotated.stderr
+
+
+@pytest.mark.parametrize("given", [["--expires-in", "-1d"], ["--expires-in=-1d"]])
+def test_a_negative_expiry_says_it_must_be_in_the_future(app: Flask, given: list[str]) -> None:
+    result = flask_m2m(app, "create", "--client", "x", *given)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "flask m2m keys: error: --expires-in: the expiry must be in the future: give a "
+        "positive duration such as 30d, got '-1d'\n"
+    )

@@ -46,7 +46,11 @@ class Command(BaseCommand):
             except ConfigError as exc:
                 raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
             code = keys_main(
-                args or ["--help"], prog="manage.py m2m_keys", store=store, notify=notify
+                args or ["--help"],
+                prog="manage.py m2m_keys",
+                store=store,
+                notify=notify,
+                tiers=config.tier_limit_items,
             )
         finally:
             if store is not config.key_store:  # opened here: close it again
