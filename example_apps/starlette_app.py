@@ -19,14 +19,13 @@ import os
 from contextlib import closing
 
 from starlette.applications import Starlette
-from starlette.authentication import requires
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from m2m_middleware import Client, Settings, open_key_store
-from m2m_middleware.starlette import M2MMiddleware
+from m2m_middleware.starlette import M2MMiddleware, require_scopes
 
 KEY_STORE = os.environ.get("M2M_KEY_STORE", "sqlite:///example_keys.db")
 
@@ -55,7 +54,7 @@ async def whoami(request: Request) -> JSONResponse:
     )
 
 
-@requires("orders:read")  # belt and braces: the route rule above already demands it
+@require_scopes("orders:read")  # belt and braces: the route rule above already demands it
 async def orders(request: Request) -> JSONResponse:
     return JSONResponse(
         {"client_id": request.user.client_id, "orders": [{"id": 1, "item": "widget", "qty": 3}]}

@@ -473,8 +473,9 @@ def add_keys_commands(
     notify_options.add_argument(
         "--notify",
         metavar="REDIS_URL",
-        help="publish the change to running instances over Redis, so they drop the key at "
-        f"once instead of within key_cache_ttl (default: {notify_help})",
+        help="also publish the change to running instances over Redis, so they drop the key "
+        "at once (SQLite and PostgreSQL stores tell them by themselves; other stores need "
+        f"this) (default: {notify_help})",
     )
 
     keys_commands = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -605,10 +606,25 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
         return _fail(prog, str(exc), 1)
 
 
+def _warnings_as_lines(prog: str) -> None:
+    """Our warnings (a key row that cannot be read, left out of a listing) as
+    ``m2m: warning: ...`` lines on stderr, like the errors, when nothing else
+    handles logging; Python's fallback would print them bare."""
+    package = logging.getLogger("m2m_middleware")
+    if logging.getLogger().handlers or any(getattr(h, "m2m_cli", False) for h in package.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    handler.m2m_cli = True  # type: ignore[attr-defined]
+    package.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     # With no logging set up, the pool's reconnection warnings would reach
     # stderr beside our own one-line error; the error says what matters.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    _warnings_as_lines(PROG)
     parser = build_parser()
     return _guarded(PROG, lambda: _dispatch(parser, argv))
 

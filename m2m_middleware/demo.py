@@ -147,9 +147,7 @@ def build_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[Route("/health", health), Route("/whoami", whoami), Route("/orders", orders)],
-        # The ignore: Starlette's middleware-factory protocol types the wrapped app
-        # differently from M2MMiddleware's own ASGI aliases; both take any ASGI app.
-        middleware=[Middleware(M2MMiddleware, settings=settings)],  # type: ignore[arg-type]
+        middleware=[Middleware(M2MMiddleware, settings=settings)],
     )
 
 

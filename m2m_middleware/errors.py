@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from .redaction import redact
+
 
 class M2MError(Exception):
     """Base class of every error the package raises."""
 
 
 class ConfigError(M2MError, ValueError):
-    """A setting is unknown or invalid. The message names the field."""
+    """A setting is unknown or invalid. The message names the field.
+
+    The message never shows a password or token: a URL's userinfo, secret
+    query parameters and keyword-DSN passwords are masked here, whatever the
+    caller quoted (callers mask the secrets they know of as well).
+    """
 
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
-        self.problem = problem
+        self.problem = problem = redact(problem)
         super().__init__(f"{field}: {problem}")
 
 
@@ -26,6 +33,18 @@ class KeyNotFound(KeyStoreError, LookupError):
     def __init__(self, key_id: str) -> None:
         self.key_id = key_id
         super().__init__(f"no key with id {key_id!r}")
+
+
+class UnreadableRow(KeyStoreError):
+    """A stored row does not make a key record (edited by hand, or by other software).
+
+    The message names the key id and what is wrong, never the row's hash or values.
+    """
+
+    def __init__(self, key_id: str, problem: str) -> None:
+        self.key_id = key_id
+        self.problem = problem
+        super().__init__(f"key {key_id!r}: its stored row cannot be read ({problem})")
 
 
 class StoreUnavailable(KeyStoreError):

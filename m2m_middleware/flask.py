@@ -35,14 +35,15 @@ except ImportError:  # pragma: no cover - depends on the Flask version
 
 from .client import Client
 from .engine import Engine
-from .errors import InsufficientScope, MissingCredentials
-from .outcome import Denied, deny, status_line
+from .outcome import Denied, status_line
+from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
-from .syntax import decorator_scopes
 
 EXTENSION_KEY = "m2m_middleware"
 #: Where the gate leaves the authenticated client for the request (None: public path).
 ENVIRON_KEY = "m2m_middleware.client"
+#: Where ``require_scopes`` leaves the Denied it answered a request with.
+DENIED_KEY = "m2m_middleware.denied"
 F = TypeVar("F", bound=Callable[..., Any])
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -154,7 +155,7 @@ def _keys_command(args: tuple[str, ...]) -> None:
         args,
         prog="flask m2m keys",
         store=engine.store,
-        notify=invalidation_url(engine.settings),
+        notify=invalidation_url(engine.settings, engine.store),
     )
     raise SystemExit(code)
 
@@ -202,31 +203,22 @@ current_client: Client = cast(Client, LocalProxy(_current_client))
 
 
 def require_scopes(*scopes: str) -> Callable[[F], F]:
-    """Answer 403 ``insufficient_scope`` unless the client has every one of ``scopes``."""
-    needed = decorator_scopes(scopes)
-    shown = tuple(sorted(needed))
+    """Answer 403 ``insufficient_scope`` unless the client has every one of ``scopes``.
+
+    401 ``missing_credentials`` on a public path (no client). A scope that is
+    not an RFC 6749 scope token is a ConfigError here, when the view is defined.
+    """
+    requirement = ScopeRequirement(scopes)
 
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             client = _current_client()
-            engine = M2MAuth.engine()
-            if client is None:
-                return _denied_response(
-                    deny(
-                        MissingCredentials("this view needs an authenticated client"), engine.realm
-                    )
-                )
-            if not client.scopes.issuperset(needed):
-                return _denied_response(
-                    deny(
-                        InsufficientScope(
-                            f"this view needs the scope(s): {' '.join(shown)}", scopes=shown
-                        ),
-                        engine.realm,
-                    )
-                )
-            return current_app.ensure_sync(view)(*args, **kwargs)
+            if requirement.admits(client):
+                return current_app.ensure_sync(view)(*args, **kwargs)
+            denied = requirement.refuse(client, M2MAuth.engine().realm)
+            request.environ[DENIED_KEY] = denied  # the refusal, for whoever audits the request
+            return _denied_response(denied)
 
         return cast(F, wrapper)
 

@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from .jwtkeys import KeyRing, import_jwk
+from .redaction import redact, redact_url, secrets_of
 from .settings import jwks_url_allowed
 
 logger = logging.getLogger("m2m_middleware")
@@ -277,6 +278,9 @@ class JWKSClient:
         spawn: Spawner = in_daemon_thread,
     ) -> None:
         self.url = url
+        #: The URL as logs and diagnostics show it: a token in its query masked.
+        self.shown_url = redact_url(url)
+        self._secrets = secrets_of(url)
         self.timeout = timeout
         self.refetch_interval = refetch_interval
         self.fetch = fetch
@@ -392,9 +396,11 @@ class JWKSClient:
         # Logged outside the lock, yet before the flight ends: whoever sees it
         # end (a waiter, a test) also sees the record.
         if ring is None and not was_failing:
-            logger.error("JWKS %s cannot be fetched: %s", self.url, failure)
+            logger.error(
+                "JWKS %s cannot be fetched: %s", self.shown_url, redact(str(failure), self._secrets)
+            )
         elif ring is not None and was_failing:
-            logger.warning("JWKS %s fetched again", self.url)
+            logger.warning("JWKS %s fetched again", self.shown_url)
         with self._lock:
             self._flight = None
             self._flight_for_unknown_kid = False
@@ -403,7 +409,7 @@ class JWKSClient:
     def snapshot(self) -> dict[str, Any]:
         """For diagnostics: how many fetches, how many keys."""
         return {
-            "url": self.url,
+            "url": self.shown_url,
             "fetches": self.fetches,
             "keys": len(self.ring.keys) if self.ring is not None else None,
         }

@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import threading
 import time
 import weakref
@@ -63,6 +62,7 @@ import limits.storage
 from limits import RateLimitItem
 
 from .errors import ConfigError
+from .redaction import redact, secrets_of
 from .settings import REDIS_SCHEMES, Route, Settings
 from .syntax import log_safe
 
@@ -287,19 +287,17 @@ REDIS_SCRIPTS = {
 }
 
 
-def redact(uri: str) -> str:
-    """``uri`` with its password, if any, replaced by ``***``: fit for messages and logs."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
-
-
 def open_limit_storage(uri: str, **options: Any) -> Any:
     """The ``limits`` storage for ``uri``, or a ConfigError that never shows its password."""
     try:
         return limits.storage.storage_from_string(uri, **options)
     except Exception as exc:  # limits raises ConfigurationError / ImportError
         hint = ' (pip install "m2m-middleware[redis]")' if _scheme(uri) in REDIS_SCHEMES else ""
-        problem = str(exc).replace(uri, redact(uri))
-        raise ConfigError("rate_limit_storage", f"{redact(uri)!r}: {problem}{hint}") from None
+        secrets = secrets_of(uri)
+        problem = redact(str(exc), secrets)
+        raise ConfigError(
+            "rate_limit_storage", f"{redact(uri, secrets)!r}: {problem}{hint}"
+        ) from None
 
 
 def _scheme(uri: str) -> str:
@@ -627,6 +625,7 @@ class Limiter:
         self.settings = settings
         self.send_headers = settings.rate_limit_headers
         uri = settings.rate_limit_storage
+        self._secrets = secrets_of(uri)
         strategy = settings.rate_limit_strategy
         #: In-process counting (memory://), every strategy.
         self.windows: MemoryWindows | MemoryMovingWindows | MemorySlidingWindows | None = None
@@ -696,10 +695,11 @@ class Limiter:
     # -- outage bookkeeping ---------------------------------------------------
 
     def _failed(self, exc: BaseException) -> StorageDown:
+        problem = redact(str(exc), self._secrets)  # a client library may quote its URL
         if not self._down:
             self._down = True
-            logger.error("rate-limit storage unreachable (%s): %s", type(exc).__name__, exc)
-        return StorageDown(str(exc))
+            logger.error("rate-limit storage unreachable (%s): %s", type(exc).__name__, problem)
+        return StorageDown(problem)
 
     def _recovered(self) -> None:
         if self._down:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +13,7 @@ from limits import RateLimitItem, parse_many
 
 from .errors import ConfigError
 from .keys import validate_prefix
+from .redaction import redact_url
 from .stores.base import KeyStore
 from .syntax import (
     CONTROL_CHARACTERS,
@@ -150,20 +151,24 @@ class Route:
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated configuration. Invalid values raise :class:`ConfigError` naming the field."""
+    """Validated configuration. Invalid values raise :class:`ConfigError` naming the field.
 
-    schemes: tuple[str, ...] = ("api_key",)
+    Fields that hold several values take any sequence (a list, as people write
+    them, or a tuple) and hold a tuple once validated.
+    """
+
+    schemes: Sequence[str] = ("api_key",)
     key_store: str | KeyStore = "sqlite:///m2m_keys.db"
     api_key_header: str = "X-API-Key"
     key_prefix: str = "m2m"
     jwt_issuer: str | None = None
-    jwt_audience: str | tuple[str, ...] | None = None
-    jwt_algorithms: tuple[str, ...] | None = None
+    jwt_audience: str | Sequence[str] | None = None
+    jwt_algorithms: Sequence[str] | None = None
     jwt_keys: Any = field(default=None, repr=False)  # may hold an HMAC secret
     jwt_jwks_url: str | None = None
     jwt_leeway: float = 0.0
     jwt_typ: str | None = None
-    jwt_client_id_claims: tuple[str, ...] = ("client_id", "sub")
+    jwt_client_id_claims: Sequence[str] = ("client_id", "sub")
     jwt_tier_claim: str | None = None
     jwt_jwks_timeout: float = 3.0
     jwt_jwks_refetch_interval: float = 30.0
@@ -172,13 +177,13 @@ class Settings:
     rate_limit_storage: str = "memory://"
     rate_limit_strategy: str = "fixed-window"
     rate_limit_headers: bool = True
-    public_paths: tuple[str, ...] = ()
+    public_paths: Sequence[str] = ()
     on_storage_error: str = "deny"
     storage_timeout: float = 1.0
     invalidation_url: str | None = None
     key_cache_ttl: float = 30.0
     key_cache_size: int = 10_000
-    routes: tuple[Any, ...] = ()
+    routes: Sequence[Mapping[str, Any]] = ()
     realm: str = "api"
     max_credential_length: int = 4096
 
@@ -229,9 +234,12 @@ class Settings:
             {str(n): parse_limits(f"tiers.{n}", v) for n, v in self.tiers.items()},
         )
         if not isinstance(self.rate_limit_storage, str) or "://" not in self.rate_limit_storage:
+            shown = self.rate_limit_storage
+            if isinstance(shown, str):
+                shown = redact_url(shown)
             raise ConfigError(
                 "rate_limit_storage",
-                f"expected a limits storage URI like 'memory://', got {self.rate_limit_storage!r}",
+                f"expected a limits storage URI like 'memory://', got {shown!r}",
             )
         if self.rate_limit_strategy not in STRATEGIES:
             raise ConfigError(
@@ -388,20 +396,56 @@ class Settings:
             values[field_name] = value
         return cls(**values)
 
+    def __repr__(self) -> str:
+        # The generated repr would show the URL fields as given, passwords and
+        # all, in every log line or traceback that prints the settings.
+        shown = []
+        for item in dataclasses.fields(self):
+            if item.repr:
+                value = getattr(self, item.name)
+                if item.name in _URL_FIELDS and isinstance(value, str):
+                    value = redact_url(value)
+                shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
     def replace(self, **changes: Any) -> Settings:
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return Settings(**{**current, **changes})
 
 
+#: Fields that hold a URL (or a DSN), and so possibly a password or a token.
+_URL_FIELDS = frozenset({"key_store", "rate_limit_storage", "invalidation_url", "jwt_jwks_url"})
+
 #: URLs a key-invalidation bus can use: Redis pub/sub on one server.
 INVALIDATION_SCHEMES = ("redis://", "rediss://", "redis+unix://", "unix://")
+#: Redis limit storages whose URL the bus cannot use (no pub/sub client for them here).
+_NO_BUS_SCHEMES = ("redis+sentinel://", "redis+cluster://")
+#: Key-store URLs whose stores carry revocations between processes themselves.
+_SELF_NOTIFYING_STORES = ("memory://", "sqlite://", "postgresql://", "postgres://")
 
 
-def invalidation_url(settings: Settings) -> str | None:
-    """The Redis URL revocations travel on: the setting, else the limit storage's Redis."""
+def invalidation_url(settings: Settings, store: KeyStore | None = None) -> str | None:
+    """The Redis URL revocations travel on: the setting, else the limit storage's Redis.
+
+    A sentinel or cluster limit storage cannot carry them; unless the key
+    store (``store``, else ``settings.key_store``) tells other processes
+    itself, that is a ConfigError until ``invalidation_url`` says what to do,
+    rather than a silent fall-back to ``key_cache_ttl``.
+    """
     url = settings.invalidation_url
-    if url is None and settings.rate_limit_storage.startswith(INVALIDATION_SCHEMES):
-        url = settings.rate_limit_storage
+    storage = settings.rate_limit_storage
+    if url is None and storage.startswith(INVALIDATION_SCHEMES):
+        url = storage
+    elif url is None and storage.startswith(_NO_BUS_SCHEMES) and _needs_bus(settings, store):
+        scheme = storage.partition("://")[0]  # never the rest: it may hold a password
+        raise ConfigError(
+            "invalidation_url",
+            f"rate_limit_storage is {scheme}://, which cannot carry key revocations to "
+            f"other instances, and this key store cannot either: set invalidation_url to "
+            f"a redis:// URL that every instance reaches, so they drop a revoked key at "
+            f"once, or to '' to accept that they see it within key_cache_ttl "
+            f"({settings.key_cache_ttl:g} s)",
+        )
     return url or None
 
 
@@ -416,13 +460,21 @@ def jwks_url_allowed(url: str) -> bool:
     return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
 
 
+def _needs_bus(settings: Settings, store: KeyStore | None) -> bool:
+    known = store if store is not None else settings.key_store
+    if isinstance(known, KeyStore):
+        return known.needs_bus
+    return not known.lower().startswith(_SELF_NOTIFYING_STORES)
+
+
 def _check_jwks_url(url: object) -> None:
     if not isinstance(url, str):
         raise ConfigError("jwt_jwks_url", f"expected a URL, got {url!r}")
     if jwks_url_allowed(url):
         return
     raise ConfigError(
-        "jwt_jwks_url", f"expected an https:// URL (http only for localhost), got {url!r}"
+        "jwt_jwks_url",
+        f"expected an https:// URL (http only for localhost), got {redact_url(url)!r}",
     )
 
 

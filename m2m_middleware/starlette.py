@@ -2,17 +2,24 @@
 
 ``app.add_middleware(M2MMiddleware, settings=Settings(...))``. In endpoints
 ``request.user`` is the :class:`~m2m_middleware.Client` and
-``request.auth.scopes`` its scopes, so ``@requires("orders:read")`` works.
+``request.auth.scopes`` its scopes; ``@require_scopes("orders:read")`` answers
+a missing scope as Flask and Django do (Starlette's own ``@requires`` tests the
+same scopes but answers its plain-text 403).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 try:
     from starlette.authentication import AuthCredentials, UnauthenticatedUser
     from starlette.requests import HTTPConnection
+    from starlette.responses import Response
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.websockets import WebSocket
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'm2m_middleware.starlette needs Starlette: pip install "m2m-middleware[starlette]"'
@@ -21,23 +28,40 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .client import Client
 from .engine import Engine
 from .outcome import Denied
+from .scopes import ScopeRequirement
 from .settings import Settings
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Close code for a refused websocket: RFC 6455 "policy violation".
 WS_POLICY_VIOLATION = 1008
+#: The ASGI extension that lets an app answer a websocket handshake with an HTTP response.
+WS_DENIAL_EXTENSION = "websocket.http.response"
 _ANONYMOUS = UnauthenticatedUser()
+
+
+class M2MCredentials(AuthCredentials):
+    """``request.auth``: the client's scopes, and the realm refusals are answered in.
+
+    Made once per cached client (and once for public paths), never per request:
+    ``scopes`` is a tuple, so sharing it between requests is safe, and
+    ``@requires`` only tests membership. The realm is here so that
+    :func:`require_scopes` answers in the middleware's realm without a lookup.
+    """
+
+    def __init__(self, scopes: Sequence[str], realm: str) -> None:
+        self.scopes = tuple(scopes)  # type: ignore[assignment]
+        self.realm = realm
 
 
 class M2MMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        # Positional-only, as Starlette's middleware factory protocol has it: else
+        # ``add_middleware(M2MMiddleware, settings=...)`` fails type checking
+        # (an ``app=`` keyword could land in both ``app`` and ``**fields``).
+        /,
         settings: Settings | None = None,
         *,
         engine: Engine | None = None,
@@ -48,7 +72,8 @@ class M2MMiddleware:
         self.app = app
         self.engine = engine or Engine(settings or Settings(**fields))
         self._key_header = self.engine.header_name.lower().encode("latin-1")
-        self._auth_cache: dict[int, tuple[Client, AuthCredentials]] = {}
+        self._auth_cache: dict[int, tuple[Client, M2MCredentials]] = {}
+        self._anonymous_auth = M2MCredentials((), self.engine.realm)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -79,20 +104,14 @@ class M2MMiddleware:
             outcome = await engine.acheck(scope.get("method", "GET"), path, authorization, api_key)
         if isinstance(outcome, Denied):
             if kind == "websocket":
-                await send(
-                    {
-                        "type": "websocket.close",
-                        "code": WS_POLICY_VIOLATION,
-                        "reason": outcome.error,
-                    }
-                )
+                await _refuse_websocket(outcome, scope, send)
             else:
                 await _send_denied(outcome, send)
             return
         client = outcome.client
         if client is None:
             scope["user"] = _ANONYMOUS
-            scope["auth"] = AuthCredentials()
+            scope["auth"] = self._anonymous_auth
         else:
             scope["user"] = client
             scope["auth"] = self._credentials(client)
@@ -115,17 +134,12 @@ class M2MMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
-    def _credentials(self, client: Client) -> AuthCredentials:
-        """``request.auth`` for a client, made once per cached client.
-
-        Its ``scopes`` is a tuple, so sharing it between requests is safe;
-        ``@requires`` only tests membership.
-        """
+    def _credentials(self, client: Client) -> M2MCredentials:
+        """``request.auth`` for a client, made once per cached client."""
         cached = self._auth_cache.get(id(client))
         if cached is not None and cached[0] is client:
             return cached[1]
-        credentials = AuthCredentials()
-        credentials.scopes = tuple(sorted(client.scopes))  # type: ignore[assignment]
+        credentials = M2MCredentials(sorted(client.scopes), self.engine.realm)
         if len(self._auth_cache) >= 4096:
             self._auth_cache.clear()
         self._auth_cache[id(client)] = (client, credentials)
@@ -139,17 +153,139 @@ def _header_name(name: str) -> bytes:
     return name.lower().encode("latin-1")
 
 
-async def _send_denied(denied: Denied, send: Send) -> None:
+def _denial_headers(denied: Denied) -> list[tuple[bytes, bytes]]:
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(denied.body)).encode()),
     ]
     headers.extend((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in denied.headers)
-    await send({"type": "http.response.start", "status": denied.status, "headers": headers})
-    await send({"type": "http.response.body", "body": denied.body})
+    return headers
+
+
+async def _send_denied(denied: Denied, send: Send, kind: str = "http") -> None:
+    """The problem response; ``kind="websocket"`` sends it as a handshake's answer."""
+    prefix = "websocket.http" if kind == "websocket" else "http"
+    await send(
+        {
+            "type": f"{prefix}.response.start",
+            "status": denied.status,
+            "headers": _denial_headers(denied),
+        }
+    )
+    await send({"type": f"{prefix}.response.body", "body": denied.body})
+
+
+async def _refuse_websocket(denied: Denied, scope: Scope, send: Send) -> None:
+    """Refuse a handshake (before ``websocket.accept``) with the HTTP answer, where possible.
+
+    With the ASGI websocket denial response extension (offered by each of
+    uvicorn's implementations: websockets, websockets-sansio, wsproto; see
+    tests/integration/test_websocket_refusals.py) the client gets the status,
+    headers and problem body an HTTP request would. Without it all an app can
+    send is a close, which uvicorn turns into a bare 403: 1008 (policy
+    violation), with the error code as the reason.
+    """
+    if WS_DENIAL_EXTENSION in (scope.get("extensions") or ()):
+        await _send_denied(denied, send, "websocket")
+    else:
+        await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION, "reason": denied.error})
 
 
 def get_client(connection: HTTPConnection) -> Client | None:
     """The authenticated :class:`Client` of a request or websocket, or None on a public path."""
     client = connection.scope.get("m2m_client")
     return client if isinstance(client, Client) else None
+
+
+def denied_response(denied: Denied) -> Response:
+    """A :class:`Denied` as a Starlette response: the bytes the middleware itself sends."""
+    response = Response(denied.body, status_code=denied.status)
+    response.raw_headers = _denial_headers(denied)
+    return response
+
+
+def require_scopes(*scopes: str) -> Callable[[F], F]:
+    """Refuse a request or websocket unless the client has every one of ``scopes``.
+
+    The answer is the one Flask's and Django's ``require_scopes`` (and route
+    rules) give: 403 ``insufficient_scope`` with ``WWW-Authenticate`` naming the
+    scopes, or 401 ``missing_credentials`` on a public path (no client), as
+    problem+json. A websocket is refused before it is accepted, the way the
+    middleware refuses one. Works on async and sync endpoints (Starlette runs a
+    sync one in a thread; the wrapper stays sync so that it still does) and on
+    ``HTTPEndpoint`` methods. A scope that is not an RFC 6749 scope token is a
+    ConfigError here, when the endpoint is defined.
+    """
+    requirement = ScopeRequirement(scopes)
+
+    def decorator(endpoint: F) -> F:
+        if _is_async(endpoint):
+
+            @functools.wraps(endpoint)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                connection = _connection(endpoint, args, kwargs)
+                client = get_client(connection)
+                if requirement.admits(client):
+                    return await endpoint(*args, **kwargs)
+                denied = _refused(requirement, connection, client)
+                if isinstance(connection, WebSocket):
+                    await _refuse_websocket(denied, connection.scope, connection.send)
+                    return None
+                return denied_response(denied)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(endpoint)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            connection = _connection(endpoint, args, kwargs)
+            if isinstance(connection, WebSocket):
+                raise TypeError(
+                    f"require_scopes: the websocket endpoint {endpoint!r} must be async"
+                )
+            client = get_client(connection)
+            if requirement.admits(client):
+                return endpoint(*args, **kwargs)
+            return denied_response(_refused(requirement, connection, client))
+
+        return cast(F, wrapper)
+
+    return decorator
+
+
+def _refused(
+    requirement: ScopeRequirement, connection: HTTPConnection, client: Client | None
+) -> Denied:
+    auth = connection.scope.get("auth")
+    if not isinstance(auth, M2MCredentials):
+        raise RuntimeError(
+            "require_scopes needs M2MMiddleware in front of the app: "
+            "app.add_middleware(M2MMiddleware, settings=Settings(...))"
+        )
+    denied = requirement.refuse(client, auth.realm)
+    connection.scope["m2m_denied"] = denied  # the refusal, for whoever audits the request
+    return denied
+
+
+def _connection(endpoint: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HTTPConnection:
+    """The Request or WebSocket among an endpoint's arguments, wherever it stands.
+
+    By type rather than by parameter name (Starlette's ``@requires`` insists on
+    ``request``/``websocket``): a route function gets it first, an
+    ``HTTPEndpoint`` method after ``self``, FastAPI passes it by keyword.
+    """
+    for value in args:
+        if isinstance(value, HTTPConnection):
+            return value
+    for value in kwargs.values():
+        if isinstance(value, HTTPConnection):
+            return value
+    raise TypeError(f"require_scopes: {endpoint!r} was called without a Request or WebSocket")
+
+
+def _is_async(endpoint: Any) -> bool:
+    """Starlette's own test (``starlette._utils.is_async_callable``, which is private)."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    return inspect.iscoroutinefunction(endpoint) or (
+        callable(endpoint) and inspect.iscoroutinefunction(endpoint.__call__)
+    )

@@ -13,8 +13,6 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-from .errors import ConfigError
-
 #: RFC 6749 section 3.3: ``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 #: Tier names and realms: printable ASCII without the quote and the backslash, so
@@ -44,15 +42,6 @@ def check_scope(scope: object) -> str:
     if not _SCOPE_TOKEN.fullmatch(scope):
         raise ValueError(f"invalid scope {scope!a}: {_SCOPE_RULE}")
     return scope
-
-
-def decorator_scopes(scopes: Iterable[object]) -> frozenset[str]:
-    """The scopes of a ``require_scopes(...)`` decorator (Flask, Django), refused
-    when it is applied rather than on a request: they go into ``WWW-Authenticate``."""
-    try:
-        return frozenset(check_scope(scope) for scope in scopes)
-    except ValueError as exc:
-        raise ConfigError("require_scopes", str(exc)) from None
 
 
 def check_tier(tier: object) -> str:

@@ -164,6 +164,18 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
     default.settings_dict["TEST"]["NAME"] = str(path)
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: DjangoDbBlocker) -> Iterator[None]:
+    """pytest-django's test databases, and before they go, what a process exit
+    would write back (last_used_at of stores the tests left open), written
+    while the test database still exists."""
+    yield
+    from m2m_middleware.stores.base import _flush_at_exit
+
+    with django_db_blocker.unblock():
+        _flush_at_exit()
+
+
 @pytest.fixture
 def django_db(transactional_db: None) -> Iterator[None]:
     """pytest-django's ``transactional_db``, under the name the suite's tests ask for.
@@ -213,8 +225,8 @@ def django_postgres_key_store(
 ) -> Iterator[Any]:
     """A ``django://`` store on the machine's PostgreSQL, in this test's own schema.
 
-    The database alias is added for the test and removed after it; the table
-    is made from the model (the migration is checked against the model in
+    The database alias is added for the test and removed after it; the tables
+    are made from the models (the migrations are checked against the models in
     tests/django/test_django_admin.py). pytest-django's test databases are
     made for ``DATABASES`` as configured, so this alias is opened for the test
     by hand (``django_db_blocker.unblock()``, its documented way).
@@ -232,7 +244,7 @@ def _django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     from django.db import connections
 
     from m2m_middleware import open_key_store
-    from m2m_middleware.django.models import APIKey
+    from m2m_middleware.django.models import APIKey, KeyChange, StoreMeta
 
     alias = "m2m_postgres"
     parts = urlsplit(postgres_url)
@@ -250,7 +262,8 @@ def _django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     )[alias]
     try:
         with connections[alias].schema_editor() as editor:
-            editor.create_model(APIKey)
+            for model in (APIKey, KeyChange, StoreMeta):
+                editor.create_model(model)
         store = open_key_store(f"django://{alias}")
         yield store
         store.close()

@@ -35,7 +35,7 @@ from ..settings import Settings
 from ..stores.base import IssuedKey, KeyStore
 from ..syntax import check_client_id, check_scope, check_tier
 from .models import APIKey
-from .store import SCHEME, DjangoKeyStore
+from .store import SCHEME, DjangoKeyStore, with_null_flags
 
 if TYPE_CHECKING:
     from django.db.models import QuerySet
@@ -215,7 +215,10 @@ class APIKeyAdmin(_ModelAdmin):
 
     @admin.display(description="status")
     def status_label(self, obj: APIKey) -> str:
-        return STATUS_LABELS.get(obj.status(), obj.status())
+        status = obj.status()
+        if status == "unreadable":  # not a filter choice: SQL cannot tell
+            return "unreadable (treated as no key)"
+        return STATUS_LABELS.get(status, status)
 
     # -- where the keys are --------------------------------------------------------
 
@@ -226,7 +229,7 @@ class APIKeyAdmin(_ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[APIKey]:
         alias = _configured()[0]
-        queryset = super().get_queryset(request)
+        queryset = with_null_flags(super().get_queryset(request))  # for "unreadable"
         return queryset.using(alias) if alias is not None else queryset
 
     def changelist_view(

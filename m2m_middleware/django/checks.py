@@ -10,7 +10,8 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ..errors import ConfigError
 from ..limiting import open_limit_storage
-from ..settings import Settings
+from ..redaction import redact, secrets_of
+from ..settings import Settings, invalidation_url
 from ..stores import open_key_store
 
 MIDDLEWARE_PATH = "m2m_middleware.django.M2MAuthMiddleware"
@@ -26,7 +27,8 @@ def _e002(exc: ConfigError) -> Error:
 
 
 def _check_key_store(config: Settings) -> None:
-    """Open ``key_store`` as the engine will, then close it again.
+    """Open ``key_store`` as the engine will, see that revocations made through
+    it can reach the other instances (``invalidation_url``), then close it again.
 
     Opening does no I/O (SQLite connects on first use, so no file is made);
     a store object passed in is left alone, open, for the engine to use.
@@ -36,9 +38,15 @@ def _check_key_store(config: Settings) -> None:
     except ConfigError:
         raise
     except Exception as exc:  # e.g. ValueError for a path with a NUL byte
-        raise ConfigError("key_store", f"{config.key_store!r}: {exc}") from None
-    if store is not config.key_store:
-        store.close()
+        url = config.key_store
+        secrets = secrets_of(url) if isinstance(url, str) else ()
+        problem = redact(f"{url!r}: {exc}", secrets)
+        raise ConfigError("key_store", problem) from None
+    try:
+        invalidation_url(config, store)  # whether revocations can reach other instances
+    finally:
+        if store is not config.key_store:
+            store.close()
 
 
 def _check_rate_limit_storage(config: Settings) -> None:

@@ -10,19 +10,20 @@ are the store's own and never reimplemented here.
 from __future__ import annotations
 
 from datetime import datetime
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from django.db import models
 from django.utils import timezone
 
-from ..stores.base import KeyRecord
+from ..errors import UnreadableRow
+from ..stores.base import KeyRecord, checked_record
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def _aware(value: object) -> object:
     # With USE_TZ = False Django hands back naive datetimes in TIME_ZONE;
-    # records are always timezone-aware.
-    if value is None or timezone.is_aware(value):
+    # records are always timezone-aware. Anything else is for checked_record
+    # to refuse.
+    if not isinstance(value, datetime) or timezone.is_aware(value):
         return value
     return timezone.make_aware(value)
 
@@ -76,23 +77,72 @@ class APIKey(models.Model):
         return f"{self.key_id} ({self.client_id})"
 
     def to_record(self) -> KeyRecord:
-        created = _aware(self.created_at)
-        assert created is not None  # NOT NULL column
-        metadata: dict[str, Any] = self.metadata if isinstance(self.metadata, dict) else {}
-        return KeyRecord(
+        """This row as a record; UnreadableRow if a column does not hold what it should
+        (metadata that is no JSON object, say, which Django hands back as the raw text)."""
+        from .store import NULL_FLAG, TIME_COLUMNS
+
+        for column in TIME_COLUMNS:  # loaded through store.with_null_flags
+            if getattr(self, column) is None and getattr(self, NULL_FLAG + column, False):
+                raise UnreadableRow(str(self.key_id), f"{column} is not a time")
+        scopes: object = self.scopes
+        return checked_record(
             key_id=self.key_id,
             client_id=self.client_id,
             name=self.name,
-            scopes=frozenset(self.scopes.split()),
+            scopes=scopes.split() if isinstance(scopes, str) else scopes,
             tier=self.tier,
-            created_at=created,
+            created_at=_aware(self.created_at),
             expires_at=_aware(self.expires_at),
             revoked_at=_aware(self.revoked_at),
             remaining_uses=self.remaining_uses,
-            metadata=MappingProxyType(metadata),
+            metadata=self.metadata,
             last_used_at=_aware(self.last_used_at),
         )
 
     def status(self, now: datetime | None = None) -> str:
-        """``"active"``, ``"revoked"``, ``"expired"`` or ``"used_up"``, as the store sees it."""
-        return self.to_record().status(now)
+        """``"active"``, ``"revoked"``, ``"expired"``, ``"used_up"`` or ``"unreadable"``
+        (a row the store treats as no key), as the store sees it."""
+        try:
+            return self.to_record().status(now)
+        except UnreadableRow:
+            return "unreadable"
+
+
+class KeyChange(models.Model):
+    """One revoke or rotate, written in its transaction: the change log that
+    processes sharing an SQLite database poll (``DjangoKeyStore.poll_changes``).
+
+    Not shown in the admin; rows older than the longest cache TTL are pruned
+    as new ones come.
+    """
+
+    seq: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
+    key_id: models.CharField[str, str] = models.CharField("key id", max_length=64)
+    at: models.DateTimeField[datetime, datetime] = models.DateTimeField("at", db_index=True)
+
+    class Meta:
+        verbose_name = "key change"
+        verbose_name_plural = "key changes"
+
+    def __str__(self) -> str:
+        return f"{self.seq}: {self.key_id}"
+
+
+class StoreMeta(models.Model):
+    """The store's identity, made once: revocation notices name the data by it,
+    whatever database alias or host name a process reaches it by.
+
+    One row; should two processes make one each at once, both then take the
+    lowest.
+    """
+
+    store_id: models.CharField[str, str] = models.CharField(
+        "store id", max_length=64, primary_key=True
+    )
+
+    class Meta:
+        verbose_name = "key store"
+        verbose_name_plural = "key store"
+
+    def __str__(self) -> str:
+        return self.store_id

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from .. import keys as keyformat
 from ..errors import ConfigError
+from ..redaction import redact_url
 from .base import IssuedKey, KeyRecord, KeyStore
 from .memory import MemoryKeyStore
 from .sqlite import SQLiteKeyStore
@@ -52,7 +53,8 @@ def open_key_store(
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ConfigError(
-                "key_store", f"{url!r}: write sqlite:///relative.db or sqlite:////absolute.db"
+                "key_store",
+                f"{redact_url(url)!r}: write sqlite:///relative.db or sqlite:////absolute.db",
             )
         return SQLiteKeyStore(path, prefix=prefix)
     if scheme in ("postgresql", "postgres"):
@@ -75,8 +77,14 @@ def open_key_store(
                 'the django:// key store needs Django: pip install "m2m-middleware[django]"',
             ) from exc
         return store_from_url(url, prefix=prefix)  # the project's DATABASES, via the ORM
-    parts = urlsplit(url)
-    shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else url[:40]
+    try:
+        parts = urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else ""
+    except ValueError:  # "http://[::1", say: no host to name
+        shown = ""
+    # Without a scheme (a libpq keyword DSN, a bare path) there is no host to
+    # name: the start of the text, with any password in it masked.
+    shown = shown or redact_url(url)[:40]
     raise ConfigError(
         "key_store",
         f"unsupported key-store URL {shown!r}: use memory://, sqlite:///path.db or "

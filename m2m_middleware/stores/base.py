@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import atexit
 import hmac
 import json
+import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
-from ..errors import KeyNotFound
+from ..errors import KeyNotFound, UnreadableRow
+from ..redaction import redact
 from ..syntax import check_client_id, check_scope, check_tier
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+logger = logging.getLogger("m2m_middleware")
+
+#: Key ids whose unreadable row was logged, per store: each is logged once,
+#: and a flood of bad rows cannot grow the set past this.
+_REPORTED_ROWS = 1024
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -97,8 +106,96 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(metadata or {}), sort_keys=True, separators=(",", ":"))
 
 
-def decode_metadata(text: str | None) -> Mapping[str, Any]:
-    return MappingProxyType(json.loads(text)) if text else _EMPTY
+def read_metadata(key_id: str, text: object) -> object:
+    """A metadata column's JSON text, decoded; UnreadableRow if it is not JSON."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, (str, bytes)):
+        raise UnreadableRow(key_id, "metadata is not JSON text")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
+        raise UnreadableRow(key_id, "metadata is not valid JSON") from None
+
+
+def _aware(key_id: str, column: str, value: object, *, required: bool = False) -> datetime | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise UnreadableRow(key_id, f"{column} is not a time")
+    return value
+
+
+def _optional_text(key_id: str, column: str, value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise UnreadableRow(key_id, f"{column} is not text")
+    return value
+
+
+def checked_record(
+    *,
+    key_id: object,
+    client_id: object,
+    name: object,
+    scopes: object,
+    tier: object,
+    created_at: object,
+    expires_at: object,
+    revoked_at: object,
+    remaining_uses: object,
+    metadata: object,
+    last_used_at: object,
+) -> KeyRecord:
+    """A :class:`KeyRecord` from one row's values, each checked for its type.
+
+    A row written by hand or by other software may hold a text where a time
+    belongs, a NULL where a value must be, or metadata that is no JSON object.
+    Such a row raises :class:`UnreadableRow` here, once, instead of a
+    ``TypeError`` somewhere in a request (a 500). Times must be aware
+    datetimes (each store converts its own column format first); scopes a
+    collection of scope strings; metadata a JSON object (or NULL: none).
+    """
+    if not isinstance(key_id, str) or not key_id:
+        raise UnreadableRow(repr(key_id), "key_id is not a non-empty text")
+    if not isinstance(client_id, str) or not client_id:
+        raise UnreadableRow(key_id, "client_id is not a non-empty text")
+    if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
+        raise UnreadableRow(key_id, "scopes is not a list of scopes")
+    try:
+        scope_set = frozenset(scopes)
+    except TypeError:  # an unhashable element
+        raise UnreadableRow(key_id, "scopes holds a value that is no scope") from None
+    for scope in scope_set:
+        if (
+            not isinstance(scope, str)
+            or not scope
+            or not scope.isprintable()
+            or any(ch.isspace() for ch in scope)
+        ):
+            raise UnreadableRow(key_id, "scopes holds a value that is no scope")
+    if remaining_uses is not None and (
+        isinstance(remaining_uses, bool) or not isinstance(remaining_uses, int)
+    ):
+        raise UnreadableRow(key_id, "remaining_uses is not a whole number")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise UnreadableRow(key_id, "metadata is not a JSON object")
+    created = _aware(key_id, "created_at", created_at, required=True)
+    assert created is not None
+    return KeyRecord(
+        key_id=key_id,
+        client_id=client_id,
+        name=_optional_text(key_id, "name", name),
+        scopes=scope_set,
+        tier=_optional_text(key_id, "tier", tier),
+        created_at=created,
+        expires_at=_aware(key_id, "expires_at", expires_at),
+        revoked_at=_aware(key_id, "revoked_at", revoked_at),
+        remaining_uses=remaining_uses,
+        metadata=MappingProxyType(dict(metadata)),
+        last_used_at=_aware(key_id, "last_used_at", last_used_at),
+    )
 
 
 class KeyStore(abc.ABC):
@@ -110,9 +207,21 @@ class KeyStore(abc.ABC):
 
     #: True when calls may block on I/O; async callers then hop to a thread.
     blocking: bool = True
-    #: Identifies the backing data so that caches of every store object
-    #: pointing at the same data hear about revocations.
+    #: Where the data is, as the URL says (no credentials): the name caches
+    #: subscribe under before the store has read its :attr:`store_id`.
     location: str = ""
+    #: A random id kept in the database itself (read on first connection), so
+    #: that every spelling of the same data (another host name, a symlink) is
+    #: one store to revocation notices; None until read, or for data that has
+    #: no place to keep one (memory).
+    store_id: str | None = None
+    #: Seconds between two looks at the data for keys another process
+    #: revoked or rotated (:meth:`poll_changes`); None when there is nothing to
+    #: poll (changes are heard by a listener, or cannot be made elsewhere).
+    change_poll_interval: float | None = None
+    #: True when revocations made by other processes reach this store's caches
+    #: only over a bus (``invalidation_url``): the store cannot tell them itself.
+    needs_bus: bool = True
 
     #: How often ``last_used_at`` is written back, at most, per key.
     touch_interval: float = 60.0
@@ -122,11 +231,17 @@ class KeyStore(abc.ABC):
         self._pending_touches: dict[str, float] = {}
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
+        self._reported_rows: OrderedDict[str, None] = OrderedDict()
+        with suppress(TypeError):  # a subclass made unhashable is not flushed at exit
+            _live_stores.add(self)  # last_used_at is written back at exit too
 
     # -- storage primitives --------------------------------------------------
 
     @abc.abstractmethod
     def _insert(self, record: KeyRecord, key_hash: str) -> None: ...
+
+    # The three reads raise UnreadableRow for a row that does not make a
+    # record (see checked_record); _fetch_all returns it in the row's place.
 
     @abc.abstractmethod
     def _fetch(self, key_id: str) -> KeyRecord | None: ...
@@ -135,7 +250,7 @@ class KeyStore(abc.ABC):
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None: ...
 
     @abc.abstractmethod
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]: ...
+    def _fetch_all(self, client_id: str | None) -> Sequence[KeyRecord | UnreadableRow]: ...
 
     @abc.abstractmethod
     def _set_revoked(self, key_id: str, when: datetime) -> bool: ...
@@ -168,17 +283,49 @@ class KeyStore(abc.ABC):
         """
         return await asyncio.to_thread(function, *args, **kwargs)
 
+    @property
+    def identity(self) -> str:
+        """The name revocation notices of this data travel under: its store id once known."""
+        return self.store_id or self.location
+
+    def _learned_store_id(self, store_id: str) -> None:
+        """Record the id read from the database; notices under it reach this store's caches."""
+        self.store_id = store_id
+        link_store_id(self.location, store_id)
+
     def _invalidated(self, key_id: str) -> None:
         """Tell every cache of this store's data that ``key_id`` changed.
 
         A store whose writes may sit in a caller's open transaction tells them
         once it commits, so no cache reloads the old row in between.
         """
-        _notify_invalidated(self.location, key_id)
+        _notify_invalidated(self.identity, self.location, key_id)
+
+    def watch_changes(self) -> None:
+        """Start hearing about keys that other processes revoke or rotate.
+
+        Called by an engine whose cache depends on it. A store whose database
+        can push notices (PostgreSQL's ``LISTEN``) starts listening; one that
+        is polled instead sets :attr:`change_poll_interval`. Nothing by default.
+        """
+        return
+
+    def poll_changes(self) -> None:
+        """Tell this process's caches about keys changed elsewhere since the last poll.
+
+        Called at most every :attr:`change_poll_interval` seconds, on the request
+        path, so it must be cheap when nothing changed. Nothing by default.
+        """
+        return
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
         self.flush_last_used()
+
+    def _at_exit(self) -> None:
+        """Write back what is pending as the process exits (see :func:`_flush_at_exit`)."""
+        if self._pending_touches:
+            self.flush_last_used()
 
     # -- public API -----------------------------------------------------------
 
@@ -218,6 +365,10 @@ class KeyStore(abc.ABC):
             metadata=MappingProxyType(dict(metadata or {})),
         )
         self._insert(record, keyformat.hash_key(plaintext))
+        # Caches that just refused this (then unknown) hash as a guess must
+        # not keep refusing it: a new key works at once here, and over a bus
+        # in other processes (else within a second, the engine's bound).
+        self._invalidated(record.key_id)
         return IssuedKey(plaintext, record)
 
     def get_key(self, key_id: str) -> KeyRecord:
@@ -230,8 +381,15 @@ class KeyStore(abc.ABC):
         return record
 
     def list_keys(self, client_id: str | None = None) -> list[KeyRecord]:
+        """The keys, oldest first; a row that cannot be read is left out, with a warning."""
         self.flush_last_used()
-        return sorted(self._fetch_all(client_id), key=lambda r: (r.created_at, r.key_id))
+        records = []
+        for found in self._fetch_all(client_id):
+            if isinstance(found, UnreadableRow):
+                self._report_unreadable(found)
+            else:
+                records.append(found)
+        return sorted(records, key=lambda r: (r.created_at, r.key_id))
 
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not self._set_revoked(key_id, utcnow()):
@@ -279,7 +437,14 @@ class KeyStore(abc.ABC):
     # -- used by the engine ---------------------------------------------------
 
     def find_by_hash(self, key_hash: str) -> KeyRecord | None:
-        found = self._fetch_by_hash(key_hash)
+        """The record of the key with this hash; None for no key, or one whose row is unreadable."""
+        try:
+            found = self._fetch_by_hash(key_hash)
+        except UnreadableRow as bad:
+            # Refused as no key (401), never a 500; logged once, by key id
+            # only: the hash would let a reader of the log replay lookups.
+            self._report_unreadable(bad)
+            return None
         if found is None:
             return None
         record, stored_hash = found
@@ -288,6 +453,18 @@ class KeyStore(abc.ABC):
         if not _compare(stored_hash, key_hash):
             return None
         return record
+
+    def _report_unreadable(self, bad: UnreadableRow) -> None:
+        reported = self._reported_rows
+        if bad.key_id in reported:
+            return
+        while len(reported) >= _REPORTED_ROWS:
+            try:
+                reported.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                break
+        reported[bad.key_id] = None
+        logger.warning("%s; it is treated as no key until the row is fixed", bad)
 
     def take_use(self, key_id: str) -> int | None:
         """Take one use of a usage-limited key: the uses left after it, or None if none were."""
@@ -328,27 +505,77 @@ def _compare(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("ascii"), b.encode("ascii"))
 
 
+# -- last_used_at at exit ------------------------------------------------------------
+#
+# last_used_at waits in memory for up to touch_interval; a short run (a job
+# that makes one request, a worker recycled early) would otherwise exit with
+# it unwritten, so the key looks never used. Stores are held weakly: a store
+# dropped earlier is not kept alive for this, and a closed one has nothing left.
+
+_live_stores: weakref.WeakSet[KeyStore] = weakref.WeakSet()
+
+
+def _flush_at_exit() -> None:
+    for store in list(_live_stores):
+        try:
+            store._at_exit()
+        except Exception as exc:  # the database may be gone too; say so, quietly
+            logger.warning(
+                "last_used_at could not be written back at exit (%s): %s",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+
+
+atexit.register(_flush_at_exit)
+
+
 # -- invalidation ----------------------------------------------------------------
 #
 # Every verified-key cache registers here under its store's location, so a
 # revocation made through any store object in this process reaches them all
-# at once. Publishers (``invalidation.RedisBus``) carry it to other processes,
-# whose buses hand it to ``notify_local``; without one, other processes see it
+# at once. A store that reads its store id from the database links its
+# location to it, so notices under the id (from a store object that spells
+# the URL differently, or from another process) reach caches subscribed under
+# any linked location. Publishers (``invalidation.RedisBus``) carry notices to
+# other processes, whose listeners hand them to ``notify_local``; a store that
+# notices other processes' changes itself (SQLite's change log, PostgreSQL's
+# NOTIFY) hands them there too. Without either, other processes see a change
 # when their cache entry's TTL runs out.
+#
+# A callback gets the key id that changed, or None when any key may have
+# changed (a listener that was away and may have missed notices).
 
 _listeners: dict[str, list[Any]] = {}
 _listeners_lock = threading.Lock()
 _publishers: list[Any] = []
+_store_id_of: dict[str, str] = {}  # location -> store id
+_locations_of: dict[str, set[str]] = {}  # store id -> the locations linked to it
 
 
-def subscribe_invalidations(location: str, callback: Any) -> None:
+def subscribe_invalidations(name: str, callback: Any) -> None:
+    """Call ``callback(key_id)`` on every notice for the data named ``name``
+    (a store's location or store id). Held weakly: it goes with its owner."""
     ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else weakref.ref(callback)
     with _listeners_lock:
-        _listeners.setdefault(location, []).append(ref)
+        _listeners.setdefault(name, []).append(ref)
+
+
+def link_store_id(location: str, store_id: str) -> None:
+    """From now on, notices under ``store_id`` or ``location`` reach the caches of both."""
+    with _listeners_lock:
+        old = _store_id_of.get(location)
+        if old == store_id:
+            return
+        if old is not None:  # the file was replaced by another store's
+            _locations_of.get(old, set()).discard(location)
+        _store_id_of[location] = store_id
+        _locations_of.setdefault(store_id, set()).add(location)
 
 
 def add_publisher(publish: Any) -> None:
-    """``publish(location, key_id)`` is called on every revocation made in this process."""
+    """``publish(store_id, location, key_id)`` is called on every revocation made in
+    this process (``store_id`` is the store's identity: its location if it has no id)."""
     with _listeners_lock:
         _publishers.append(publish)
 
@@ -359,19 +586,27 @@ def remove_publisher(publish: Any) -> None:
             _publishers.remove(publish)
 
 
-def notify_local(location: str, key_id: str) -> None:
-    """Drop ``key_id`` from every cache in this process of the data at ``location``."""
+def notify_local(name: str, key_id: str | None) -> None:
+    """Drop ``key_id`` (None: every key) from every cache in this process of the
+    data named ``name``: a store id, or a location."""
     with _listeners_lock:
-        refs = list(_listeners.get(location, ()))
-        alive = [ref for ref in refs if ref() is not None]
-        _listeners[location] = alive
+        store_id = _store_id_of.get(name, name)
+        names = {store_id, *_locations_of.get(store_id, ())}
+        alive: list[Any] = []
+        for each in names:
+            refs = [ref for ref in _listeners.get(each, ()) if ref() is not None]
+            if refs:
+                _listeners[each] = refs
+                alive += refs
+            else:
+                _listeners.pop(each, None)
     for ref in alive:
         callback = ref()
         if callback is not None:
             callback(key_id)
 
 
-def _notify_invalidated(location: str, key_id: str) -> None:
-    notify_local(location, key_id)
+def _notify_invalidated(store_id: str, location: str, key_id: str) -> None:
+    notify_local(store_id, key_id)
     for publish in list(_publishers):
-        publish(location, key_id)
+        publish(store_id, location, key_id)

@@ -15,6 +15,7 @@ _counter = itertools.count()
 
 class MemoryKeyStore(KeyStore):
     blocking = False
+    needs_bus = False  # no other process can change this data
 
     def __init__(self, **kwargs: str) -> None:
         super().__init__(**kwargs)

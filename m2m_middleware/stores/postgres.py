@@ -17,6 +17,14 @@ request each; reads and idempotent writes then try once more on a fresh
 connection. Other writes (taking a use, say) are never repeated: whether they
 were applied is unknown, and applying one twice would spend a use twice.
 
+Revocations and rotations reach the caches of other processes within a
+second without a bus: the write that revokes or rotates also sends a
+``NOTIFY`` (in the same transaction, so it is delivered only if the write
+commits), and every engine's store listens on a connection of its own
+(``invalidation.postgres_listener``). The notice names the store by the id
+kept in its ``m2m_store_meta`` table, not by its URL, so every spelling of
+the address hears it.
+
 The schema lives in the connection's current schema (the first of its
 ``search_path``; set it with ``?options=-csearch_path%3Dname``), is created on
 first use under an advisory lock so that processes starting together do not
@@ -26,20 +34,24 @@ race, and carries a version that a newer release can migrate from.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import secrets
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import datetime, timezone
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 try:
     import psycopg
+    from psycopg.abc import Buffer
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.rows import TupleRow
+    from psycopg.types.datetime import TimestamptzLoader
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -48,8 +60,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .. import keys as keyformat
-from ..errors import ConfigError, KeyStoreError, StoreUnavailable
-from .base import KeyRecord, KeyStore
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
+from ..invalidation import NOTIFY_CHANNEL, PostgresListener, postgres_listener
+from ..redaction import redact, secrets_of
+from .base import KeyRecord, KeyStore, checked_record
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -88,6 +102,22 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS m2m_api_keys_client_id ON m2m_api_keys (client_id)",
 )
 
+#: Added after schema version 1 was released: created when missing, with no
+#: version bump, because older releases sharing the database ignore it.
+_META_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS m2m_store_meta (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        store_id text NOT NULL
+    )
+"""
+
+#: Appended to an ``UPDATE ... RETURNING key_id`` in a ``changed`` CTE: one
+#: notice per changed row, sent when (and only if) the statement commits.
+_NOTIFY_CHANGED = (
+    " SELECT c.key_id, pg_notify(%s, json_build_object("
+    "'store_id', %s::text, 'key_id', c.key_id)::text) FROM changed AS c"
+)
+
 _COLUMNS = (
     "key_id, client_id, name, scopes, tier, created_at, expires_at, revoked_at, "
     "remaining_uses, metadata, last_used_at"
@@ -103,28 +133,106 @@ _RECONNECT_WINDOW = 10.0
 T = TypeVar("T")
 _Conn = psycopg.Connection[TupleRow]
 
+#: Every pool of ours is named so; psycopg_pool passes the name (or a
+#: connection or task that knows its pool) in the arguments of its records.
+_POOL_PREFIX = "m2m key store "
 
-def _utc(value: datetime | None) -> datetime | None:
+
+def _of_our_pool(arg: object) -> bool:
+    if isinstance(arg, str):
+        return arg.startswith(_POOL_PREFIX)
+    if getattr(type(arg), "m2m_key_store", False):  # one of our connections, idle or not
+        return True
+    pool = getattr(arg, "_pool", None) or getattr(arg, "pool", None)  # a connection, a task
+    if isinstance(pool, weakref.ref):
+        pool = pool()
+    name = getattr(pool, "name", None)
+    return isinstance(name, str) and name.startswith(_POOL_PREFIX)
+
+
+class _QuietPoolFilter(logging.Filter):
+    """Our pools' own records are DEBUG, not WARNING.
+
+    While the server is down, psycopg_pool logs a WARNING for every
+    connection attempt (with backoff, for as long as requests keep asking)
+    and for every connection it discards. The engine already logs one record
+    per outage (with the cause the last attempt met) and one per recovery;
+    these would bury it. Kept, at DEBUG, for whoever turns ``psycopg.pool``
+    up to DEBUG; other pools' records are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not isinstance(record.args, tuple):
+            return True
+        if not any(_of_our_pool(arg) for arg in record.args):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # Handlers with no level of their own would still print it.
+        return _pool_logger.isEnabledFor(logging.DEBUG)
+
+
+_pool_logger = logging.getLogger("psycopg.pool")
+_pool_logger.addFilter(_QuietPoolFilter())
+
+
+class _Unreadable:
+    """What :class:`_LenientTimestamptzLoader` reads for a time Python cannot hold."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+class _LenientTimestamptzLoader(TimestamptzLoader):
+    """``'infinity'`` or a year past 9999 read as a marker that the row check
+    refuses, instead of a DataError that fails the whole query: a listing with
+    one such row would fail, and a lookup would look like an outage."""
+
+    def load(self, data: Buffer) -> Any:  # a datetime, or the marker
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return _UNREADABLE
+
+
+def _utc(key_id: str, column: str, value: object) -> object:
     # psycopg returns timestamptz in the session's time zone; records are UTC.
-    return value.astimezone(timezone.utc) if value is not None else None
+    if not isinstance(value, datetime):
+        return value  # None, or a marker checked_record refuses
+    try:
+        return value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):  # within a day of year 1 or 9999
+        raise UnreadableRow(key_id, f"{column} is not a time") from None
 
 
 def _record(row: TupleRow) -> KeyRecord:
-    created = _utc(row[5])
-    assert created is not None  # NOT NULL column
-    return KeyRecord(
+    """A row as a record; UnreadableRow if a column does not hold what it should."""
+    key_id = row[0] if isinstance(row[0], str) else repr(row[0])
+    scopes = row[3]
+    if scopes is None or isinstance(scopes, str):
+        raise UnreadableRow(key_id, "scopes is not a list of scopes")
+    return checked_record(
         key_id=row[0],
         client_id=row[1],
         name=row[2],
-        scopes=frozenset(row[3]),
+        scopes=scopes,
         tier=row[4],
-        created_at=created,
-        expires_at=_utc(row[6]),
-        revoked_at=_utc(row[7]),
+        created_at=_utc(key_id, "created_at", row[5]),
+        expires_at=_utc(key_id, "expires_at", row[6]),
+        revoked_at=_utc(key_id, "revoked_at", row[7]),
         remaining_uses=row[8],
-        metadata=MappingProxyType(row[9] or {}),
-        last_used_at=_utc(row[10]),
+        metadata=row[9],
+        last_used_at=_utc(key_id, "last_used_at", row[10]),
     )
+
+
+def _each_record(rows: list[TupleRow]) -> list[KeyRecord | UnreadableRow]:
+    found: list[KeyRecord | UnreadableRow] = []
+    for row in rows:
+        try:
+            found.append(_record(row))
+        except UnreadableRow as bad:
+            found.append(bad)
+    return found
 
 
 def _location(params: Mapping[str, Any]) -> str:
@@ -161,6 +269,7 @@ class PostgresKeyStore(KeyStore):
     """
 
     blocking = True
+    needs_bus = False  # NOTIFY tells every process that listens
 
     def __init__(
         self,
@@ -177,7 +286,7 @@ class PostgresKeyStore(KeyStore):
             raise ValueError("max_size must be a positive integer")
         self.timeout = float(timeout)
         self.max_size = max_size
-        self._secrets = _secrets_of(url)
+        self._secrets = secrets_of(url)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -186,7 +295,8 @@ class PostgresKeyStore(KeyStore):
             raise ConfigError(
                 "key_store", self._redact(f"not a valid PostgreSQL URL: {detail}")
             ) from None
-        self._secrets += _secrets_of_params(params)
+        if params.get("password"):  # as libpq decoded it: quotes and escapes undone
+            self._secrets += (str(params["password"]),)
         self.location = _location(params)
         self._conninfo = make_conninfo("", **_with_timeouts(params, self.timeout))
         self._pool: ConnectionPool[_Conn] | None = None
@@ -195,6 +305,7 @@ class PostgresKeyStore(KeyStore):
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._connect_error: str | None = None
+        self._listener: PostgresListener | None = None
 
     def __repr__(self) -> str:
         return f"PostgresKeyStore({self.location!r})"
@@ -218,7 +329,7 @@ class PostgresKeyStore(KeyStore):
                     open=False,
                     timeout=self.timeout,
                     reconnect_timeout=_RECONNECT_WINDOW,
-                    name=f"m2m key store {self.location}",
+                    name=_POOL_PREFIX + self.location,
                 )
                 # Connects in the background: a database that is down now is
                 # retried by the pool, not fatal to whoever opened the store.
@@ -236,6 +347,8 @@ class PostgresKeyStore(KeyStore):
         store = self
 
         class RememberingConnection(psycopg.Connection[TupleRow]):
+            m2m_key_store = True  # for _QuietPoolFilter: a pool forgets idle ones
+
             @classmethod
             def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
                 try:
@@ -244,6 +357,7 @@ class PostgresKeyStore(KeyStore):
                     store._connect_error = " ".join(str(exc).split())  # libpq's is multi-line
                     raise
                 store._connect_error = None
+                conn.adapters.register_loader("timestamptz", _LenientTimestamptzLoader)
                 return conn
 
         return RememberingConnection
@@ -307,7 +421,43 @@ class PostgresKeyStore(KeyStore):
                         f"PostgreSQL key store {self.location} has schema version {version}; "
                         f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
                     )
+                store_id = self._read_store_id(conn)
+            # Before the first read through this store, so a notice under the
+            # id can never miss a key that store put in a cache.
+            if store_id is not None:
+                self._learned_store_id(store_id)
             self._schema_ready = True
+
+    @staticmethod
+    def _read_store_id(conn: _Conn) -> str | None:
+        """The database's store id, made once (the caller holds the advisory lock).
+
+        None when the table is missing and this role may not create it (a
+        database made by an older release, used by a role without CREATE):
+        the store then goes by its location, as before.
+        """
+        row = None
+        found = conn.execute("SELECT to_regclass('m2m_store_meta')").fetchone()
+        try:
+            with conn.transaction():  # a savepoint: a refusal leaves the rest intact
+                if found is None or found[0] is None:
+                    conn.execute(_META_SCHEMA)
+                row = conn.execute("SELECT store_id FROM m2m_store_meta").fetchone()
+                if row is None:
+                    row = conn.execute(
+                        "INSERT INTO m2m_store_meta (store_id) VALUES (%s) "
+                        "ON CONFLICT (singleton) DO NOTHING RETURNING store_id",
+                        (secrets.token_hex(16),),
+                    ).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+        return str(row[0]) if row is not None else None
+
+    # -- hearing other processes ---------------------------------------------------
+
+    def watch_changes(self) -> None:
+        if self._listener is None and not self._closed:
+            self._listener = postgres_listener(self.location, self._conninfo, self._redact)
 
     def close(self) -> None:
         if self._closed:
@@ -318,15 +468,16 @@ class PostgresKeyStore(KeyStore):
             with self._pool_lock:
                 self._closed = True
                 pool, self._pool = self._pool, None
+                listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.release()
             if pool is not None:
                 pool.close()
 
     # -- errors ------------------------------------------------------------------
 
     def _redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets)
 
     def _no_connection(self) -> StoreUnavailable:
         message = f"PostgreSQL key store {self.location}: no connection within {self.timeout:g} s"
@@ -389,6 +540,9 @@ class PostgresKeyStore(KeyStore):
         return _record(row) if row else None
 
     def _fetch_by_hash(self, key_hash: str) -> tuple[KeyRecord, str] | None:
+        listener = self._listener
+        if listener is not None and not listener.settled.is_set():
+            listener.wait_settled(self.timeout)  # what this reads is then cached safely
         row = self._run(
             lambda conn: conn.execute(
                 f"SELECT {_COLUMNS}, key_hash FROM m2m_api_keys WHERE key_hash = %s",
@@ -398,22 +552,24 @@ class PostgresKeyStore(KeyStore):
         )
         return (_record(row), row[-1]) if row else None
 
-    def _fetch_all(self, client_id: str | None) -> list[KeyRecord]:
+    def _fetch_all(self, client_id: str | None) -> list[KeyRecord | UnreadableRow]:
         query = f"SELECT {_COLUMNS} FROM m2m_api_keys"
         params: tuple[str, ...] = ()
         if client_id is not None:
             query += " WHERE client_id = %s"
             params = (client_id,)
         rows = self._run(lambda conn: conn.execute(query, params).fetchall(), retry=True)
-        return [_record(row) for row in rows]
+        return _each_record(rows)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
-        # LEAST ignores NULL: the earliest revocation stands, so a retry is harmless.
+        # LEAST ignores NULL: the earliest revocation stands, so a retry is
+        # harmless (a second notice too).
         count = self._run(
             lambda conn: (
                 conn.execute(
-                    "UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) WHERE key_id = %s",
-                    (when, key_id),
+                    "WITH changed AS (UPDATE m2m_api_keys SET revoked_at = LEAST(revoked_at, %s) "
+                    "WHERE key_id = %s RETURNING key_id)" + _NOTIFY_CHANGED,
+                    (when, key_id, NOTIFY_CHANNEL, self.identity),
                 ).rowcount
             ),
             retry=True,
@@ -424,7 +580,9 @@ class PostgresKeyStore(KeyStore):
         count = self._run(
             lambda conn: (
                 conn.execute(
-                    "UPDATE m2m_api_keys SET expires_at = %s WHERE key_id = %s", (when, key_id)
+                    "WITH changed AS (UPDATE m2m_api_keys SET expires_at = %s "
+                    "WHERE key_id = %s RETURNING key_id)" + _NOTIFY_CHANGED,
+                    (when, key_id, NOTIFY_CHANNEL, self.identity),
                 ).rowcount
             ),
             retry=True,
@@ -504,19 +662,3 @@ def _with_timeouts(params: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     ours = f"-c statement_timeout={math.ceil(timeout * 1000)}"
     merged["options"] = f"{ours} {merged['options']}" if merged.get("options") else ours
     return merged
-
-
-def _secrets_of(url: str) -> tuple[str, ...]:
-    """The password as spelt in the URL, raw and decoded, for scrubbing messages."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return ()
-    if not password:
-        return ()
-    return tuple({password, unquote(password)})
-
-
-def _secrets_of_params(params: Mapping[str, Any]) -> tuple[str, ...]:
-    password = params.get("password")
-    return (str(password),) if password else ()

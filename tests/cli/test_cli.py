@@ -634,3 +634,54 @@ def test_python_dash_m_bad_invocation_has_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.startswith("m2m: error: --max-uses")
     assert proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def spoil_metadata(db_path: Path, key_id: str) -> None:
+    """A row edited by hand: metadata that is not JSON."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db_path)) as raw, raw:
+        raw.execute("UPDATE m2m_api_keys SET metadata = '{oops' WHERE key_id = ?", (key_id,))
+
+
+def test_list_skips_a_row_it_cannot_read_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    url: str,
+    db_path: Path,
+) -> None:
+    good = create(capsys, url, "--client", "billing")
+    bad = create(capsys, url, "--client", "shipping")
+    spoil_metadata(db_path, bad["key_id"])
+    code, out, err = run(capsys, "keys", "list", "--store", url)
+    assert (code, err) == (0, "")
+    assert good["key_id"] in out and bad["key_id"] not in out
+    code, out, _ = run(capsys, "keys", "list", "--store", url, "--json")
+    assert code == 0 and [r["key_id"] for r in json.loads(out)] == [good["key_id"]]
+    assert any(bad["key_id"] in r.getMessage() for r in caplog.records)
+    # Asked for by id, the row is named as unreadable: an error, not a traceback.
+    code, out, err = run(capsys, "keys", "revoke", "--store", url, bad["key_id"])
+    assert code == 1 and "cannot be read" in err and "Traceback" not in err
+
+
+def test_python_dash_m_list_warns_on_one_line_about_a_row_it_cannot_read(
+    capsys: pytest.CaptureFixture[str], url: str, db_path: Path
+) -> None:
+    good = create(capsys, url, "--client", "billing")
+    bad = create(capsys, url, "--client", "shipping")
+    spoil_metadata(db_path, bad["key_id"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2m_middleware", "keys", "list", "--store", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_subprocess_env(),
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert good["key_id"] in proc.stdout and bad["key_id"] not in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("m2m: warning: key "), proc.stderr
+    assert bad["key_id"] in lines[0] and "metadata" in lines[0]
+    assert hash_key(good["key"]) not in proc.stderr

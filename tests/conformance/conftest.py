@@ -12,6 +12,8 @@ Every app has:
 - ``GET /health``: a public path; echoes the attached client (there should be none)
 - ``GET /whoami``: echoes the attached :class:`~m2m_middleware.Client`
 - ``GET /reports/``: with its trailing slash, as frameworks let a view be written
+- ``GET /scoped`` (a sync view) and ``GET /scoped-async`` (an async one): each
+  framework's own ``require_scopes(*SCOPED_VIEW_SCOPES)``; echo the client
 """
 
 from __future__ import annotations
@@ -42,12 +44,17 @@ from starlette.routing import Route
 
 from m2m_middleware import Client, Engine, Settings
 from m2m_middleware.django import get_client as django_get_client
+from m2m_middleware.django import require_scopes as django_require_scopes
 from m2m_middleware.django.middleware import current_engine as django_current_engine
 from m2m_middleware.flask import M2MAuth, current_client
+from m2m_middleware.flask import require_scopes as flask_require_scopes
 from m2m_middleware.starlette import M2MMiddleware
 from m2m_middleware.starlette import get_client as starlette_get_client
+from m2m_middleware.starlette import require_scopes as starlette_require_scopes
 
 HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]] | None
+#: What the ``/scoped`` views require, deliberately not in sorted order.
+SCOPED_VIEW_SCOPES = ("reports:read", "orders:read")
 
 
 class Headers:
@@ -183,6 +190,16 @@ async def _st_whoami(request: Request) -> Response:
     )
 
 
+@starlette_require_scopes(*SCOPED_VIEW_SCOPES)
+def _st_scoped(request: Request) -> Response:
+    return JSONResponse({"client": echo(starlette_get_client(request))})
+
+
+@starlette_require_scopes(*SCOPED_VIEW_SCOPES)
+async def _st_scoped_async(request: Request) -> Response:
+    return JSONResponse({"client": echo(starlette_get_client(request))})
+
+
 class StarletteCaller(Caller):
     framework = "starlette"
 
@@ -194,6 +211,8 @@ class StarletteCaller(Caller):
                 Route("/health", _st_health, methods=["GET"]),
                 Route("/whoami", _st_whoami, methods=["GET"]),
                 Route("/reports/", _st_reports, methods=["GET"]),
+                Route("/scoped", _st_scoped, methods=["GET"]),
+                Route("/scoped-async", _st_scoped_async, methods=["GET"]),
             ]
         )
         self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
@@ -292,6 +311,16 @@ class FlaskCaller(Caller):
                 "framework_scopes": sorted(current_client.scopes),
             }
 
+        @app.get("/scoped")
+        @flask_require_scopes(*SCOPED_VIEW_SCOPES)
+        def scoped() -> Any:
+            return {"client": echo(flask.g.m2m_client)}
+
+        @app.get("/scoped-async")
+        @flask_require_scopes(*SCOPED_VIEW_SCOPES)
+        async def scoped_async() -> Any:
+            return {"client": echo(flask.g.m2m_client)}
+
         self.app = app
         self.client = app.test_client()
 
@@ -347,6 +376,16 @@ def _dj_reports(request: HttpRequest) -> HttpResponse:
     return HttpResponse("reports", content_type="text/plain")
 
 
+@django_require_scopes(*SCOPED_VIEW_SCOPES)
+def _dj_scoped(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"client": echo(django_get_client(request))})
+
+
+@django_require_scopes(*SCOPED_VIEW_SCOPES)
+async def _dj_scoped_async(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"client": echo(django_get_client(request))})
+
+
 DJANGO_URLCONF = "m2m_conformance_urls"
 _urls = types.ModuleType(DJANGO_URLCONF)
 _urls.urlpatterns = [  # type: ignore[attr-defined]
@@ -355,6 +394,8 @@ _urls.urlpatterns = [  # type: ignore[attr-defined]
     django_path("health", _dj_health),
     django_path("whoami", _dj_whoami),
     django_path("reports/", _dj_reports),
+    django_path("scoped", _dj_scoped),
+    django_path("scoped-async", _dj_scoped_async),
 ]
 sys.modules[DJANGO_URLCONF] = _urls
 
@@ -418,3 +459,14 @@ def framework(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_app(framework: str) -> Callable[[Mapping[str, Any]], Caller]:
     return BUILDERS[framework]
+
+
+@pytest.fixture
+def every_framework() -> dict[str, Callable[[Mapping[str, Any]], Caller]]:
+    """The three builders at once, for tests that compare the frameworks' answers."""
+    return dict(BUILDERS)
+
+
+@pytest.fixture
+def scoped_view_scopes() -> tuple[str, ...]:
+    return SCOPED_VIEW_SCOPES

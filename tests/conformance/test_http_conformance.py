@@ -7,9 +7,16 @@ conftest.py) builds the same app in Starlette, Flask or Django.
 from __future__ import annotations
 
 import json
+import os
 import re
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +24,7 @@ from readme_anchors import REPOSITORY_URL, error_sections
 
 from m2m_middleware import KeyStore, StoreUnavailable, open_key_store
 from m2m_middleware import keys as keyformat
-from m2m_middleware.stores import MemoryKeyStore
+from m2m_middleware.stores import MemoryKeyStore, SQLiteKeyStore
 
 ORDERS_RULE = {"path": "/orders", "scopes": ["orders:read"]}
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "error"}
@@ -192,6 +199,36 @@ def test_revocation_after_use_is_seen_at_once(make_app: Maker, store: KeyStore) 
     assert_problem(reply, 401, "invalid_token", secrets=(issued.key,))
 
 
+def test_a_revocation_by_another_process_is_refused_within_a_poll_interval(
+    make_app: Maker, tmp_path: Path
+) -> None:
+    # SQLite, no Redis, an hour of caching: the store's change log, polled at
+    # most every 0.1 s, is all that can tell the app. The other process is
+    # the operator's `m2m keys revoke`.
+    url = "sqlite:///" + str(tmp_path / "keys.db")
+    store = open_key_store(url)
+    try:
+        issued = store.create_key("acme", scopes=["orders:read"])
+        app = make_app(config(store, key_cache_ttl=3600, invalidation_url=""))
+        assert app.get("/orders", api_key(issued.key)).status == 200
+        result = subprocess.run(
+            [sys.executable, "-m", "m2m_middleware", "keys", "revoke", issued.key_id],
+            env={**os.environ, "M2M_KEY_STORE": url, "M2M_INVALIDATION_URL": ""},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        committed = time.monotonic()
+        while (reply := app.get("/orders", api_key(issued.key))).status == 200:
+            assert time.monotonic() - committed < 1.0, "still admitted a second later"
+            time.sleep(0.01)
+        assert_problem(reply, 401, "invalid_token", secrets=(issued.key,))
+    finally:
+        store.close()
+
+
 class CountingStore(MemoryKeyStore):
     def __init__(self) -> None:
         super().__init__()
@@ -209,6 +246,79 @@ def test_bad_checksum_is_rejected_without_a_store_lookup(make_app: Maker) -> Non
     assert counting.lookups == 0
     assert app.get("/orders", api_key(_unknown(counting))).status == 401
     assert counting.lookups == 1
+
+
+class CountingSQLiteStore(SQLiteKeyStore):
+    """A blocking store, so async adapters take the thread-hop path (acheck)."""
+
+    lookups = 0
+
+    def find_by_hash(self, key_hash: str) -> Any:
+        self.lookups += 1
+        return super().find_by_hash(key_hash)
+
+
+def test_a_repeated_forged_key_reaches_the_store_once_a_second(
+    make_app: Maker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = CountingSQLiteStore(str(tmp_path / "k.db"))
+    app = make_app(config(counting))
+    clock = [1000.0]
+    app.engine().keys.unknown.clock = lambda: clock[0]
+    forged = keyformat.generate_key()  # well formed: the checksum is public
+    for _ in range(20):
+        assert_problem(app.get("/orders", api_key(forged)), 401, "invalid_token", secrets=(forged,))
+    assert counting.lookups == 1
+    clock[0] += 1.0
+    assert app.get("/orders", bearer(forged)).status == 401
+    assert counting.lookups == 2
+
+    # Created afterwards in another process (no notice reaches this one): within a second.
+    with closing(sqlite3.connect(tmp_path / "k.db")) as raw, raw:
+        raw.execute(
+            "INSERT INTO m2m_api_keys (key_id, key_hash, client_id, scopes, created_at) "
+            "VALUES ('key_elsewhere', ?, 'acme', 'orders:read', 0)",
+            (keyformat.hash_key(forged),),
+        )
+    assert app.get("/orders", api_key(forged)).status == 401
+    clock[0] += 1.0
+    assert app.get("/orders", api_key(forged)).status == 200
+
+    # Created here, through another store object for the same file: at once.
+    guess = keyformat.generate_key()
+    assert app.get("/orders", api_key(guess)).status == 401
+    monkeypatch.setattr(keyformat, "generate_key", lambda prefix: guess)
+    other = open_key_store("sqlite:///" + str(tmp_path / "k.db"))
+    other.create_key("acme", scopes=["orders:read"])
+    other.close()
+    assert app.get("/orders", api_key(guess)).status == 200
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "metadata = '{not json'",
+        "metadata = '[1]'",
+        "created_at = 'yesterday'",
+        "revoked_at = 'last week'",
+        "remaining_uses = 'plenty'",
+        "scopes = x'00'",
+    ],
+)
+def test_a_key_whose_row_cannot_be_read_is_401_never_500(
+    make_app: Maker, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_key_store("sqlite:///" + str(tmp_path / "k.db"))
+    good = store.create_key("acme", scopes=["orders:read"])
+    bad = store.create_key("acme", scopes=["orders:read"])
+    with closing(sqlite3.connect(tmp_path / "k.db")) as raw, raw:
+        raw.execute(f"UPDATE m2m_api_keys SET {damage} WHERE key_id = ?", (bad.key_id,))
+    app = make_app(config(store, key_cache_ttl=0))
+    for _ in range(3):
+        reply = app.get("/orders", api_key(bad.key))
+        assert_problem(reply, 401, "invalid_token", secrets=(bad.key,))
+    assert app.get("/orders", api_key(good.key)).status == 200
+    assert len([r for r in caplog.records if bad.key_id in r.getMessage()]) == 1
 
 
 def test_two_different_credentials_is_400(make_app: Maker, store: KeyStore) -> None:

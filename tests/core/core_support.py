@@ -64,3 +64,29 @@ while store.take_use(sys.argv[2]) is not None:
 store.close()
 print(taken, flush=True)
 """
+
+
+#: ``python -c ONE_REQUEST_THEN_EXIT <store url> <key>``: one request through an
+#: engine, then the process ends without closing anything, as a short job does.
+ONE_REQUEST_THEN_EXIT = """
+import sys
+from m2m_middleware import Engine, Settings
+
+engine = Engine(Settings(key_store=sys.argv[1], rate_limit_storage="memory://"))
+print(engine.check("GET", "/", None, sys.argv[2]).allowed, flush=True)
+"""
+
+
+def run_one_request_then_exit(url: str, key: str) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_REQUEST_THEN_EXIT, url, key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr

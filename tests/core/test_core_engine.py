@@ -35,7 +35,7 @@ from m2m_middleware import (
     StoreUnavailable,
     open_key_store,
 )
-from m2m_middleware.keys import generate_key
+from m2m_middleware.keys import generate_key, hash_key
 from m2m_middleware.stores import MemoryKeyStore
 
 Check = Any  # the conftest ``check`` fixture: check(engine, method, path, authorization, api_key)
@@ -830,3 +830,115 @@ def test_a_key_used_up_elsewhere_costs_its_client_no_rate_limit(
         assert denied(get(check, engine, unseen.key), 429, "quota_exceeded")
         assert denied(get(check, engine, cached.key), 429, "quota_exceeded")
     assert statuses([get(check, engine, sibling) for _ in range(4)]) == [200, 200, 200, 429]
+
+
+# -- forged keys: well-formed guesses are cheap to refuse -------------------------------
+
+
+def count_lookups(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> Spy:
+    spy = Spy(store.find_by_hash)
+    monkeypatch.setattr(store, "find_by_hash", spy)
+    return spy
+
+
+def test_a_repeated_forged_key_costs_one_lookup_per_second(
+    store: KeyStore, check: Check, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(store)
+    lookups = count_lookups(store, monkeypatch)
+    forged = generate_key()  # well formed: anyone can compute the checksum
+    for _ in range(50):
+        assert denied(get(check, engine, forged), 401, "invalid_token")
+    assert len(lookups.calls) == 1
+    clock.advance(0.9)
+    assert denied(get(check, engine, forged), 401, "invalid_token")
+    assert len(lookups.calls) == 1
+    clock.advance(0.2)  # the second has passed: the store is asked again, once
+    for _ in range(50):
+        assert denied(get(check, engine, forged), 401, "invalid_token")
+    assert len(lookups.calls) == 2
+    assert denied(get(check, engine, generate_key()), 401, "invalid_token")  # another guess
+    assert len(lookups.calls) == 3
+
+
+def test_a_key_created_here_after_a_refusal_works_at_once(
+    tmp_path: Path, check: Check, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through any store object for the same data: creating it tells every cache."""
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    other = open_key_store(sqlite_url(tmp_path / "k.db"))
+    key = generate_key()
+    monkeypatch.setattr("m2m_middleware.stores.base.keyformat.generate_key", lambda prefix: key)
+    engine = make_engine(store)
+    try:
+        assert denied(get(check, engine, key), 401, "invalid_token")  # not created yet
+        other.create_key("client-a")  # another store object, same file
+        outcome = get(check, engine, key)  # no clock advance: at once
+        assert isinstance(outcome, Allowed) and outcome.client.client_id == "client-a"
+    finally:
+        engine.close()
+        other.close()
+
+
+def test_a_key_created_elsewhere_after_a_refusal_works_within_a_second(
+    tmp_path: Path, check: Check, clock: FakeClock
+) -> None:
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    engine = make_engine(store)
+    key = generate_key()
+    try:
+        assert denied(get(check, engine, key), 401, "invalid_token")
+        # Another process writes the row: no notice reaches this one.
+        with closing(sqlite3.connect(tmp_path / "k.db")) as raw, raw:
+            raw.execute(
+                "INSERT INTO m2m_api_keys (key_id, key_hash, client_id, created_at) "
+                "VALUES ('key_elsewhere', ?, 'client-b', ?)",
+                (hash_key(key), time.time()),
+            )
+        assert denied(get(check, engine, key), 401, "invalid_token")  # still remembered
+        clock.advance(1.0)
+        outcome = get(check, engine, key)
+        assert isinstance(outcome, Allowed) and outcome.client.key_id == "key_elsewhere"
+    finally:
+        engine.close()
+
+
+def test_forged_keys_are_remembered_within_the_cache_size(
+    memory_store: KeyStore, check: Check, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(memory_store, key_cache_size=16)
+    lookups = count_lookups(memory_store, monkeypatch)
+    forged = [generate_key() for _ in range(200)]
+    for key in forged:
+        assert denied(get(check, engine, key), 401, "invalid_token")
+    assert len(lookups.calls) == 200
+    assert len(engine.keys.unknown) <= 16
+    assert denied(get(check, engine, forged[-1]), 401, "invalid_token")  # the newest: kept
+    assert len(lookups.calls) == 200
+    assert denied(get(check, engine, forged[0]), 401, "invalid_token")  # the oldest: gone
+    assert len(lookups.calls) == 201
+
+
+def test_a_known_key_never_consults_the_forged_key_cache(
+    memory_store: KeyStore, check: Check, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issued = memory_store.create_key("client-a")
+    engine = make_engine(memory_store)
+    assert get(check, engine, issued.key).allowed
+    asked = Spy(lambda key_hash: False)
+    monkeypatch.setattr(type(engine.keys.unknown), "__contains__", lambda self, h: asked(h))
+    for _ in range(10):
+        assert get(check, engine, issued.key).allowed
+    assert asked.calls == []
+
+
+def test_no_cache_means_no_forged_key_cache_either(
+    memory_store: KeyStore, check: Check, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """key_cache_ttl=0 asks the store on every request, as it promises."""
+    engine = make_engine(memory_store, key_cache_ttl=0)
+    lookups = count_lookups(memory_store, monkeypatch)
+    forged = generate_key()
+    for _ in range(3):
+        assert denied(get(check, engine, forged), 401, "invalid_token")
+    assert len(lookups.calls) == 3

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import psycopg
 import pytest
 import servers
-from core_support import TAKE_ALL_USES
+from core_support import TAKE_ALL_USES, run_one_request_then_exit
 
 from m2m_middleware import (
     Allowed,
@@ -487,9 +487,13 @@ class Proxy:
             dst.shutdown(socket.SHUT_WR)
 
     def stop(self) -> None:
+        """Down, as a server that died: the listener and every open connection."""
         for sock in [self.listener, *self.sockets]:
             if sock is not None:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # close() alone leaves a recv() blocked
                 sock.close()
+        self.sockets.clear()
 
 
 def test_a_store_opened_while_the_server_is_down_works_once_it_is_up(
@@ -581,3 +585,111 @@ def test_an_engine_authenticates_keys_kept_in_postgres(postgres_url: str) -> Non
             assert outcome.status == 401
     finally:
         engine.close()
+
+
+def test_an_outage_logs_one_record_and_a_recovery_one_not_one_per_reconnect(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg_pool logs a WARNING per connection attempt; ours say it once."""
+    caplog.set_level(logging.INFO)
+    parts = urlsplit(postgres_url)
+    setup = open_key_store(postgres_url)
+    issued = setup.create_key("billing")
+    setup.close()
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    netloc = f"{parts.username or 'postgres'}:{PASSWORD}@127.0.0.1:{proxy.port}"
+    engine = Engine(
+        Settings(
+            key_store=postgres_url.replace(parts.netloc, netloc, 1),
+            storage_timeout=0.3,
+            key_cache_ttl=0,  # every request asks the store
+            default_limits="1000/second",
+        )
+    )
+
+    def requests_for(seconds: float) -> list[int]:
+        statuses = []
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            outcome = engine.check("GET", "/", None, issued.key)
+            statuses.append(200 if isinstance(outcome, Allowed) else outcome.status)
+            time.sleep(0.05)
+        return statuses
+
+    def until_allowed() -> None:
+        up = time.monotonic()
+        while not engine.check("GET", "/", None, issued.key).allowed:
+            assert time.monotonic() - up < 20, "the store never recovered"
+            time.sleep(0.05)
+
+    try:
+        down = requests_for(3.0)  # the database is not there yet: the pool keeps retrying
+        assert set(down) == {503} and len(down) >= 5
+        proxy.start()
+        until_allowed()
+        assert set(requests_for(0.5)) == {200}
+        proxy.stop()  # a second outage: every pooled connection dies with the server
+        assert set(requests_for(2.0)) == {503}
+        proxy.start()
+        until_allowed()
+    finally:
+        engine.close()
+        proxy.stop()
+    loud = [
+        (r.name, r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+    ]
+    # Two things are down in an outage, each said once: lookups (the key
+    # store) and the channel revocations arrive on (the NOTIFY listener).
+    # Nothing comes from psycopg_pool's attempt-by-attempt warnings.
+    store = [(level, text) for name, level, text in loud if "key store" in text]
+    channel = [
+        (level, text)
+        for name, level, text in loud
+        if "key invalidations" in text or "key-invalidation channel" in text
+    ]
+    assert len(store) + len(channel) == len(loud), loud
+    assert {name for name, _, _ in loud} == {"m2m_middleware"}, loud
+    assert [level for level, _ in store] == ["ERROR", "WARNING", "ERROR", "WARNING"], loud
+    assert "key store unreachable" in store[0][1] and "refused" in store[0][1].lower()
+    assert "reachable again" in store[1][1]
+    levels = [level for level, _ in channel]
+    # At most once each per outage (the listener may still be reconnecting
+    # when the test ends, so the last recovery can be missing).
+    assert 1 <= len(levels) <= 4, loud
+    assert levels == ["ERROR", "WARNING", "ERROR", "WARNING"][: len(levels)], loud
+    assert not any(PASSWORD in text for _, _, text in loud)
+
+
+def test_other_pools_keep_their_warnings(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from psycopg_pool import ConnectionPool
+
+    # On the logger itself: the CLI, run in-process by other tests of this
+    # worker, turns psycopg.pool down to ERROR for its own output.
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    pool = ConnectionPool(
+        f"postgresql://postgres@127.0.0.1:{servers.free_port()}/test",
+        min_size=1,
+        open=False,
+        name="the app's own pool",
+        reconnect_timeout=1,
+    )
+    pool.open(wait=False)
+    try:
+        deadline = time.monotonic() + 5
+        while not any(r.name == "psycopg.pool" for r in caplog.records):
+            assert time.monotonic() < deadline, "psycopg_pool logged nothing"
+            time.sleep(0.05)
+    finally:
+        pool.close()
+
+
+def test_last_used_is_written_back_when_a_short_run_exits(postgres_url: str) -> None:
+    store = open_key_store(postgres_url)
+    issued = store.create_key("billing")
+    assert run_one_request_then_exit(postgres_url, issued.key) == "True\n"
+    assert store.get_key(issued.key_id).last_used_at is not None
+    store.close()

@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import servers
 from core_support import header, make_engine, sqlite_url
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings, open_key_store
+from m2m_middleware.settings import invalidation_url
 from m2m_middleware.stores import MemoryKeyStore
 
 pytestmark = pytest.mark.redis
@@ -346,6 +348,7 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
     engine = make_engine(
         store, rate_limit_storage=redis_server.url, default_limits="1000/minute", key_cache_ttl=3600
     )
+    engine._next_poll = float("inf")  # no polls of the SQLite change log: only the bus can tell
     assert engine.bus is not None and engine.bus.ready.wait(10)
     assert engine.check("GET", "/", None, issued.key).allowed
 
@@ -354,6 +357,34 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
     refused = engine.check("GET", "/", None, issued.key)
     assert isinstance(refused, Denied) and refused.error == "invalid_token"
     store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_notice_on_redis_names_the_store_however_its_url_is_spelled(
+    postgres_url: str, redis_server: servers.RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app says localhost, the operator's command 127.0.0.1:5432: one
+    # database, so one store (by the id kept in it), and the notice is heard.
+    parts = urlsplit(postgres_url)
+    assert parts.hostname == "127.0.0.1", postgres_url
+    spelled = postgres_url.replace(parts.netloc, f"{parts.username or 'postgres'}@localhost", 1)
+    store = open_key_store(spelled)
+    monkeypatch.setattr(store, "watch_changes", lambda: None)  # no NOTIFY: only Redis can tell
+    try:
+        issued = store.create_key("client-a")
+        engine = make_engine(
+            store,
+            rate_limit_storage=redis_server.url,
+            default_limits="1000/minute",
+            key_cache_ttl=3600,
+        )
+        assert engine.bus is not None and engine.bus.ready.wait(10)
+        assert engine.check("GET", "/", None, issued.key).allowed
+        revoke_elsewhere(postgres_url, issued.key_id, "--notify", redis_server.url)
+        wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, timeout=2)
+    finally:
+        store.close()
 
 
 @pytest.mark.slow
@@ -370,6 +401,52 @@ def test_without_the_bus_a_revocation_elsewhere_is_seen_within_the_cache_ttl(
     waited = wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, 3)
     assert waited <= 0.5 + 0.2
     store.close()
+
+
+class RemoteStore(MemoryKeyStore):
+    """A store other processes change, with no way of its own to tell this one."""
+
+    needs_bus = True
+
+
+SENTINEL = "redis+sentinel://:sentinel-Pa55@127.0.0.1:1/mymaster"
+CLUSTER = "redis+cluster://:cluster-Pa55@127.0.0.1:1"
+
+
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_a_limit_storage_that_cannot_carry_the_bus_is_a_config_error(storage: str) -> None:
+    # Never a silent fall-back to key_cache_ttl: the error says what to set,
+    # before anything connects (nothing listens on port 1).
+    with pytest.raises(ConfigError) as caught:
+        Engine(Settings(key_store=RemoteStore(), rate_limit_storage=storage))
+    assert caught.value.field == "invalidation_url"
+    message = str(caught.value)
+    assert storage.partition("://")[0] + "://" in message
+    assert "redis://" in message and "''" in message and "key_cache_ttl" in message
+    assert "Pa55" not in message
+    settings = Settings(key_store="django://", rate_limit_storage=storage)
+    with pytest.raises(ConfigError, match="invalidation_url"):
+        invalidation_url(settings)  # the CLI and the Django check ask the same
+
+
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_saying_what_to_do_about_such_a_storage_is_accepted(storage: str) -> None:
+    bus = "redis://127.0.0.1:6379/2"
+    store = RemoteStore()
+    ttl_only = Settings(rate_limit_storage=storage, invalidation_url="")
+    assert invalidation_url(ttl_only, store) is None
+    chosen = Settings(rate_limit_storage=storage, invalidation_url=bus)
+    assert invalidation_url(chosen, store) == bus
+
+
+@pytest.mark.parametrize("key_store", ["memory://", "sqlite:///k.db", "postgresql://db/keys"])
+@pytest.mark.parametrize("storage", [SENTINEL, CLUSTER])
+def test_a_key_store_that_tells_other_processes_itself_needs_no_bus(
+    key_store: str, storage: str
+) -> None:
+    settings = Settings(key_store=key_store, rate_limit_storage=storage)
+    assert invalidation_url(settings) is None
+    assert invalidation_url(settings, open_key_store(key_store)) is None
 
 
 def test_the_cli_refuses_a_notify_url_that_is_not_redis(tmp_path: Path) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import threading
+import time
+import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from core_support import make_engine, sqlite_url
+from core_support import make_engine, run_one_request_then_exit, sqlite_url
 
 from m2m_middleware import ConfigError, KeyStore, StoreUnavailable, open_key_store
 from m2m_middleware.keys import hash_key
@@ -172,3 +176,76 @@ def test_open_key_store_passes_the_prefix(kind: str, tmp_path: Path) -> None:
         assert default.create_key("client-b").key.startswith("m2m_")
     finally:
         default.close()
+
+
+# -- file modes: the client list and the key hashes are for the owner only -------------
+
+
+@pytest.fixture
+def common_umask() -> Iterator[None]:
+    """The usual 022, under which sqlite3 alone makes world-readable files."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.usefixtures("common_umask")
+def test_a_new_key_file_and_its_wal_and_shm_are_owner_only(tmp_path: Path) -> None:
+    store = open_key_store(sqlite_url(tmp_path / "keys.db"))
+    try:
+        issued = store.create_key("client-a")
+        engine = make_engine(store)
+        assert engine.check("GET", "/x", None, issued.key).allowed
+        # While connections are open, WAL mode keeps the -wal and -shm files.
+        assert modes(tmp_path) == {"keys.db": 0o600, "keys.db-wal": 0o600, "keys.db-shm": 0o600}
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.usefixtures("common_umask")
+def test_the_cli_makes_an_owner_only_key_file(tmp_path: Path) -> None:
+    from m2m_middleware.cli import main
+
+    assert main(["keys", "create", "--client", "c", "--store", sqlite_url(tmp_path / "k.db")]) == 0
+    assert modes(tmp_path)["k.db"] == 0o600
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.usefixtures("common_umask")
+def test_an_existing_key_file_keeps_the_mode_its_owner_gave_it(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    sqlite3.connect(path).close()
+    path.chmod(0o640)  # say, readable by a backup group on purpose
+    store = open_key_store(sqlite_url(path))
+    try:
+        store.create_key("client-a")
+        assert modes(tmp_path)["shared.db"] == 0o640
+    finally:
+        store.close()
+
+
+def test_last_used_is_written_back_when_a_short_run_exits(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "k.db")
+    store = open_key_store(url)
+    issued = store.create_key("client-a")
+    before = time.time()
+    output = run_one_request_then_exit(url, issued.key)
+    assert output == "True\n"  # nothing on stderr either
+    used = store.get_key(issued.key_id).last_used_at
+    assert used is not None and before - 1 <= used.timestamp() <= time.time()
+    store.close()
+
+
+def test_a_store_dropped_is_not_kept_alive_for_the_exit_write_back(tmp_path: Path) -> None:
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    store.mark_used("key_x")
+    dropped = weakref.ref(store)
+    del store
+    gc.collect()
+    assert dropped() is None

@@ -358,6 +358,23 @@ def test_the_list_shows_filters_and_searches(browser: Client, store: KeyStore) -
     assert listed("?q=deploy") == {active.key_id}
 
 
+def test_the_list_labels_a_row_the_store_cannot_read(browser: Client, store: KeyStore) -> None:
+    from django.db import connection
+
+    good, bad = store.create_key("acme"), store.create_key("globex")
+    with connection.cursor() as cursor:  # a garbled time Django itself reads as None
+        cursor.execute(
+            "UPDATE m2m_middleware_apikey SET revoked_at = 'yesterday' WHERE key_id = %s",
+            [bad.key_id],
+        )
+    response = browser.get(CHANGELIST)
+    assert response.status_code == 200
+    page = text(response)
+    assert good.key_id in page and bad.key_id in page
+    assert "unreadable (treated as no key)" in page
+    assert "unreadable" in text(browser.get(change_url(bad.key_id)))
+
+
 def test_the_admin_warns_when_the_middleware_reads_another_store(browser: Client) -> None:
     with override_settings(M2M_AUTH={**M2M_AUTH, "key_store": "memory://"}):
         for url in (CHANGELIST, ADD):

@@ -234,3 +234,23 @@ def test_a_strategy_the_storage_cannot_charge_all_or_nothing_is_e002() -> None:
     assert [m.id for m in messages] == ["m2m_middleware.E002"]
     assert messages[0].obj == "rate_limit_strategy"
     assert "all-or-nothing" in messages[0].msg
+
+
+class RemoteStore(MemoryKeyStore):
+    """A store other processes change, with no way of its own to tell this one."""
+
+    needs_bus = True
+
+
+def test_a_limit_storage_that_cannot_carry_revocations_is_e002_on_invalidation_url() -> None:
+    # Nothing listens on port 1: the check must not connect to find this out.
+    value = {
+        "key_store": RemoteStore(),
+        "rate_limit_storage": "redis+sentinel://127.0.0.1:1/mymaster",
+    }
+    with override_settings(M2M_AUTH=value):
+        messages = run_checks()
+    assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", "invalidation_url")]
+    assert "key_cache_ttl" in messages[0].msg
+    with override_settings(M2M_AUTH={**value, "invalidation_url": ""}):  # the TTL, knowingly
+        assert run_checks() == []

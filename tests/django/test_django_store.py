@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -29,7 +32,7 @@ from django.urls import path
 from m2m_middleware import ConfigError, KeyStoreError, StoreUnavailable, open_key_store
 from m2m_middleware.django import get_client
 from m2m_middleware.django.models import APIKey
-from m2m_middleware.django.store import DjangoKeyStore
+from m2m_middleware.django.store import DjangoKeyStore, with_null_flags
 from m2m_middleware.keys import hash_key
 from m2m_middleware.stores.base import subscribe_invalidations
 
@@ -278,6 +281,8 @@ def test_revocation_notices_wait_for_the_commit(store: DjangoKeyStore) -> None:
 
     subscribe_invalidations(store.location, listener)
     first, second = store.create_key("acme"), store.create_key("acme")
+    assert heard == [first.key_id, second.key_id]  # new keys: caches forget "unknown"
+    heard.clear()
     with transaction.atomic():
         store.revoke_key(first.key_id)
         assert heard == []  # not visible to anyone yet
@@ -287,8 +292,8 @@ def test_revocation_notices_wait_for_the_commit(store: DjangoKeyStore) -> None:
         raise RuntimeError("roll back")
     assert heard == [first.key_id]
     assert store.get_key(second.key_id).revoked_at is None
-    store.rotate_key(second.key_id)  # outside a transaction: at once
-    assert heard == [first.key_id, second.key_id]
+    successor = store.rotate_key(second.key_id)  # outside a transaction: at once
+    assert heard == [first.key_id, successor.key_id, second.key_id]
 
 
 # -- concurrency ---------------------------------------------------------------------------
@@ -411,6 +416,27 @@ def test_the_middleware_reads_keys_from_the_database(
     assert store.get_key(issued.key_id).remaining_uses == 0
 
 
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize(
+    "damage",
+    ["created_at = 'yesterday'", "revoked_at = 12345", "remaining_uses = 'lots'"],
+)
+def test_the_middleware_answers_401_for_a_row_it_cannot_read(
+    store: DjangoKeyStore, client: str, damage: str
+) -> None:
+    from django.db import connection
+
+    good, bad = store.create_key("acme"), store.create_key("acme")
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE m2m_middleware_apikey SET {damage} WHERE key_id = %s", [bad.key_id])
+    with override_settings(ROOT_URLCONF=URLCONF, M2M_AUTH=M2M_AUTH):
+        refused = get(client, f"/{client}", bad.key)
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_token")
+        assert get(client, f"/{client}", good.key).status_code == 200
+    # The admin loads rows as the store does, so it labels this one too.
+    assert with_null_flags(APIKey.objects.filter(pk=bad.key_id)).get().status() == "unreadable"
+
+
 def test_a_revocation_reaches_a_cached_key_at_once(store: DjangoKeyStore) -> None:
     issued = store.create_key("acme")
     cached = {**M2M_AUTH, "key_cache_ttl": 3600}
@@ -434,3 +460,121 @@ def test_manage_py_m2m_keys_works_on_the_database(
     row = APIKey.objects.get(pk=created["key_id"])
     assert row.key_hash == hash_key(created["key"])
     assert store.find_by_hash(hash_key(created["key"])) == store.get_key(created["key_id"])
+
+
+# -- revocations made in other processes ------------------------------------------------------
+
+#: ``python -c MANAGE <DATABASES["default"] as JSON> <m2m_keys arguments>``: the
+#: project's ``manage.py m2m_keys`` in another process, on the same database.
+MANAGE = """
+import json, sys
+import django
+from django.conf import settings
+
+settings.configure(
+    INSTALLED_APPS=["m2m_middleware.django"],
+    DATABASES={"default": json.loads(sys.argv[1])},
+    USE_TZ=True,
+    M2M_AUTH={"key_store": "django://"},
+)
+django.setup()
+from django.core.management import call_command
+
+call_command("m2m_keys", *sys.argv[2:])
+"""
+
+
+def manage_elsewhere(database: dict[str, Any], *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "M2M_INVALIDATION_URL"}
+    result = subprocess.run(
+        [sys.executable, "-c", MANAGE, json.dumps(database), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def refused_within(seconds: float, request: Any) -> float:
+    started = time.monotonic()
+    while (response := request()).status_code == 200:
+        assert time.monotonic() - started < seconds, f"still admitted after {seconds} s"
+        time.sleep(0.01)
+    assert (response.status_code, response.json()["error"]) == (401, "invalid_token")
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("action", ["revoke", "rotate"])
+def test_manage_py_in_another_process_is_heard_within_a_poll_interval(
+    store: DjangoKeyStore, client: str, action: str
+) -> None:
+    # SQLite, no Redis, an hour of caching: the KeyChange log is all there is.
+    issued = store.create_key("acme")
+    database = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(connection.settings_dict["NAME"]),
+    }
+    cached = {**M2M_AUTH, "key_cache_ttl": 3600, "invalidation_url": ""}
+    with override_settings(ROOT_URLCONF=URLCONF, M2M_AUTH=cached):
+        assert get(client, f"/{client}", issued.key).status_code == 200
+        manage_elsewhere(database, action, issued.key_id)
+        refused_within(1.0, lambda: get(client, f"/{client}", issued.key))
+
+
+def test_a_database_not_migrated_for_the_change_log_still_revokes(
+    store: DjangoKeyStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db.models.query import QuerySet
+
+    from m2m_middleware.django.models import KeyChange
+
+    create = QuerySet.create
+
+    def missing(self: QuerySet[Any], **kwargs: Any) -> Any:
+        if self.model is KeyChange:
+            raise OperationalError("no such table: m2m_middleware_keychange")
+        return create(self, **kwargs)
+
+    monkeypatch.setattr(QuerySet, "create", missing)
+    first, second = store.create_key("acme"), store.create_key("acme")
+    with caplog.at_level(logging.WARNING, logger="m2m_middleware"):
+        store.revoke_key(first.key_id)
+        store.rotate_key(second.key_id)
+    assert store.get_key(first.key_id).revoked_at is not None
+    assert store.get_key(second.key_id).revoked_at is not None
+    warnings = [r.getMessage() for r in caplog.records if "cannot tell other" in r.getMessage()]
+    assert len(warnings) == 1 and "manage.py migrate" in warnings[0]  # once, not per change
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_manage_py_in_another_process_is_heard_through_notify(
+    django_postgres_key_store: DjangoKeyStore, client: str
+) -> None:
+    # PostgreSQL, no Redis: the other process knows the database by another
+    # alias ("default"); the store id kept in it makes them one store.
+    store = django_postgres_key_store
+    issued = store.create_key("acme")
+    settings_dict = connections[store.using].settings_dict
+    database = {
+        key: settings_dict[key] for key in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT")
+    }
+    database["OPTIONS"] = dict(settings_dict["OPTIONS"])
+    cached = {**M2M_AUTH, "key_store": store, "key_cache_ttl": 3600, "invalidation_url": ""}
+    with override_settings(ROOT_URLCONF=URLCONF, M2M_AUTH=cached):
+        assert get(client, f"/{client}", issued.key).status_code == 200
+        assert store.store_id is not None
+        manage_elsewhere(database, "revoke", issued.key_id)
+        refused_within(1.0, lambda: get(client, f"/{client}", issued.key))
+
+
+def test_on_sqlite_the_store_needs_no_bus(store: DjangoKeyStore) -> None:
+    from m2m_middleware import Settings
+    from m2m_middleware.settings import invalidation_url
+
+    assert connection.vendor == "sqlite" and not store.needs_bus
+    sentinel = Settings(key_store=store, rate_limit_storage="redis+sentinel://127.0.0.1:1/m")
+    assert invalidation_url(sentinel, store) is None  # the change log carries revocations

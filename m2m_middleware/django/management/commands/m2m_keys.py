@@ -41,11 +41,12 @@ class Command(BaseCommand):
         except ConfigError as exc:
             raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
         try:
+            try:
+                notify = invalidation_url(config, store)
+            except ConfigError as exc:
+                raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
             code = keys_main(
-                args or ["--help"],
-                prog="manage.py m2m_keys",
-                store=store,
-                notify=invalidation_url(config),
+                args or ["--help"], prog="manage.py m2m_keys", store=store, notify=notify
             )
         finally:
             if store is not config.key_store:  # opened here: close it again
