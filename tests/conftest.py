@@ -177,21 +177,31 @@ def django_db_setup(django_db_setup: None, django_db_blocker: DjangoDbBlocker) -
 
 
 @pytest.fixture
-def django_db(transactional_db: None) -> Iterator[None]:
+def _transactional_django_db(request: pytest.FixtureRequest) -> None:
+    """Mark the test ``django_db(transaction=True)`` before pytest-django reads its marks.
+
+    pytest-django tells a transactional test by its marks and the fixture
+    names it asks for statically; the suite also asks for ``django_key_store``
+    through ``request.getfixturevalue`` (the store kinds of tests/core), which
+    it cannot see. Its test database is made for the marks of the test that
+    first needs it, so a test that is the first of its worker is covered too.
+    """
+    request.node.add_marker(pytest.mark.django_db(transaction=True), append=False)
+
+
+@pytest.fixture
+def django_db(_transactional_django_db: None, transactional_db: None) -> Iterator[None]:
     """pytest-django's ``transactional_db``, under the name the suite's tests ask for.
 
     Rows are committed, not rolled back, so threads see them too; the
-    database is emptied after the test. Asked for through
-    ``request.getfixturevalue``, pytest-django cannot see that the test wants
-    a transactional database: mark such a test
-    ``pytest.mark.django_db(transaction=True)`` (see tests/core/conftest.py).
+    database is emptied after the test.
     """
     from django.db import connections
 
-    if connections["default"].in_atomic_block:
+    if connections["default"].in_atomic_block:  # pytest-django began a TestCase before us
         pytest.fail(
-            "django_db was reached through getfixturevalue, so pytest-django wrapped the "
-            "test in a transaction that threads cannot see into: mark the test "
+            "django_db came after pytest-django's non-transactional db, which wraps the test "
+            "in a transaction that threads cannot see into: mark the test "
             "pytest.mark.django_db(transaction=True)"
         )
     yield

@@ -22,8 +22,8 @@ def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Key
         # Asked for only here, so the other kinds never need a server.
         return open_key_store(request.getfixturevalue("postgres_url"))
     if kind.startswith("django"):
-        # django:// on pytest-django's test database, emptied after each test,
-        # or on PostgreSQL in a fresh schema (tests/conftest.py).
+        # django:// on Django's test database (tests/conftest.py), emptied after
+        # each test, or on PostgreSQL in a fresh schema.
         fixture = "django_postgres_key_store" if kind == "django-postgres" else "django_key_store"
         store: KeyStore = request.getfixturevalue(fixture)
         return store
@@ -35,8 +35,7 @@ def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Key
         "memory",
         "sqlite",
         pytest.param("postgres", marks=pytest.mark.postgres),
-        # Marked, as pytest-django cannot see fixtures asked for by name at run time.
-        pytest.param("django", marks=pytest.mark.django_db(transaction=True)),
+        "django",
         pytest.param("django-postgres", marks=pytest.mark.postgres),
     ]
 )

@@ -46,3 +46,20 @@ def test_rows_are_committed_so_threads_see_them(django_db: None) -> None:
 def test_tests_without_the_database_are_refused_a_connection() -> None:
     with pytest.raises(RuntimeError, match="Database access not allowed"):
         APIKey.objects.exists()
+
+
+def test_asked_for_at_run_time_it_is_transactional_too(request: pytest.FixtureRequest) -> None:
+    # As the store kinds of tests/core do: pytest-django cannot see this request.
+    store = request.getfixturevalue("django_key_store")
+    assert not connection.in_atomic_block
+    key_id = store.create_key("c").key_id
+    seen: list[bool] = []
+
+    def look() -> None:
+        seen.append(APIKey.objects.filter(key_id=key_id).exists())
+        connections.close_all()
+
+    thread = threading.Thread(target=look)
+    thread.start()
+    thread.join(timeout=30)
+    assert seen == [True]
