@@ -24,6 +24,9 @@ import servers
 if TYPE_CHECKING:
     from pytest_django import DjangoDbBlocker
 
+#: pytester runs the plugin tests' user projects (tests/testing/).
+pytest_plugins = ["pytester"]
+
 #: An empty URLconf, registered under a name no test module can shadow
 #: (conftest modules cannot be named reliably: pytest imports several as "conftest").
 BASE_URLCONF = "m2m_tests_base_urls"
