@@ -66,7 +66,41 @@ def redis_bus(url: str, timeout: float = 1.0, *, listen: bool = True) -> RedisBu
     return bus
 
 
-class RedisBus:
+class _ListenerThread:
+    """A daemon thread that listens until :meth:`stop`; what it runs is :meth:`_listen`.
+
+    ``ready`` is set while it listens (a notice sent from then on is heard);
+    ``_down`` remembers an outage so that it and its end are logged once each.
+    """
+
+    thread_name = "m2m-listener"
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._down = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self.ready.clear()
+            self._thread = threading.Thread(target=self._listen, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _listen(self) -> None:
+        raise NotImplementedError
+
+
+class RedisBus(_ListenerThread):
+    thread_name = "m2m-invalidation-listener"
+
     def __init__(self, url: str, timeout: float = 1.0) -> None:
         try:
             import redis
@@ -90,12 +124,7 @@ class RedisBus:
         self._publisher = redis.Redis.from_url(connect_url, socket_timeout=timeout, **options)
         # The listener blocks in reads for as long as no message comes: no socket_timeout.
         self._listener_client = redis.Redis.from_url(connect_url, **options)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        #: Set once the listener is subscribed: a revocation published after it is heard.
-        self.ready = threading.Event()
-        self._down = False
+        super().__init__()
         self._publish_down = False
 
     # -- sending ----------------------------------------------------------------
@@ -123,20 +152,6 @@ class RedisBus:
                 logger.warning("publishing key invalidations to Redis again")
 
     # -- listening --------------------------------------------------------------
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._stop.clear()
-            self.ready.clear()
-            self._thread = threading.Thread(
-                target=self._listen, name="m2m-invalidation-listener", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -210,7 +225,7 @@ def postgres_listener(
     return listener
 
 
-class PostgresListener:
+class PostgresListener(_ListenerThread):
     """``LISTEN`` for revocation notices of one database, in a thread, reconnecting.
 
     A notice sent while no connection listens is lost for good. So each
@@ -221,35 +236,18 @@ class PostgresListener:
     cached before it.
     """
 
+    thread_name = "m2m-postgres-invalidation-listener"
+
     def __init__(self, location: str, conninfo: str, redact: Callable[[str], str] = str) -> None:
         self.location = location
         self._conninfo = conninfo
         self._redact = redact
         self.users = 0
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        #: Set while listening: a notice sent from now on is heard.
-        self.ready = threading.Event()
+        super().__init__()
         #: Set once the first attempt to listen has ended, either way.
         self.settled = threading.Event()
         #: True once anything may have been cached while no connection listened.
         self._may_have_missed = False
-        self._down = False
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._stop.clear()
-            self.ready.clear()
-            self._thread = threading.Thread(
-                target=self._listen, name="m2m-postgres-invalidation-listener", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def wait_settled(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) for the first attempt to listen to end.

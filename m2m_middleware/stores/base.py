@@ -32,6 +32,7 @@ _REPORTED_ROWS = 1024
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def utcnow() -> datetime:
@@ -130,6 +131,20 @@ def _optional_text(key_id: str, column: str, value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise UnreadableRow(key_id, f"{column} is not text")
     return value
+
+
+def each_record(
+    rows: Iterable[_R], read: Callable[[_R], KeyRecord]
+) -> list[KeyRecord | UnreadableRow]:
+    """``read`` of every row, an unreadable one as its :class:`UnreadableRow`: a
+    listing shows the rest (and says which it skipped) instead of failing whole."""
+    found: list[KeyRecord | UnreadableRow] = []
+    for row in rows:
+        try:
+            found.append(read(row))
+        except UnreadableRow as bad:
+            found.append(bad)
+    return found
 
 
 def checked_record(

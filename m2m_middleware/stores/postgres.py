@@ -63,7 +63,7 @@ from .. import keys as keyformat
 from ..errors import ConfigError, KeyStoreError, StoreUnavailable, UnreadableRow
 from ..invalidation import NOTIFY_CHANNEL, PostgresListener, postgres_listener
 from ..redaction import redact, secrets_of
-from .base import KeyRecord, KeyStore, checked_record
+from .base import KeyRecord, KeyStore, checked_record, each_record
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -223,16 +223,6 @@ def _record(row: TupleRow) -> KeyRecord:
         metadata=row[9],
         last_used_at=_utc(key_id, "last_used_at", row[10]),
     )
-
-
-def _each_record(rows: list[TupleRow]) -> list[KeyRecord | UnreadableRow]:
-    found: list[KeyRecord | UnreadableRow] = []
-    for row in rows:
-        try:
-            found.append(_record(row))
-        except UnreadableRow as bad:
-            found.append(bad)
-    return found
 
 
 def _location(params: Mapping[str, Any]) -> str:
@@ -559,7 +549,7 @@ class PostgresKeyStore(KeyStore):
             query += " WHERE client_id = %s"
             params = (client_id,)
         rows = self._run(lambda conn: conn.execute(query, params).fetchall(), retry=True)
-        return _each_record(rows)
+        return each_record(rows, _record)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         # LEAST ignores NULL: the earliest revocation stands, so a retry is

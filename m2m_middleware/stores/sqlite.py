@@ -34,6 +34,7 @@ from .base import (
     KeyRecord,
     KeyStore,
     checked_record,
+    each_record,
     encode_metadata,
     notify_local,
     read_metadata,
@@ -130,16 +131,6 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
         metadata=read_metadata(key_id, row[9]),
         last_used_at=_time(key_id, "last_used_at", row[10]),
     )
-
-
-def _each_record(rows: list[tuple[Any, ...]]) -> list[KeyRecord | UnreadableRow]:
-    found: list[KeyRecord | UnreadableRow] = []
-    for row in rows:
-        try:
-            found.append(_record(row))
-        except UnreadableRow as bad:
-            found.append(bad)
-    return found
 
 
 def _create_private(path: str) -> None:
@@ -448,7 +439,7 @@ class SQLiteKeyStore(KeyStore):
                 rows = db.execute(
                     f"SELECT {_COLUMNS} FROM m2m_api_keys WHERE client_id = ?", (client_id,)
                 ).fetchall()
-        return _each_record(rows)
+        return each_record(rows, _record)
 
     def _set_revoked(self, key_id: str, when: datetime) -> bool:
         with self._write() as db:
