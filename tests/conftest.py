@@ -1,9 +1,12 @@
 """Session-wide test setup shared by every suite.
 
-Django settings can be configured only once per process, so it happens here
-(each pytest-xdist worker is its own process and runs this once), at import:
-pytest imports this conftest before the ones below it, so their module-level
-Django imports already see configured settings. Tests switch
+Django is configured here for pytest-django, the way its documentation says
+for a project without a settings module: ``settings.configure()`` in a
+``pytest_configure`` hook of the root conftest, after which pytest-django
+calls ``django.setup()`` and serves the test database through its own
+fixtures (``transactional_db``, the ``django_db`` mark). Each pytest-xdist
+worker is its own process and configures Django once. Test modules, imported
+after that, may import Django models at module level. Tests switch
 ``M2M_AUTH`` and ``ROOT_URLCONF`` with ``django.test.override_settings``.
 """
 
@@ -11,19 +14,27 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import servers
+
+if TYPE_CHECKING:
+    from pytest_django import DjangoDbBlocker
+
+#: pytester runs the plugin tests' user projects (tests/testing/).
+pytest_plugins = ["pytester"]
 
 #: An empty URLconf, registered under a name no test module can shadow
 #: (conftest modules cannot be named reliably: pytest imports several as "conftest").
 BASE_URLCONF = "m2m_tests_base_urls"
 
 
-def _configure_django() -> None:
-    try:
-        import django
-        from django.conf import settings
-    except ImportError:  # pragma: no cover - the test extra installs Django
-        return
+def pytest_configure(config: pytest.Config) -> None:
+    from django.conf import settings
+
     if settings.configured:
         return
     base_urls = types.ModuleType(BASE_URLCONF)
@@ -45,8 +56,9 @@ def _configure_django() -> None:
             "m2m_middleware.django",
         ],
         MIDDLEWARE=["m2m_middleware.django.M2MAuthMiddleware"],
-        # Made and migrated only for the tests that ask for ``django_db``
-        # (see below); until then nothing connects to it.
+        # pytest-django makes the test database (a file: see
+        # django_db_modify_db_settings below) for the tests that use it, and
+        # refuses every other test a connection.
         DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
         TEMPLATES=[
             {
@@ -68,15 +80,9 @@ def _configure_django() -> None:
         # that need keys override this with their own memory store.
         M2M_AUTH={"key_store": "memory://"},
     )
-    django.setup()
-
-
-_configure_django()
 
 
 # -- a limit storage that has gone away ------------------------------------------------
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
@@ -101,11 +107,6 @@ def break_limit_storage(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 # -- real servers (see servers.py) -----------------------------------------------------
-
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import servers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -139,20 +140,20 @@ def redis_server(tmp_path: Path) -> Iterator[servers.RedisServer]:
     server.stop()
 
 
-# -- a Django database --------------------------------------------------------------
+# -- a Django database: pytest-django's --------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Django's test database, made and migrated once per process (xdist worker).
+def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """pytest-django's hook for the test database's settings: a file of this process's own.
 
     A file, not ``:memory:``: the thread async code reaches the ORM on, and
     the concurrency tests' threads, each open their own connection, and
     SQLite's shared-cache memory databases refuse concurrent writers at once
-    instead of waiting for the lock.
+    instead of waiting for the lock. In pytest's temporary directory, which
+    is per xdist worker, so no suffix is needed.
     """
     from django.db import connections
-    from django.test.utils import setup_databases, teardown_databases
 
     # A connection opened before (Django 6.1's system checks open one to the
     # ':memory:' database) would take the migrations and outlive the switch to
@@ -163,29 +164,51 @@ def django_test_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         default.connection.close()
         default.connection = None
     path = tmp_path_factory.mktemp("django") / "test.sqlite3"
-    connections["default"].settings_dict["TEST"]["NAME"] = str(path)
-    old_config = setup_databases(verbosity=0, interactive=False, aliases={"default"})
+    default.settings_dict["TEST"]["NAME"] = str(path)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: DjangoDbBlocker) -> Iterator[None]:
+    """pytest-django's test databases, and before they go, what a process exit
+    would write back (last_used_at of stores the tests left open), written
+    while the test database still exists."""
     yield
-    # What a process exit would write back (last_used_at of stores the tests
-    # left open), written while the test database still exists.
     from m2m_middleware.stores.base import _flush_at_exit
 
-    _flush_at_exit()
-    connections.close_all()
-    teardown_databases(old_config, verbosity=0)
+    with django_db_blocker.unblock():
+        _flush_at_exit()
 
 
 @pytest.fixture
-def django_db(django_test_database: None) -> Iterator[None]:
-    """The migrated test database, emptied after the test (as TransactionTestCase does).
+def _transactional_django_db(request: pytest.FixtureRequest) -> None:
+    """Mark the test ``django_db(transaction=True)`` before pytest-django reads its marks.
 
-    Rows are committed, not rolled back, so threads see them too.
+    pytest-django tells a transactional test by its marks and the fixture
+    names it asks for statically; the suite also asks for ``django_key_store``
+    through ``request.getfixturevalue`` (the store kinds of tests/core), which
+    it cannot see. Its test database is made for the marks of the test that
+    first needs it, so a test that is the first of its worker is covered too.
     """
-    from django.core.management import call_command
+    request.node.add_marker(pytest.mark.django_db(transaction=True), append=False)
 
+
+@pytest.fixture
+def django_db(_transactional_django_db: None, transactional_db: None) -> Iterator[None]:
+    """pytest-django's ``transactional_db``, under the name the suite's tests ask for.
+
+    Rows are committed, not rolled back, so threads see them too; the
+    database is emptied after the test.
+    """
+    from django.db import connections
+
+    if connections["default"].in_atomic_block:  # pytest-django began a TestCase before us
+        pytest.fail(
+            "django_db came after pytest-django's non-transactional db, which wraps the test "
+            "in a transaction that threads cannot see into: mark the test "
+            "pytest.mark.django_db(transaction=True)"
+        )
     yield
-    close_django_connections()
-    call_command("flush", verbosity=0, interactive=False)
+    close_django_connections()  # before pytest-django's flush
 
 
 def close_django_connections() -> None:
@@ -210,13 +233,22 @@ def django_key_store(django_db: None) -> Any:
 
 
 @pytest.fixture
-def django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
+def django_postgres_key_store(
+    postgres_url: str, django_db_blocker: DjangoDbBlocker
+) -> Iterator[Any]:
     """A ``django://`` store on the machine's PostgreSQL, in this test's own schema.
 
     The database alias is added for the test and removed after it; the tables
     are made from the models (the migrations are checked against the models in
-    tests/django/test_django_admin.py).
+    tests/django/test_django_admin.py). pytest-django's test databases are
+    made for ``DATABASES`` as configured, so this alias is opened for the test
+    by hand (``django_db_blocker.unblock()``, its documented way).
     """
+    with django_db_blocker.unblock():
+        yield from _django_postgres_key_store(postgres_url)
+
+
+def _django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     from contextlib import suppress
     from functools import partial
     from urllib.parse import parse_qs, urlsplit

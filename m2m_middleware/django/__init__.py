@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'm2m_middleware.django needs Django: pip install "m2m-middleware[django]"'
     ) from exc
 
-from .middleware import M2MAuthMiddleware, get_client, require_scopes
+from .middleware import M2MAuthMiddleware, current_engine, get_client, require_scopes
 from .store import DjangoKeyStore
 
-__all__ = ["DjangoKeyStore", "M2MAuthMiddleware", "get_client", "require_scopes"]
+__all__ = ["DjangoKeyStore", "M2MAuthMiddleware", "current_engine", "get_client", "require_scopes"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from readme_anchors import REPOSITORY_URL, error_sections
 
 from m2m_middleware import KeyStore, StoreUnavailable, open_key_store
 from m2m_middleware import keys as keyformat
@@ -88,7 +89,8 @@ def assert_problem(
     assert problem.keys() >= PROBLEM_FIELDS, problem
     assert problem["status"] == status
     assert problem["error"] == error
-    assert isinstance(problem["type"], str) and problem["type"]
+    # The type is the address of the README section that explains this code.
+    assert problem["type"] == f"{REPOSITORY_URL}#{error_sections()[error].anchor}"
     assert isinstance(problem["title"], str) and problem["title"]
     assert isinstance(problem["detail"], str) and problem["detail"]
     # Neither the credential nor a recognisable piece of its secret part.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -179,3 +180,24 @@ def test_create_key_on_startup(
         response = httpx.get(server.url + "/orders", headers={"X-API-Key": found[1]}, timeout=5.0)
         assert response.status_code == 200, response.text
         assert response.json()["client_id"] == "demo-client"
+
+
+@pytest.mark.parametrize("project", ["example_apps", "example_apps/django_project"])
+def test_the_example_apps_own_tests_pass(project: str, tmp_path: Path) -> None:
+    """Their tests use m2m_middleware.testing as a project of yours would: run as you would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("M2M_", "DJANGO_", "FLASK_"))}
+    env.update(
+        PYTHONDONTWRITEBYTECODE="1",  # nothing written into example_apps/
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
+    )
+    result = subprocess.run(
+        [PY, "-m", "pytest", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"), project],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b[1-9]\d* passed\b", result.stdout), result.stdout
+    assert not (ROOT / project / "example_keys.db").exists()
