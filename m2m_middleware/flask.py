@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from logging import INFO
 from typing import Any, TypeVar, cast
 
 try:
@@ -23,6 +24,7 @@ try:
     from flask import Flask, Response, current_app, g, request
     from flask.cli import AppGroup
     from werkzeug.local import LocalProxy
+    from werkzeug.wsgi import ClosingIterator
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'm2m_middleware.flask needs Flask: pip install "m2m-middleware[flask]"'
@@ -33,9 +35,10 @@ try:  # the context variables behind `g` and `request` (Flask 2.2+); private
 except ImportError:  # pragma: no cover - depends on the Flask version
     _cv_app = _cv_request = None  # type: ignore[assignment]
 
+from .audit import audit, ended
 from .client import Client
 from .engine import Engine
-from .outcome import Denied, status_line
+from .outcome import Allowed, Denied, status_line
 from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
 
@@ -72,11 +75,10 @@ class _Gate:
         if not path.isascii():  # WSGI strings are latin-1; Flask routes on UTF-8
             path = path.encode("latin-1").decode("utf-8", "replace")
         state = self.state
-        outcome = state.engine.check(
-            environ.get("REQUEST_METHOD", "GET").upper(),
-            "/" + path.lstrip("/"),
-            environ.get("HTTP_AUTHORIZATION"),
-            environ.get(state.environ_key),
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = "/" + path.lstrip("/")
+        outcome = state.engine.gate(
+            method, path, environ.get("HTTP_AUTHORIZATION"), environ.get(state.environ_key)
         )
         if isinstance(outcome, Denied):
             denied = outcome
@@ -90,6 +92,8 @@ class _Gate:
             )
             return [denied.body]
         environ[ENVIRON_KEY] = outcome.client
+        if audit.isEnabledFor(INFO):  # the one per-request cost of the audit when it is off
+            return self._audited(environ, start_response, outcome, method, path)
         headers = outcome.headers
         if not headers:
             return self.wsgi_app(environ, start_response)
@@ -101,6 +105,51 @@ class _Gate:
             return start_response(status, response_headers, exc_info)
 
         return self.wsgi_app(environ, start_with_headers)
+
+    def _audited(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        outcome: Allowed,
+        method: str,
+        path: str,
+    ) -> Iterable[bytes]:
+        """Run the app, then write the request's one audit record: how it ended.
+
+        Flask starts the response before it returns the body, so the record
+        is written then, before a streamed body is sent; an app under it
+        that starts the response only while its body is read is recorded
+        when the server closes the body (WSGI's ``close``).
+        """
+        headers = outcome.headers
+        status: int | None = None
+
+        def start_and_note(
+            status_text: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            nonlocal status
+            status = _status_code(status_text)
+            response_headers.extend(headers)
+            return start_response(status_text, response_headers, exc_info)
+
+        def write_record() -> None:
+            ended(outcome, method, path, status, environ.get(DENIED_KEY))
+
+        try:
+            body = self.wsgi_app(environ, start_and_note)
+        except BaseException:
+            write_record()  # no answer yet: recorded as the 500 the server sends
+            raise
+        if status is not None:
+            write_record()
+            return body
+        return ClosingIterator(body, write_record)
+
+
+def _status_code(status_text: str) -> int | None:
+    """``"404 NOT FOUND"`` -> 404 (None for a status no server would send)."""
+    code = status_text[:3]
+    return int(code) if code.isdigit() else None
 
 
 class M2MAuth:

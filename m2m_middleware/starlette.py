@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from logging import INFO
 from typing import Any, TypeVar, cast
 
 try:
@@ -25,9 +26,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'm2m_middleware.starlette needs Starlette: pip install "m2m-middleware[starlette]"'
     ) from exc
 
+from .audit import audit, ended
 from .client import Client
 from .engine import Engine
-from .outcome import Denied
+from .outcome import Allowed, Denied
 from .scopes import ScopeRequirement
 from .settings import Settings
 
@@ -98,10 +100,11 @@ class M2MMiddleware:
             if not rest or rest[0] == "/":
                 path = rest or "/"
         engine = self.engine
+        method = scope.get("method", "GET")
         if engine.never_blocks:
-            outcome = engine.check(scope.get("method", "GET"), path, authorization, api_key)
+            outcome = engine.gate(method, path, authorization, api_key)
         else:
-            outcome = await engine.acheck(scope.get("method", "GET"), path, authorization, api_key)
+            outcome = await engine.agate(method, path, authorization, api_key)
         if isinstance(outcome, Denied):
             if kind == "websocket":
                 await _refuse_websocket(outcome, scope, send)
@@ -117,6 +120,9 @@ class M2MMiddleware:
             scope["auth"] = self._credentials(client)
             scope["m2m_client"] = client
         headers = outcome.headers
+        if audit.isEnabledFor(INFO):  # the one per-request cost of the audit when it is off
+            await self._audited(scope, receive, send, outcome, method, path)
+            return
         if kind != "http" or not headers:
             await self.app(scope, receive, send)
             return
@@ -133,6 +139,16 @@ class M2MMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _audited(
+        self, scope: Scope, receive: Receive, send: Send, outcome: Allowed, method: str, path: str
+    ) -> None:
+        """Run the app, then write the request's one audit record: how it ended."""
+        answer = _Answer(send, _raw_headers(outcome.headers) if scope["type"] == "http" else [])
+        try:
+            await self.app(scope, receive, answer.send)
+        finally:
+            ended(outcome, method, path, answer.status, scope.get("m2m_denied"))
 
     def _credentials(self, client: Client) -> M2MCredentials:
         """``request.auth`` for a client, made once per cached client."""
@@ -151,6 +167,37 @@ _HEADER_NAMES = {"RateLimit-Policy": b"ratelimit-policy", "RateLimit": b"ratelim
 
 def _header_name(name: str) -> bytes:
     return name.lower().encode("latin-1")
+
+
+def _raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(_header_name(name), value.encode("latin-1")) for name, value in headers]
+
+
+#: The status each handshake message means to the client (ASGI spec: a close before
+#: ``websocket.accept`` is a 403); ``websocket.http.response.start`` carries its own.
+_HANDSHAKE_STATUS = {"websocket.accept": 101, "websocket.close": 403}
+
+
+class _Answer:
+    """Passes the app's messages on, noting the status the client gets (for the audit)
+    and adding the rate-limit headers to an HTTP response."""
+
+    __slots__ = ("_headers", "_send", "status")
+
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        self._send = send
+        self._headers = headers
+        self.status: int | None = None
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" or kind == "websocket.http.response.start":
+            self.status = message["status"]
+            if self._headers:
+                message = {**message, "headers": [*message.get("headers", ()), *self._headers]}
+        elif self.status is None and kind in _HANDSHAKE_STATUS:
+            self.status = _HANDSHAKE_STATUS[kind]
+        await self._send(message)
 
 
 def _denial_headers(denied: Denied) -> list[tuple[bytes, bytes]]:

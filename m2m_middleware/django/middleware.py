@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from logging import INFO
 from typing import Any, TypeVar, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
+from ..audit import audit, ended
 from ..client import Client
 from ..engine import Engine
 from ..outcome import Allowed, Denied
@@ -69,7 +71,7 @@ class M2MAuthMiddleware:
             return self.__acall__(request)
         engine, meta_key = _current()
         meta = request.META
-        outcome = engine.check(
+        outcome = engine.gate(
             request.method or "GET",
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
@@ -77,6 +79,8 @@ class M2MAuthMiddleware:
         )
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
+        if audit.isEnabledFor(INFO):  # the one per-request cost of the audit when it is off
+            return self._audited(request, cast(Allowed, outcome))
         return self._respond(
             request, cast(Allowed, outcome), self.get_response(_attach(request, outcome))
         )
@@ -90,11 +94,36 @@ class M2MAuthMiddleware:
             meta.get("HTTP_AUTHORIZATION"),
             meta.get(meta_key),
         )
-        outcome = engine.check(*args) if engine.never_blocks else await engine.acheck(*args)
+        outcome = engine.gate(*args) if engine.never_blocks else await engine.agate(*args)
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
+        if audit.isEnabledFor(INFO):
+            return await self._aaudited(request, cast(Allowed, outcome))
         response = await self.get_response(_attach(request, outcome))
         return self._respond(request, cast(Allowed, outcome), response)
+
+    def _audited(self, request: HttpRequest, outcome: Allowed) -> HttpResponseBase:
+        """Get the response, then write the request's one audit record: how it ended."""
+        method, path = request.method or "GET", request.path_info  # before a view can touch them
+        try:
+            response: HttpResponseBase = self.get_response(_attach(request, outcome))
+        except BaseException:
+            # Django answers a view's exception itself; one that gets here is
+            # recorded as the 500 the server then sends.
+            _ended(request, outcome, method, path, None)
+            raise
+        _ended(request, outcome, method, path, response.status_code)
+        return self._respond(request, outcome, response)
+
+    async def _aaudited(self, request: HttpRequest, outcome: Allowed) -> HttpResponseBase:
+        method, path = request.method or "GET", request.path_info
+        try:
+            response: HttpResponseBase = await self.get_response(_attach(request, outcome))
+        except BaseException:
+            _ended(request, outcome, method, path, None)
+            raise
+        _ended(request, outcome, method, path, response.status_code)
+        return self._respond(request, outcome, response)
 
     @staticmethod
     def _respond(
@@ -103,6 +132,12 @@ class M2MAuthMiddleware:
         for name, value in outcome.headers:
             response[name] = value
         return response
+
+
+def _ended(
+    request: HttpRequest, outcome: Allowed, method: str, path: str, status: int | None
+) -> None:
+    ended(outcome, method, path, status, getattr(request, "m2m_denied", None))
 
 
 def _attach(request: HttpRequest, outcome: Allowed | Denied) -> HttpRequest:

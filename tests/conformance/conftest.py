@@ -14,6 +14,8 @@ Every app has:
 - ``GET /reports/``: with its trailing slash, as frameworks let a view be written
 - ``GET /scoped`` (a sync view) and ``GET /scoped-async`` (an async one): each
   framework's own ``require_scopes(*SCOPED_VIEW_SCOPES)``; echo the client
+- ``GET /boom``: raises :class:`Boom` (the framework answers 500)
+- ``GET /stream``: a streamed 200 body, :data:`STREAMED`, in two chunks
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ from urllib.parse import unquote
 import flask
 import httpx
 import pytest
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.test import Client as DjangoTestClient
 from django.test import override_settings
 from django.urls import path as django_path
 from django.views.decorators.http import require_safe
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from m2m_middleware import Client, Engine, Settings
@@ -55,6 +57,12 @@ from m2m_middleware.starlette import require_scopes as starlette_require_scopes
 HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]] | None
 #: What the ``/scoped`` views require, deliberately not in sorted order.
 SCOPED_VIEW_SCOPES = ("reports:read", "orders:read")
+#: The body ``/stream`` sends, in two chunks.
+STREAMED = (b"first,", b"second")
+
+
+class Boom(Exception):
+    """What ``/boom`` raises: a view's own bug."""
 
 
 class Headers:
@@ -200,6 +208,18 @@ async def _st_scoped_async(request: Request) -> Response:
     return JSONResponse({"client": echo(starlette_get_client(request))})
 
 
+async def _st_boom(request: Request) -> Response:
+    raise Boom("/boom")
+
+
+async def _st_stream(request: Request) -> Response:
+    async def chunks() -> Any:
+        for chunk in STREAMED:
+            yield chunk
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
 class StarletteCaller(Caller):
     framework = "starlette"
 
@@ -213,6 +233,8 @@ class StarletteCaller(Caller):
                 Route("/reports/", _st_reports, methods=["GET"]),
                 Route("/scoped", _st_scoped, methods=["GET"]),
                 Route("/scoped-async", _st_scoped_async, methods=["GET"]),
+                Route("/boom", _st_boom, methods=["GET"]),
+                Route("/stream", _st_stream, methods=["GET"]),
             ]
         )
         self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
@@ -321,6 +343,14 @@ class FlaskCaller(Caller):
         async def scoped_async() -> Any:
             return {"client": echo(flask.g.m2m_client)}
 
+        @app.get("/boom")
+        def boom() -> Any:
+            raise Boom("/boom")
+
+        @app.get("/stream")
+        def stream() -> Any:
+            return flask.Response(iter(STREAMED), mimetype="text/plain")
+
         self.app = app
         self.client = app.test_client()
 
@@ -386,6 +416,14 @@ async def _dj_scoped_async(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"client": echo(django_get_client(request))})
 
 
+def _dj_boom(request: HttpRequest) -> HttpResponse:
+    raise Boom("/boom")
+
+
+def _dj_stream(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter(STREAMED), content_type="text/plain")
+
+
 DJANGO_URLCONF = "m2m_conformance_urls"
 _urls = types.ModuleType(DJANGO_URLCONF)
 _urls.urlpatterns = [  # type: ignore[attr-defined]
@@ -396,6 +434,8 @@ _urls.urlpatterns = [  # type: ignore[attr-defined]
     django_path("reports/", _dj_reports),
     django_path("scoped", _dj_scoped),
     django_path("scoped-async", _dj_scoped_async),
+    django_path("boom", _dj_boom),
+    django_path("stream", _dj_stream),
 ]
 sys.modules[DJANGO_URLCONF] = _urls
 
@@ -428,7 +468,8 @@ class DjangoCaller(Caller):
             joined[name] = f"{joined[name]}, {value}" if name in joined else value
         extra = {"SCRIPT_NAME": prefix} if prefix else {}
         response = client.generic(method, path, headers=joined, **extra)
-        return Reply(response.status_code, Headers(response.headers.items()), response.content)
+        body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
+        return Reply(response.status_code, Headers(response.headers.items()), body)
 
     def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
         # override_settings swaps process-wide state: enter it once, outside the threads.

@@ -1,5 +1,9 @@
 """The audit log: one INFO record per checked request on ``m2m_middleware.audit``.
 
+How adapters record a request the engine admitted once the app has answered
+it is pinned across the three frameworks in
+tests/conformance/test_audit_conformance.py; here, the core's part.
+
 Allowed and denied alike, with the outcome in the record's extras; never for
 a public path, never a credential, and nothing at all when the logger is off.
 Every value a client, a key's creator or a token's issuer chose is escaped, so
@@ -9,6 +13,7 @@ doors (the ``check`` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -18,9 +23,12 @@ from typing import Any
 import pytest
 from core_support import make_engine
 
+import m2m_middleware.audit as audit_log
 import m2m_middleware.engine as engine_module
 from m2m_middleware import Allowed, Denied, Engine, StoreUnavailable
 from m2m_middleware.keys import generate_key, hash_key
+from m2m_middleware.outcome import PUBLIC
+from m2m_middleware.scopes import ScopeRequirement
 from m2m_middleware.stores import KeyRecord, MemoryKeyStore
 from m2m_middleware.syntax import log_safe
 
@@ -411,3 +419,52 @@ def test_the_limiter_debug_line_escapes_the_client_id(caplog: pytest.LogCaptureF
     engine.check("GET", "/x", None, key)
     [line] = [r.getMessage() for r in caplog.records if "exceeded" in r.getMessage()]
     assert line.startswith("client acme\u00e9\\x20svc exceeded limit")
+
+
+# -- adapters: a denial at once, an admission once the app answered -----------------------
+
+
+@pytest.fixture(params=["sync", "async"])
+def gate(request: pytest.FixtureRequest) -> Check:
+    """``gate(engine, ...)`` through either of the adapters' front doors."""
+    if request.param == "sync":
+        return lambda engine, *args: engine.gate(*args)
+    return lambda engine, *args: asyncio.run(engine.agate(*args))
+
+
+def test_the_adapters_gate_audits_denials_at_once_and_no_admission(
+    world: World, gate: Check, audit_on: pytest.LogCaptureFixture
+) -> None:
+    outcomes = run_every_outcome(world, gate)
+    denials = [o for o in outcomes if isinstance(o, Denied)]
+    assert 0 < len(denials) < len(outcomes)  # both kinds were decided
+    found = audit_records(audit_on)
+    assert [(r.m2m_allowed, r.m2m_status) for r in found] == [  # type: ignore[attr-defined]
+        (False, d.status) for d in denials
+    ]
+
+
+def test_ended_writes_the_refusal_else_the_status_else_nothing(
+    world: World, audit_on: pytest.LogCaptureFixture
+) -> None:
+    admitted = world.engine.gate("GET", "/orders", None, world.good.key)
+    assert isinstance(admitted, Allowed)
+    refusal = ScopeRequirement(["orders:write"]).refuse(admitted.client, "api")
+    audit_log.ended(admitted, "GET", "/orders", 403, refusal)
+    audit_log.ended(admitted, "GET", "/orders", 201, None)
+    audit_log.ended(admitted, "GET", "/orders", None, None)  # the app raised
+    audit_log.ended(admitted, "GET", "/orders", 200, "not a Denied")  # only ours count
+    audit_log.ended(PUBLIC, "GET", "/health", 200, None)  # public, nobody refused
+    public_refusal = ScopeRequirement(["orders:read"]).refuse(None, "api")
+    audit_log.ended(PUBLIC, "GET", "/health", 401, public_refusal)
+    got = [
+        (r.m2m_allowed, r.m2m_status, r.m2m_error, r.m2m_client_id)  # type: ignore[attr-defined]
+        for r in audit_records(audit_on)
+    ]
+    assert got == [
+        (False, 403, "insufficient_scope", "client-a"),
+        (True, 201, None, "client-a"),
+        (True, 500, None, "client-a"),
+        (True, 200, None, "client-a"),
+        (False, 401, "missing_credentials", None),
+    ]
