@@ -187,6 +187,10 @@ class ChangeLogWatch:
         self.conn = sqlite3.connect(
             path, timeout=_POLL_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
+        # A watch dropped with its store (a Django store replaced when its
+        # settings change, say) still closes its connection, rather than
+        # leaving it to warn in __del__ (a ResourceWarning from Python 3.13 on).
+        weakref.finalize(self, self.conn.close)
         self.pid = os.getpid()
         self._select = f"SELECT seq, key_id FROM {table} WHERE seq > ? ORDER BY seq"
         self.version = -1  # none seen: the first look reads

@@ -30,8 +30,10 @@ def ours(messages: list[checks.CheckMessage]) -> list[checks.CheckMessage]:
 def run_checks() -> list[checks.CheckMessage]:
     """Our messages only. The admin, installed for the admin tests, has checks of
     its own (for its middleware, absent from most MIDDLEWARE values here);
-    test_django_admin.py runs them all against a complete admin project."""
-    return ours(checks.run_checks())
+    test_django_admin.py runs them all against a complete admin project.
+    Only the security tag ours are registered under: Django 6.1's model checks
+    ask the database whether it supports JSONField, and these tests have none."""
+    return ours(checks.run_checks(tags=[checks.Tags.security]))
 
 
 def test_the_app_is_installed_under_its_label() -> None:
@@ -81,7 +83,7 @@ def test_a_value_that_is_not_a_dict_is_e001(value: Any) -> None:
 def test_the_checks_are_tagged_security() -> None:
     with override_settings(M2M_AUTH={"default_limits": "abc"}):
         tagged = checks.run_checks(tags=[checks.Tags.security])
-        untagged = checks.run_checks(tags=[checks.Tags.models])
+        untagged = checks.run_checks(tags=[checks.Tags.compatibility])
     assert [m.id for m in ours(tagged)] == ["m2m_middleware.E002"]
     assert ours(untagged) == []
 

@@ -99,14 +99,22 @@ def test_a_store_object_made_before_django_is_configured_works(store: DjangoKeyS
 
 def test_an_unknown_alias_is_e002() -> None:
     with override_settings(M2M_AUTH={"key_store": "django://replica"}):
-        messages = [m for m in checks.run_checks() if str(m.id).startswith("m2m_middleware.")]
+        messages = [
+            m
+            for m in checks.run_checks(tags=[checks.Tags.security])
+            if str(m.id).startswith("m2m_middleware.")
+        ]
     assert [(m.id, m.obj) for m in messages] == [("m2m_middleware.E002", "key_store")]
     assert "replica" in messages[0].msg
 
 
 def test_a_django_url_passes_the_checks() -> None:
     with override_settings(M2M_AUTH={"key_store": "django://"}):
-        assert [m for m in checks.run_checks() if str(m.id).startswith("m2m_middleware.")] == []
+        assert [
+            m
+            for m in checks.run_checks(tags=[checks.Tags.security])
+            if str(m.id).startswith("m2m_middleware.")
+        ] == []
 
 
 def test_without_django_the_url_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
