@@ -132,13 +132,15 @@ class SigningKeys:
 
     ``clock`` returns Unix seconds (injected in tests). Build it through
     :func:`signing_keys_for` from :class:`~m2m_middleware.Settings`.
+    ``secret`` None makes a reader: it lists and publishes keys, and refuses to
+    sign or rotate with the ConfigError that says how to set the secret.
     """
 
     def __init__(
         self,
         store: KeyStore,
         *,
-        secret: str,
+        secret: str | None,
         algorithm: str = "ES256",
         token_ttl: int = 300,
         jwks_max_age: int = DEFAULT_JWKS_MAX_AGE,
@@ -149,7 +151,9 @@ class SigningKeys:
         require_extra("signing_key_secret", "the token issuer", "issuer")
         from .sealing import check_secret  # cryptography: the issuer extra
 
-        self._secret = check_secret(secret)
+        # None: a reader only (``m2m signing-keys list``, a JWKS), which never
+        # needs a private key; signing or rotating then asks for the secret.
+        self._secret = None if secret is None else check_secret(secret)
         if algorithm not in ALGORITHMS:
             raise ConfigError("signing_algorithm", f"expected one of {', '.join(ALGORITHMS)}")
         if not 0 <= refresh_interval < jwks_max_age:
@@ -252,9 +256,11 @@ class SigningKeys:
         held = self._unsealed.get(row.kid)
         if held is not None:
             return held
-        from .sealing import unseal
+        from .sealing import check_secret, unseal
 
-        pem = unseal(self._secret, row.sealed_private_key, kid=row.kid, algorithm=row.algorithm)
+        pem = unseal(
+            check_secret(self._secret), row.sealed_private_key, kid=row.kid, algorithm=row.algorithm
+        )
         key_type = _KEY_TYPES.get(row.algorithm)
         if key_type is None:
             raise ConfigError(
@@ -267,8 +273,9 @@ class SigningKeys:
     # -- writing ----------------------------------------------------------------
 
     def _insert(self, now: datetime, *, signs_from: datetime) -> StoredSigningKey:
-        from .sealing import seal
+        from .sealing import check_secret, seal
 
+        secret = check_secret(self._secret)
         key = _generate(self.algorithm)
         kid = key.thumbprint()  # RFC 7638: the same key always has the same kid
         public = {**key.as_dict(private=False), "kid": kid, "alg": self.algorithm, "use": "sig"}
@@ -277,7 +284,7 @@ class SigningKeys:
             kid=kid,
             algorithm=self.algorithm,
             public_jwk=json.loads(json.dumps(public)),
-            sealed_private_key=seal(self._secret, pem, kid=kid, algorithm=self.algorithm),
+            sealed_private_key=seal(secret, pem, kid=kid, algorithm=self.algorithm),
             created_at=now,
             publish_from=now,
             signs_from=signs_from,
@@ -293,7 +300,12 @@ class SigningKeys:
         before it retire once the last token they can sign has expired."""
         now = self._now()
         rows = self._current_rows(fresh=True)
-        first = not any(not self._retired(r, now) for r in rows)
+        live = [r for r in rows if not self._retired(r, now)]
+        first = not live
+        if live:
+            # A wrong secret must fail here, not seal the new key under a second
+            # secret that no instance configured with the right one could open.
+            self._unseal(max(live, key=lambda r: (r.created_at, r.kid)))
         signs_from = now if first else now + timedelta(seconds=self.jwks_max_age)
         row = self._insert(now, signs_from=signs_from)
         retire_after = signs_from + timedelta(seconds=self.token_ttl + self.clock_skew)
