@@ -314,12 +314,19 @@ class SigningKeys:
         return next(info for info in self.list_keys() if info.kid == row.kid)
 
 
-def signing_keys_for(settings: Any, *, clock: Callable[[], float] = time.time) -> SigningKeys:
+def signing_keys_for(
+    settings: Any,
+    *,
+    store: KeyStore | None = None,
+    clock: Callable[[], float] = time.time,
+) -> SigningKeys:
     """The signing keys :class:`~m2m_middleware.Settings` describe.
 
     The secret is ``settings.signing_key_secret``, else ``$M2M_SIGNING_SECRET``;
     with neither, a ConfigError naming ``signing_key_secret``. Read here, when
     the issuer is asked for, never when settings are built for API keys alone.
+    ``store`` is the engine's own store object, when it has one open already.
+    A change of ``signing_algorithm`` applies from the next rotation on.
     """
     from ..stores import open_key_store
 
@@ -330,7 +337,8 @@ def signing_keys_for(settings: Any, *, clock: Callable[[], float] = time.time) -
     from .sealing import check_secret
 
     checked = check_secret(secret)
-    store = open_key_store(settings.key_store, prefix=settings.key_prefix)
+    if store is None:
+        store = open_key_store(settings.key_store, prefix=settings.key_prefix)
     return SigningKeys(
         store,
         secret=checked,
