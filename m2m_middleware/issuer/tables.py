@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ..stores.postgres import PostgresKeyStore
 
 TABLE = "m2m_signing_keys"
+#: The PostgreSQL advisory lock its table is created under (the API keys' is another).
+_SCHEMA_LOCK = 0x6D326D5349474E  # "m2mSIGN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +59,25 @@ def _utc(value: float) -> datetime:
 
 
 def _row(values: tuple[Any, ...], *, times: Callable[[Any], datetime]) -> StoredSigningKey:
+    """One row, checked: a row damaged or written by hand is a KeyStoreError naming
+    the key, never a TypeError from deep in a JWKS answer."""
     kid, algorithm, public_jwk, sealed, created, publish, signs, retire = values
-    jwk = json.loads(public_jwk) if isinstance(public_jwk, str) else public_jwk
-    if not isinstance(jwk, dict) or not isinstance(kid, str) or not isinstance(sealed, str):
-        raise KeyStoreError(f"signing key {kid!r}: unreadable row in {TABLE}")
-    return StoredSigningKey(
-        kid=kid,
-        algorithm=str(algorithm),
-        public_jwk=jwk,
-        sealed_private_key=sealed,
-        created_at=times(created),
-        publish_from=times(publish),
-        signs_from=times(signs),
-        retire_after=None if retire is None else times(retire),
-    )
+    try:
+        jwk = json.loads(public_jwk) if isinstance(public_jwk, str) else public_jwk
+        if not isinstance(jwk, dict) or not isinstance(kid, str) or not isinstance(sealed, str):
+            raise ValueError("not a signing key")
+        return StoredSigningKey(
+            kid=kid,
+            algorithm=str(algorithm),
+            public_jwk=jwk,
+            sealed_private_key=sealed,
+            created_at=times(created),
+            publish_from=times(publish),
+            signs_from=times(signs),
+            retire_after=None if retire is None else times(retire),
+        )
+    except (ValueError, TypeError, OverflowError, OSError, RecursionError):
+        raise KeyStoreError(f"signing key {kid!r}: unreadable row in {TABLE}") from None
 
 
 _COLUMNS = (
@@ -172,7 +179,15 @@ class PostgresTable:
 
     def _prepare(self) -> None:
         if not self._ready:
-            self._store._run(lambda conn: conn.execute(self._SCHEMA), retry=True)
+
+            def create(conn: Any) -> None:
+                # Two processes creating the table at once can collide in
+                # PostgreSQL's catalog even with IF NOT EXISTS: one at a time.
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    conn.execute(self._SCHEMA)
+
+            self._store._run(create, retry=True)
             self._ready = True
 
     def insert(self, row: StoredSigningKey) -> None:

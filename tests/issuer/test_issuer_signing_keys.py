@@ -430,3 +430,49 @@ def test_a_reader_without_a_secret_lists_and_publishes_but_does_not_sign() -> No
         reader.current_signing_key()
     with pytest.raises(ConfigError, match="M2M_SIGNING_SECRET"):
         reader.rotate()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("public_jwk", "{not json"), ("public_jwk", "[1, 2]"), ("signs_from", "tomorrow")],
+)
+def test_a_damaged_row_is_a_store_error_naming_the_key(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    from m2m_middleware.errors import KeyStoreError
+
+    path = tmp_path / "keys.db"
+    store = open_key_store(f"sqlite:///{path}")
+    kid = manager(store, Clock()).current_signing_key().kid
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"UPDATE m2m_signing_keys SET {column} = ?", (value,))
+    with pytest.raises(KeyStoreError, match=kid):
+        manager(store, Clock()).public_jwks()
+    store.close()
+
+
+@pytest.mark.postgres
+def test_two_processes_create_the_postgres_table_at_once(postgres_url: str) -> None:
+    import threading
+
+    stores = [open_key_store(postgres_url) for _ in range(4)]
+    for store in stores:
+        store.list_keys()  # the API-key schema first: only the new table races
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def read(store: Any) -> None:
+        start.wait()
+        try:
+            manager(store, Clock(), secret=None).list_keys()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for store in stores:
+        store.close()
+    assert errors == []
