@@ -522,6 +522,116 @@ def _run_keys_command(args: argparse.Namespace, handler: _KeysCommand) -> int:
     return code
 
 
+# -- signing keys (the token issuer) ---------------------------------------------
+
+
+def _signing_keys(args: argparse.Namespace, store: KeyStore, *, secret_needed: bool) -> Any:
+    try:
+        from .issuer import SigningKeys
+        from .issuer.signing_keys import SECRET_ENVIRONMENT_VARIABLE
+    except ImportError as exc:
+        raise CommandError(
+            f'signing keys need the issuer extra ({exc.name}): pip install "m2m-middleware[issuer]"'
+        ) from None
+    # The secret comes from the environment only: a command-line option would
+    # show it to everyone who can list processes, and keep it in shell history.
+    secret = os.environ.get(SECRET_ENVIRONMENT_VARIABLE) or None
+    if secret_needed and secret is None:
+        raise CommandError(
+            f"rotating needs the secret the signing keys are encrypted with: set "
+            f"{SECRET_ENVIRONMENT_VARIABLE} (the app's signing_key_secret)",
+            exit_code=2,
+        )
+    return SigningKeys(store, secret=secret, algorithm=args.algorithm, token_ttl=args.token_ttl)
+
+
+def _signing_key_rows(infos: Sequence[Any]) -> None:
+    columns = ("KID", "ALGORITHM", "STATE", "PUBLISHED", "SIGNS FROM", "RETIRES")
+    rows = [columns] + [
+        (
+            i.kid,
+            i.algorithm,
+            i.state,
+            _when(i.publish_from),
+            _when(i.signs_from),
+            _when(i.retire_after),
+        )
+        for i in infos
+    ]
+    widths = [max(len(row[n]) for row in rows) for n in range(len(columns))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_signing_keys_list(args: argparse.Namespace, store: KeyStore) -> int:
+    exists = _require_existing(store, allow_missing_file=True)
+    infos = _signing_keys(args, store, secret_needed=False).list_keys() if exists else []
+    if args.json:
+        _emit_json([i.to_dict() for i in infos])
+    elif not infos:
+        print("No signing keys.")
+    else:
+        _signing_key_rows(infos)
+    return 0
+
+
+def cmd_signing_keys_rotate(args: argparse.Namespace, store: KeyStore) -> int:
+    info = _signing_keys(args, store, secret_needed=True).rotate()
+    if args.json:
+        _emit_json(info.to_dict())
+    else:
+        print(
+            f"New signing key {info.kid} ({info.algorithm}): published now, signs from "
+            f"{_when(info.signs_from)}; the keys before it retire once their tokens expire."
+        )
+    return 0
+
+
+def add_signing_key_commands(parser: argparse.ArgumentParser) -> None:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+    )
+    options.add_argument("--json", action="store_true", help="print the result as JSON")
+    commands = parser.add_subparsers(dest="signing_command", metavar="ACTION", required=True)
+    listing = commands.add_parser(
+        "list", parents=[options], help="list the signing keys (never a private key)"
+    )
+    listing.set_defaults(handler=cmd_signing_keys_list, algorithm="ES256", token_ttl=300)
+    rotate = commands.add_parser(
+        "rotate",
+        parents=[options],
+        help="make a new signing key: published now, signing once every JWKS cache has it",
+    )
+    rotate.add_argument(
+        "--algorithm",
+        choices=("ES256", "EdDSA", "RS256"),
+        default="ES256",
+        help="the new key's algorithm: the app's signing_algorithm (default: ES256)",
+    )
+    rotate.add_argument(
+        "--token-ttl",
+        type=_token_ttl_option,
+        default=300,
+        metavar="SECONDS",
+        help="the app's token_ttl: the old keys stay published that long after the new "
+        "one signs (default: 300)",
+    )
+    rotate.set_defaults(handler=cmd_signing_keys_rotate)
+
+
+def _token_ttl_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text[:40]!r}") from None
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..86400")
+    return value
+
+
 # -- parser ----------------------------------------------------------------------
 
 
@@ -617,13 +727,18 @@ def add_keys_commands(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Manage m2m-middleware API keys and run the demo.",
+        description="Manage m2m-middleware API keys and signing keys, and run the demo.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
     add_keys_commands(keys)
+
+    signing_keys = commands.add_parser(
+        "signing-keys", help="list and rotate the token issuer's signing keys"
+    )
+    add_signing_key_commands(signing_keys)
 
     demo = commands.add_parser(
         "demo",

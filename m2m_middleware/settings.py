@@ -29,6 +29,8 @@ from .syntax import (
 )
 
 SCHEMES = ("api_key", "jwt")
+#: What the token service signs with (CONTRACT.md "Token service"); ES256 first: the default.
+SIGNING_ALGORITHMS = ("ES256", "EdDSA", "RS256")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
 #: limits storage schemes served by redis-py, on which our Lua scripts charge every
 #: strategy all-or-nothing in one round trip (m2m_middleware.limiting).
@@ -228,6 +230,12 @@ class Settings:
     routes: Sequence[Mapping[str, Any]] = ()
     realm: str = "api"
     max_credential_length: int = 4096
+    # The token service's signing keys (m2m_middleware.issuer). Only validated
+    # here; nothing reads them unless an issuer is asked for, so the API-key
+    # path pays nothing for them.
+    signing_algorithm: str = "ES256"
+    signing_key_secret: str | None = field(default=None, repr=False)  # never shown
+    token_ttl: int = 300
 
     # -- derived, filled in by __post_init__ --------------------------------
     default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
@@ -331,6 +339,19 @@ class Settings:
         if url:
             require_extra("invalidation_url", "a key-invalidation bus", "redis")
         _number("key_cache_ttl", self.key_cache_ttl, minimum=0, maximum=86400)
+        if self.signing_algorithm not in SIGNING_ALGORITHMS:
+            raise ConfigError(
+                "signing_algorithm",
+                f"expected one of {', '.join(SIGNING_ALGORITHMS)}, got "
+                f"{str(self.signing_algorithm)[:40]!r}",
+            )
+        if self.signing_key_secret is not None and not isinstance(self.signing_key_secret, str):
+            # The value itself is never quoted: it is a secret, whatever its type.
+            raise ConfigError(
+                "signing_key_secret",
+                f"expected a text, got {type(self.signing_key_secret).__name__}",
+            )
+        _number("token_ttl", self.token_ttl, minimum=1, maximum=86400, integer=True)
         _number("key_cache_size", self.key_cache_size, minimum=0, maximum=10_000_000, integer=True)
         routes = self.routes
         if isinstance(routes, Mapping) or not isinstance(routes, Iterable):

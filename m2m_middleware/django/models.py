@@ -146,3 +146,30 @@ class StoreMeta(models.Model):
 
     def __str__(self) -> str:
         return self.store_id
+
+
+class SigningKey(models.Model):
+    """One of the token issuer's signing keys (``m2m_middleware.issuer``).
+
+    ``private_key`` is sealed with AES-GCM under ``signing_key_secret``: a copy
+    of the database holds no usable private key. Not in the admin: rotate with
+    ``m2m signing-keys rotate``.
+    """
+
+    kid: models.CharField[str, str] = models.CharField("key id", max_length=64, primary_key=True)
+    algorithm: models.CharField[str, str] = models.CharField("algorithm", max_length=16)
+    public_jwk: models.TextField[str, str] = models.TextField("public JWK")
+    private_key: models.TextField[str, str] = models.TextField("sealed private key")
+    created_at: models.DateTimeField[datetime, datetime] = models.DateTimeField("created at")
+    publish_from: models.DateTimeField[datetime, datetime] = models.DateTimeField("published from")
+    signs_from: models.DateTimeField[datetime, datetime] = models.DateTimeField("signs from")
+    retire_after: models.DateTimeField[datetime | None, datetime | None] = models.DateTimeField(
+        "retired after", null=True, blank=True
+    )
+
+    class Meta:
+        verbose_name = "signing key"
+        verbose_name_plural = "signing keys"
+
+    def __str__(self) -> str:
+        return f"{self.kid} ({self.algorithm})"
