@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def test_the_sqlite_file_holds_no_private_key(tmp_path: Path) -> None:
     assert b"m2m-seal-1" in data  # the rows are there, sealed
     for material in private_material(keys):
         assert material not in data
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         rows = conn.execute("SELECT public_jwk, private_key FROM m2m_signing_keys").fetchall()
     assert len(rows) == 2
     for public, sealed in rows:
@@ -444,7 +445,7 @@ def test_a_damaged_row_is_a_store_error_naming_the_key(
     path = tmp_path / "keys.db"
     store = open_key_store(f"sqlite:///{path}")
     kid = manager(store, Clock()).current_signing_key().kid
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(f"UPDATE m2m_signing_keys SET {column} = ?", (value,))
     with pytest.raises(KeyStoreError, match=kid):
         manager(store, Clock()).public_jwks()
