@@ -1,0 +1,145 @@
+"""Red-team findings against issue 10's promises: each test FAILS on main.
+
+Traffic goes to 127.0.0.1 only (Redis on 6379).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import pytest
+
+from m2m_middleware import Settings
+from m2m_middleware.engine import Engine
+
+SECRET = "s" * 40
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _hs256(claims_json: str) -> str:
+    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(claims_json.encode())
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _redis_up() -> bool:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS, socket_timeout=0.5).ping()
+        return True
+    except Exception:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not _redis_up(), reason="needs Redis on 127.0.0.1:6379")
+
+
+def _jwt_engine(**overrides: object) -> Engine:
+    values: dict[str, object] = {
+        "schemes": ("jwt",),
+        "jwt_keys": SECRET,
+        "jwt_algorithms": ["HS256"],
+        "key_store": "memory://",
+        "rate_limit_storage": REDIS,
+        "default_limits": "2/minute",
+    }
+    values.update(overrides)
+    return Engine(Settings(**values))
+
+
+@needs_redis
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
+def test_jwt_sub_with_lone_surrogate_bypasses_redis_rate_limit(strategy: str) -> None:
+    """A JWT whose ``sub`` holds a lone surrogate is never counted on Redis.
+
+    Reproduction: rate_limit_storage="redis://127.0.0.1:6379/0",
+    on_storage_error="allow", default_limits="2/minute", a validly signed
+    token with ``{"sub": "\\ud800<uuid>"}`` (legal JSON). redis-py cannot
+    encode the counter key (UnicodeEncodeError), the limiter takes that for
+    an outage, and "allow" admits every request: 10 of 10 pass a 2/minute
+    limit. (With "deny" the same token gets 503.) Stores refuse such client
+    ids for API keys (check_client_id); JWT client ids are not checked.
+    Any adapter: the engine decides.
+    """
+    engine = _jwt_engine(on_storage_error="allow", rate_limit_strategy=strategy)
+    token = _hs256(
+        '{"sub": "\\ud800%s", "exp": %d}' % (uuid.uuid4().hex, int(time.time()) + 600)
+    )
+    allowed = sum(
+        1 for _ in range(10) if engine.check("GET", "/x", "Bearer " + token, None).allowed
+    )
+    assert allowed <= 2
+
+
+@needs_redis
+def test_jwt_sub_with_lone_surrogate_forges_storage_outage_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One client's token makes the log say the rate-limit storage is down.
+
+    Reproduction: Redis limit storage up and healthy; alternate requests
+    with a normal token and one whose ``sub`` is ``"\\ud800x"``. Every pair
+    logs ERROR "rate-limit storage unreachable (UnicodeEncodeError)" then
+    WARNING "rate-limit storage reachable again": a client forges outage
+    alarms at will and floods the log (issue 10 item 10: one record per
+    outage). Expected: no outage record while Redis is reachable.
+    """
+    engine = _jwt_engine(on_storage_error="deny", default_limits="100/minute")
+    exp = int(time.time()) + 600
+    good = _hs256('{"sub": "good-%s", "exp": %d}' % (uuid.uuid4().hex, exp))
+    bad = _hs256('{"sub": "\\ud800%s", "exp": %d}' % (uuid.uuid4().hex, exp))
+    with caplog.at_level(logging.WARNING, logger="m2m_middleware"):
+        for _ in range(3):
+            engine.check("GET", "/x", "Bearer " + good, None)
+            engine.check("GET", "/x", "Bearer " + bad, None)
+    outages = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert outages == []
+
+
+def test_rate_limited_usage_key_flushes_forged_key_cache() -> None:
+    """Any client with a ``max_uses`` key can switch off the forged-key cache.
+
+    Reproduction (memory store, default_limits="1/minute"): the attacker
+    holds a key created with max_uses=1000 and spends its one request. Then,
+    within one second, 20 times: one request with that key (429: the use it
+    took is given back, ``_return_use`` -> ``keys.invalidate(key_id)``,
+    which clears ``UnknownKeys``) and one with the same forged, well-formed
+    key. Every forged request reaches ``store.find_by_hash`` (20 lookups,
+    expected 1 per second; issue 10 item 9). Any adapter: the engine
+    decides.
+    """
+    from m2m_middleware import keys as keyformat
+    from m2m_middleware import open_key_store
+
+    store = open_key_store("memory://")
+    own = store.create_key("attacker", max_uses=1000).key
+    engine = Engine(Settings(key_store=store, default_limits="1/minute"))
+    forged = keyformat.generate_key()
+    forged_hash = keyformat.hash_key(forged)
+    lookups: list[str] = []
+    original = store.find_by_hash
+
+    def spy(key_hash: str):  # type: ignore[no-untyped-def]
+        lookups.append(key_hash)
+        return original(key_hash)
+
+    store.find_by_hash = spy  # type: ignore[method-assign]
+    assert engine.check("GET", "/x", None, own).allowed
+    started = time.monotonic()
+    for _ in range(20):
+        assert engine.check("GET", "/x", None, own).status == 429
+        assert engine.check("GET", "/x", None, forged).status == 401
+    assert time.monotonic() - started < 0.9
+    assert lookups.count(forged_hash) <= 1
