@@ -143,3 +143,31 @@ def test_rate_limited_usage_key_flushes_forged_key_cache() -> None:
         assert engine.check("GET", "/x", None, forged).status == 401
     assert time.monotonic() - started < 0.9
     assert lookups.count(forged_hash) <= 1
+
+
+def test_tier_name_with_slash_makes_two_clients_share_a_counter() -> None:
+    """Counter keys are ``m2m/<source>/<amount>/<window>/`` + client id, unescaped.
+
+    Tier names may hold ``/`` (check_tier allows printable ASCII). With
+    tiers {"a": "2/minute", "a/2/60": "2/minute"}, client "2/60/bob" (tier
+    "a") and client "bob" (tier "a/2/60") both count on
+    ``m2m/tier.a/2/60/2/60/bob``: two requests of one use up the other's
+    limit (429 on its first request). Low: needs such a tier name, but the
+    contract says limits count per client id. Any adapter; memory:// (the
+    Redis script keys put the client id first, in braces, and do not collide).
+    """
+    from m2m_middleware import open_key_store
+
+    store = open_key_store("memory://")
+    first = store.create_key("2/60/bob", tier="a").key
+    second = store.create_key("bob", tier="a/2/60").key
+    engine = Engine(
+        Settings(
+            key_store=store,
+            default_limits="100/minute",
+            tiers={"a": "2/minute", "a/2/60": "2/minute"},
+        )
+    )
+    assert engine.check("GET", "/x", None, first).allowed
+    assert engine.check("GET", "/x", None, first).allowed
+    assert engine.check("GET", "/x", None, second).allowed
