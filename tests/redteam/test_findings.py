@@ -171,3 +171,25 @@ def test_tier_name_with_slash_makes_two_clients_share_a_counter() -> None:
     assert engine.check("GET", "/x", None, first).allowed
     assert engine.check("GET", "/x", None, first).allowed
     assert engine.check("GET", "/x", None, second).allowed
+
+
+def test_token_tier_claims_grow_the_plan_cache_without_bound() -> None:
+    """``Limiter._tier_plans`` keeps one entry per tier name a token carries, forever.
+
+    Reproduction: a JWT engine (HS256, memory://, jwt_tier_claim="tier");
+    5000 valid tokens whose
+    ``tier`` claim is "t0" ... "t4999" (no such tiers are configured). Each
+    first use builds and caches a plan in ``_tier_plans`` with no bound
+    (``_plans``, the per-route cache, stops at 4096; the unknown-tier log
+    stops at 32): 5000 entries that never leave. Whoever can get tokens
+    minted with chosen tier claims grows the process's memory at will.
+    Low. Any adapter.
+    """
+    engine = _jwt_engine(
+        rate_limit_storage="memory://", default_limits="100/minute", jwt_tier_claim="tier"
+    )
+    exp = int(time.time()) + 600
+    for i in range(5000):
+        token = _hs256('{"sub": "c", "exp": %d, "tier": "t%d"}' % (exp, i))
+        engine.check("GET", "/x", "Bearer " + token, None)
+    assert len(engine.limiter._tier_plans) <= 4096
