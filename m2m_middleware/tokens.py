@@ -33,6 +33,7 @@ from .settings import Settings
 
 logger = logging.getLogger("m2m_middleware")
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 #: Headers no sane IdP makes large; refused before JSON parsing.
 MAX_HEADER_BYTES = 2048
 
@@ -315,6 +316,11 @@ class TokenVerifier:
             if value is not None:
                 if not isinstance(value, str) or not value:
                     raise InvalidToken(f"the token's {name} claim is not a non-empty string")
+                if _LONE_SURROGATE.search(value):
+                    # JSON can spell one (\ud800), UTF-8 cannot: such an id could
+                    # name no counter in Redis (redis-py failed to encode it, an
+                    # "outage" that let it past every limit) nor a key's client.
+                    raise InvalidToken(f"the token's {name} claim is not valid Unicode text")
                 client_id = value
                 break
         if client_id is None:
