@@ -202,8 +202,17 @@ class KeyCache:
         if key_id is None:
             self.clear()
             return
-        self.generation += 1
         self.unknown.clear()  # the key may be one just created
+        self.forget(key_id)
+
+    def forget(self, key_id: str) -> None:
+        """Drop ``key_id``'s entry (its record changed), keeping the unknown hashes.
+
+        For changes a client can cause itself (a use given back after a 429):
+        clearing the unknown hashes there would let anyone holding a
+        usage-limited key send forged keys to the store again at will.
+        """
+        self.generation += 1
         key_hash = self._hash_by_key_id.get(key_id)
         if key_hash is not None:
             self._drop(key_hash)
@@ -615,7 +624,7 @@ class Engine:
         except StoreUnavailable as exc:
             self._store_failed(exc)
         else:
-            self.keys.invalidate(key_id)  # its cached count may say "used up"
+            self.keys.forget(key_id)  # its cached count may say "used up"
 
     async def _areturn_use(self, key_id: str) -> None:
         if self.store.blocking:
