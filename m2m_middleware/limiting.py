@@ -572,7 +572,11 @@ def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...
     keys: set[str] = set()
     for item in items:
         window = item.get_expiry()
-        key_prefix = f"m2m/{source}/{item.amount}/{window}/"
+        # The client id follows this prefix unescaped, and a tier name may hold
+        # "/": the source's length makes the split unambiguous, so tier "a/2/60"
+        # with client "bob" and tier "a" with client "2/60/bob" never share a
+        # counter.
+        key_prefix = f"m2m/{len(source)}:{source}/{item.amount}/{window}/"
         if key_prefix in keys:  # "5/second;5/second": one counter, so one limit
             continue
         keys.add(key_prefix)
@@ -683,6 +687,12 @@ class Limiter:
     # -- planning -------------------------------------------------------------
 
     def plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
+        if tier is not None and tier not in self._tiers:
+            # Such a client gets default_limits: one plan serves them all, so
+            # the plans cached stay bounded by the configured tiers however
+            # many tier names a token issuer mints.
+            self._unknown_tier(tier)
+            tier = None
         if not routes:
             plan = self._tier_plans.get(tier)
             if plan is None:
@@ -697,13 +707,7 @@ class Limiter:
         return plan
 
     def _build_plan(self, tier: str | None, routes: tuple[Route, ...]) -> LimitPlan:
-        base = self._default
-        if tier is not None:
-            found = self._tiers.get(tier)
-            if found is None:
-                self._unknown_tier(tier)
-            else:
-                base = found
+        base = self._default if tier is None else self._tiers[tier]  # plan() vets the tier
         chosen = base + tuple(lim for r in routes for lim in self._routes[r.index])
         return LimitPlan(chosen, _policy_header(chosen))
 
@@ -720,8 +724,10 @@ class Limiter:
         most :data:`UNKNOWN_TIERS_LOGGED` names are logged (a token issuer could
         mint any number), then one line saying that more are not.
         """
+        warned = self._unknown_tiers
+        if tier in warned or len(warned) > UNKNOWN_TIERS_LOGGED:
+            return  # the common case, without the lock
         with self._unknown_tiers_lock:
-            warned = self._unknown_tiers
             if tier in warned or len(warned) > UNKNOWN_TIERS_LOGGED:
                 return
             warned.add(tier)
