@@ -133,6 +133,17 @@ end
 return out
 """
 
+#: The start of the moving and sliding scripts: the cost, and the time in
+#: microseconds (the argument after the limits' pairs; 0: Redis's own clock).
+_COST_AND_NOW = """
+local cost = tonumber(ARGV[1])
+local now = tonumber(ARGV[2 * #KEYS + 2])
+if now == 0 then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+"""
+
 #: All-or-nothing moving windows for one request, in one round trip.
 #: KEYS[i]: limit i's list of charge times (microseconds, newest first, one entry
 #: per unit); ARGV as for REDIS_FIXED_WINDOWS, then the time in microseconds (0:
@@ -141,13 +152,7 @@ return out
 #: refuses longest, where wait is the milliseconds until the request would fit, else
 #: {0, used1, wait1, ...} after charging every limit, where wait is the milliseconds
 #: until the oldest charge leaves the window.
-REDIS_MOVING_WINDOWS = """
-local cost = tonumber(ARGV[1])
-local now = tonumber(ARGV[2 * #KEYS + 2])
-if now == 0 then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-end
+REDIS_MOVING_WINDOWS = _COST_AND_NOW + """
 -- Drops the expired entries at the list's tail; returns how many are left.
 local function live(key, window)
   local n = redis.call('LLEN', key)
@@ -214,13 +219,7 @@ return out
 #: as for REDIS_MOVING_WINDOWS, where wait is the milliseconds until the request
 #: would fit (refused) or until the weighted count drops by one (admitted).
 #: The same arithmetic as MemorySlidingWindows.
-REDIS_SLIDING_WINDOWS = """
-local cost = tonumber(ARGV[1])
-local now = tonumber(ARGV[2 * #KEYS + 2])
-if now == 0 then
-  local clock = redis.call('TIME')
-  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-end
+REDIS_SLIDING_WINDOWS = _COST_AND_NOW + """
 -- Microseconds until `units` more fit, if nothing else is charged.
 local function wait(units, amount, window, previous, current, left)
   if units > amount then
