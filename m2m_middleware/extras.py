@@ -17,7 +17,7 @@ EXTRA_MODULES = {
     "redis": ("redis",),
     "postgres": ("psycopg", "psycopg_pool"),
     "django": ("django",),
-    "issuer": ("cryptography",),
+    "issuer": ("cryptography", "authlib"),
 }
 
 

@@ -236,6 +236,12 @@ class Settings:
     signing_algorithm: str = "ES256"
     signing_key_secret: str | None = field(default=None, repr=False)  # never shown
     token_ttl: int = 300
+    # The token service (CONTRACT.md "Token service"): off unless token_endpoint is set.
+    token_endpoint: str | None = None
+    token_issuer: str | None = None
+    token_audience: str | None = None  # default: token_issuer
+    token_limits: Any = "30/minute"
+    jwks_max_age: int = 300
 
     # -- derived, filled in by __post_init__ --------------------------------
     default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
@@ -245,6 +251,7 @@ class Settings:
     route_rules: tuple[Route, ...] = field(init=False, repr=False, compare=False)
     public_path_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     jwt_key_ring: Any = field(init=False, repr=False, compare=False)
+    token_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -271,6 +278,7 @@ class Settings:
             validate_prefix(self.key_prefix)
         except (TypeError, ValueError) as exc:
             raise ConfigError("key_prefix", str(exc)) from None
+        self._validate_token_service()
         self._validate_jwt()
         set_(self, "default_limit_items", parse_limits("default_limits", self.default_limits))
         if not isinstance(self.tiers, Mapping):
@@ -370,6 +378,58 @@ class Settings:
             integer=True,
         )
 
+    def _validate_token_service(self) -> None:
+        set_ = object.__setattr__
+        endpoint = self.token_endpoint
+        set_(self, "token_limit_items", parse_limits("token_limits", self.token_limits))
+        _number("jwks_max_age", self.jwks_max_age, minimum=30, maximum=86400, integer=True)
+        if endpoint is None:
+            return
+        if (
+            not isinstance(endpoint, str)
+            or not endpoint.startswith("/")
+            or not endpoint.isprintable()
+            or any(c in endpoint for c in "*?[]#% ")
+            or endpoint.startswith("/.well-known/")
+        ):
+            raise ConfigError(
+                "token_endpoint",
+                f"expected a plain path such as '/oauth/token', got {str(endpoint)[:60]!r}",
+            )
+        for name in ("token_issuer", "token_audience"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            parts = urlsplit(value) if isinstance(value, str) else None
+            if (
+                parts is None
+                or parts.scheme not in ("https", "http")
+                or not parts.netloc
+                or parts.query
+                or parts.fragment
+                or not value.isprintable()
+            ):
+                raise ConfigError(
+                    name,
+                    "expected an absolute https URL without query or fragment (RFC 8414 "
+                    f"section 2), e.g. 'https://api.example.com', got {str(value)[:60]!r}",
+                )
+        if self.token_issuer is None:
+            raise ConfigError(
+                "token_issuer",
+                "the token service needs the issuer (iss) its tokens carry, e.g. "
+                "'https://api.example.com'",
+            )
+        if self.token_audience is None:
+            set_(self, "token_audience", self.token_issuer)
+        if not self.token_limit_items:
+            raise ConfigError(
+                "token_limits",
+                "the token endpoint needs a limit per client, e.g. '30/minute', so that "
+                "it cannot be used to mint tokens in bulk",
+            )
+        require_extra("token_endpoint", "the token service", "issuer")
+
     def _validate_jwt(self) -> None:
         set_ = object.__setattr__
         for name in ("jwt_issuer", "jwt_typ", "jwt_tier_claim"):
@@ -424,7 +484,8 @@ class Settings:
         set_(self, "jwt_key_ring", ring)
         if not wanted:
             return
-        if ring is None and url is None:
+        own = self.token_endpoint is not None  # our own tokens need no keys here
+        if ring is None and url is None and not own:
             raise ConfigError(
                 "jwt_keys", "to accept JWTs, set jwt_keys (keys or a secret) or jwt_jwks_url"
             )
@@ -437,10 +498,12 @@ class Settings:
                 if (ring is not None and ring.fits_any([alg]))
                 or (url is not None and not alg.startswith("HS"))
             ]
-            if not fitting:
+            if not fitting and not own:
                 raise ConfigError("jwt_keys", "none of these keys can verify any JWS algorithm")
             set_(self, "jwt_algorithms", tuple(fitting))
-        elif url is None and ring is not None and not ring.fits_any(self.jwt_algorithms):
+        elif (
+            url is None and ring is not None and not own and not ring.fits_any(self.jwt_algorithms)
+        ):
             raise ConfigError(
                 "jwt_algorithms",
                 f"none of {', '.join(self.jwt_algorithms)} can be verified with the "
