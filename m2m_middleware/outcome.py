@@ -58,12 +58,35 @@ class Denied:
         return "application/problem+json"
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A response the middleware answers with itself (the token endpoint, the
+    JWKS, the metadata): the same shape as :class:`Denied`, so each adapter
+    writes both the one way."""
+
+    status: int
+    headers: list[Header]
+    body: bytes
+    content_type: str = "application/json"
+    #: The OAuth 2 error code of a refusal ("" when it succeeded), for the audit.
+    error: str = ""
+
+    allowed = False
+
+
+#: What an adapter writes itself instead of calling the application.
+Answer = Denied | Served
+
 PUBLIC = Allowed(None)
 
 _ALL_STATUS_TEXT = {
+    200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
     429: "Too Many Requests",
     503: "Service Unavailable",
 }

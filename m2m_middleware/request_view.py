@@ -1,0 +1,103 @@
+"""The neutral view of a request that the core reads, whatever framework it came through.
+
+Each adapter builds one from what its server handed it (an ASGI scope, a
+WSGI environ, a Django ``HttpRequest``) without copying what no check needs:
+the headers are decoded only when first asked for, and the body is there
+only when the adapter was told to read it (see :attr:`Engine.endpoints`).
+Anchors: whitenoise's neutral ``get_response(method, headers)``, Starlette's
+``HTTPConnection`` over a scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+#: Headers as an adapter can give them cheaply: lower-case name -> value, with
+#: repeated fields joined by ", " (RFC 9110 section 5.3).
+Headers = Mapping[str, str]
+
+#: The largest body the middleware reads for an endpoint it answers itself.
+#: A token request is a few hundred bytes; anything near this is not one.
+MAX_ENDPOINT_BODY = 16 * 1024
+
+
+class RequestView:
+    """Method, path, query, headers, client address, scheme, and the body when read.
+
+    ``body`` is None when the client sent more than the adapter would read.
+    """
+
+    __slots__ = (
+        "_headers",
+        "_load_headers",
+        "body",
+        "client_address",
+        "method",
+        "path",
+        "query",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Headers | Callable[[], Headers],
+        query: str = "",
+        scheme: str = "http",
+        client_address: str | None = None,
+        body: bytes | None = b"",
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.scheme = scheme
+        self.client_address = client_address
+        self.body = body
+        if callable(headers):
+            self._headers: Headers | None = None
+            self._load_headers: Callable[[], Headers] | None = headers
+        else:
+            self._headers = headers
+            self._load_headers = None
+
+    @property
+    def headers(self) -> Headers:
+        """Lower-case header name -> value, decoded on first use."""
+        headers = self._headers
+        if headers is None:
+            assert self._load_headers is not None
+            headers = self._headers = self._load_headers()
+        return headers
+
+    def header(self, name: str) -> str | None:
+        """One header's value (``name`` in lower case), or None."""
+        return self.headers.get(name)
+
+    def __repr__(self) -> str:
+        # Never the headers or the body: they hold credentials.
+        return f"RequestView(method={self.method!r}, path={self.path!r})"
+
+
+def joined_headers(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """``[(name, value), ...]`` -> ``{lower name: value}``, repeated fields joined."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.lower()
+        known = headers.get(name)
+        headers[name] = value if known is None else f"{known}, {value}"
+    return headers
+
+
+def wsgi_headers(environ: Mapping[str, object]) -> dict[str, str]:
+    """The headers of a WSGI environ (PEP 3333; also Django's ``request.META``)."""
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if not isinstance(value, str):
+            continue
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").lower()] = value
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            headers[key.replace("_", "-").lower()] = value
+    return headers
