@@ -34,7 +34,7 @@ from .errors import (
     TemporarilyUnavailable,
 )
 from .limiting import Charge, Limiter, LimitPlan, StorageDown
-from .outcome import PUBLIC, Allowed, Denied, deny
+from .outcome import PUBLIC, Allowed, Denied, Served, deny
 from .redaction import redact
 from .settings import Route, Settings, invalidation_url
 from .stores import KeyRecord, KeyStore, open_key_store
@@ -43,6 +43,9 @@ from .syntax import CONTROL_CHARACTERS
 
 if TYPE_CHECKING:
     from .invalidation import RedisBus
+    from .issuer.endpoint import TokenService
+    from .issuer.signing_keys import SigningKeys
+    from .request_view import RequestView
     from .tokens import TokenVerifier
 
 logger = logging.getLogger("m2m_middleware")
@@ -276,6 +279,19 @@ class Engine:
             #: them itself, or the TTL is the bound).
             self.bus = redis_bus(bus_url, settings.storage_timeout)
         self._cached = self.keys._entries.get  # the dict itself: one call less per request
+        #: Our own issuer's signing keys and endpoints, when ``token_endpoint`` is set.
+        self.signing_keys: SigningKeys | None = None
+        self.token_service: TokenService | None = None
+        #: Paths the middleware answers itself (:meth:`serve`); empty when none are on,
+        #: so an adapter's one test per request is a miss on an empty set.
+        self.endpoints: frozenset[str] = frozenset()
+        if settings.token_endpoint is not None:
+            from .issuer.endpoint import TokenService
+            from .issuer.signing_keys import signing_keys_for
+
+            self.signing_keys = signing_keys_for(settings, store=self.store)
+            self.token_service = TokenService(self)
+            self.endpoints = self.token_service.paths
         self.realm = settings.realm
         self.header_name = settings.api_key_header
         self._max_length = settings.max_credential_length
@@ -339,6 +355,37 @@ class Engine:
         if not outcome.allowed and audit.isEnabledFor(logging.INFO):
             _audit(outcome, method, path)
         return outcome
+
+    def serve(self, view: RequestView) -> Served:
+        """Answer a request for one of :attr:`endpoints` (the adapter read its body)."""
+        service = self.token_service
+        assert service is not None, "serve() is for the paths in engine.endpoints"
+        return service.serve(view)
+
+    async def aserve(self, view: RequestView) -> Served:
+        """The async twin of :meth:`serve`: store reads and signing run in a thread
+        unless nothing can block (an in-memory store and limits, a fast algorithm)."""
+        service = self.token_service
+        assert service is not None, "aserve() is for the paths in engine.endpoints"
+        if self.never_blocks and self.settings.signing_algorithm != "RS256":
+            return service.serve(view)
+        return await self.store.run_blocking(service.serve, view)
+
+    def key_entry(self, credential: str) -> _CachedKey:
+        """An API key verified as a request's is (checksum, cache, store), for the token
+        endpoint, which may take keys even where ``schemes`` does not. Blocking."""
+        if len(credential) > self._max_length or not keyformat.is_well_formed(credential):
+            raise InvalidToken("the API key is malformed or its checksum does not match")
+        key_hash = sha256(credential.encode("utf-8", "surrogatepass")).hexdigest()
+        clock = monotonic()
+        if clock >= self._next_poll:
+            self._poll_changes(clock)
+        entry = self._cached(key_hash)
+        if entry is not None and entry.record is None:  # a JWT's entry: not a key
+            raise InvalidToken("the API key is not recognised")
+        if entry is None or entry.fresh_until < clock:
+            entry = self._find_key(key_hash, entry)
+        return entry
 
     def _check(
         self, method: str, path: str, authorization: str | None, api_key: str | None
@@ -496,6 +543,9 @@ class Engine:
             verified = tokens.verify(credential)
             return self.keys.put_token(key_hash, verified.client, verified.dead_at)
         self._precheck(credential, stale)
+        return self._find_key(key_hash, stale)
+
+    def _find_key(self, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
         keys = self.keys
         if key_hash in keys.unknown:  # a guess repeated: the store was asked already
             raise InvalidToken("the API key is not recognised")

@@ -24,7 +24,7 @@ try:
     from flask import Flask, Response, current_app, g, request
     from flask.cli import AppGroup
     from werkzeug.local import LocalProxy
-    from werkzeug.wsgi import ClosingIterator
+    from werkzeug.wsgi import ClosingIterator, get_input_stream
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'm2m_middleware.flask needs Flask: pip install "m2m-middleware[flask]"'
@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - depends on the Flask version
 from .audit import audit, ended
 from .client import Client
 from .engine import Engine
-from .outcome import Allowed, Denied, status_line
+from .outcome import Allowed, Answer, Denied, status_line
+from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
 from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
 
@@ -77,20 +78,14 @@ class _Gate:
         state = self.state
         method = environ.get("REQUEST_METHOD", "GET").upper()
         path = "/" + path.lstrip("/")
-        outcome = state.engine.gate(
+        engine = state.engine
+        if engine.endpoints and path in engine.endpoints:
+            return _write(engine.serve(wsgi_view(environ, method, path)), start_response)
+        outcome = engine.gate(
             method, path, environ.get("HTTP_AUTHORIZATION"), environ.get(state.environ_key)
         )
         if isinstance(outcome, Denied):
-            denied = outcome
-            start_response(
-                status_line(denied.status),
-                [
-                    ("Content-Type", "application/problem+json"),
-                    ("Content-Length", str(len(denied.body))),
-                    *denied.headers,
-                ],
-            )
-            return [denied.body]
+            return _write(outcome, start_response)
         environ[ENVIRON_KEY] = outcome.client
         if audit.isEnabledFor(INFO):  # the one per-request cost of the audit when it is off
             return self._audited(environ, start_response, outcome, method, path)
@@ -144,6 +139,48 @@ class _Gate:
             write_record()
             return body
         return ClosingIterator(body, write_record)
+
+
+def _write(answer: Answer, start_response: StartResponse) -> list[bytes]:
+    """A denial or an endpoint's answer, written straight to the WSGI server."""
+    start_response(
+        status_line(answer.status),
+        [
+            ("Content-Type", answer.content_type),
+            ("Content-Length", str(len(answer.body))),
+            *answer.headers,
+        ],
+    )
+    return [answer.body]
+
+
+def wsgi_view(environ: dict[str, Any], method: str, path: str) -> RequestView:
+    """The neutral view of a WSGI request to an endpoint the middleware answers.
+
+    The body is read for a POST, up to :data:`MAX_ENDPOINT_BODY` (None past
+    it), through werkzeug's input stream, which honours ``Content-Length``
+    and a server's chunked ``wsgi.input_terminated`` alike (PEP 3333: never
+    read past the declared length).
+    """
+    body: bytes | None = b""
+    if method == "POST":
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if declared.isdigit() and int(declared) > MAX_ENDPOINT_BODY:
+            body = None
+        else:
+            stream = get_input_stream(environ, max_content_length=None)
+            body = stream.read(MAX_ENDPOINT_BODY + 1)
+            if len(body) > MAX_ENDPOINT_BODY:
+                body = None
+    return RequestView(
+        method,
+        path,
+        headers=lambda: wsgi_headers(environ),
+        query=environ.get("QUERY_STRING", ""),
+        scheme=environ.get("wsgi.url_scheme", "http"),
+        client_address=environ.get("REMOTE_ADDR"),
+        body=body,
+    )
 
 
 def _status_code(status_text: str) -> int | None:

@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .audit import audit, ended
 from .client import Client
 from .engine import Engine
-from .outcome import Allowed, Denied
+from .outcome import Allowed, Answer, Denied
+from .request_view import MAX_ENDPOINT_BODY, RequestView, joined_headers
 from .scopes import ScopeRequirement
 from .settings import Settings
 
@@ -76,6 +77,7 @@ class M2MMiddleware:
         self._key_header = self.engine.header_name.lower().encode("latin-1")
         self._auth_cache: dict[int, tuple[Client, M2MCredentials]] = {}
         self._anonymous_auth = M2MCredentials((), self.engine.realm)
+        self._endpoints = self.engine.endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -101,6 +103,9 @@ class M2MMiddleware:
                 path = rest or "/"
         engine = self.engine
         method = scope.get("method", "GET")
+        if self._endpoints and path in self._endpoints and kind == "http":
+            await _send_answer(await engine.aserve(await _view(scope, receive, path)), send)
+            return
         if engine.never_blocks:
             outcome = engine.gate(method, path, authorization, api_key)
         else:
@@ -200,26 +205,67 @@ class _Answer:
         await self._send(message)
 
 
-def _denial_headers(denied: Denied) -> list[tuple[bytes, bytes]]:
+def _denial_headers(answer: Answer) -> list[tuple[bytes, bytes]]:
     headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(denied.body)).encode()),
+        (b"content-type", answer.content_type.encode("latin-1")),
+        (b"content-length", str(len(answer.body)).encode()),
     ]
-    headers.extend((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in denied.headers)
+    headers.extend((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in answer.headers)
     return headers
 
 
-async def _send_denied(denied: Denied, send: Send, kind: str = "http") -> None:
-    """The problem response; ``kind="websocket"`` sends it as a handshake's answer."""
+async def _send_answer(answer: Answer, send: Send, kind: str = "http") -> None:
+    """A denial or an endpoint's answer; ``kind="websocket"`` sends it as a handshake's answer."""
     prefix = "websocket.http" if kind == "websocket" else "http"
     await send(
         {
             "type": f"{prefix}.response.start",
-            "status": denied.status,
-            "headers": _denial_headers(denied),
+            "status": answer.status,
+            "headers": _denial_headers(answer),
         }
     )
-    await send({"type": f"{prefix}.response.body", "body": denied.body})
+    await send({"type": f"{prefix}.response.body", "body": answer.body})
+
+
+_send_denied = _send_answer
+
+
+async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:
+    """The neutral view of a request to an endpoint the middleware answers, body read
+    (up to :data:`MAX_ENDPOINT_BODY`; None past it) for a POST."""
+    body: bytes | None = b""
+    if scope.get("method") == "POST":
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # http.disconnect: nobody is waiting for the answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_ENDPOINT_BODY:
+                body = None
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if body is not None:
+            body = b"".join(chunks)
+    client = scope.get("client")
+    raw_headers = scope["headers"]
+
+    def headers() -> dict[str, str]:
+        return joined_headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers])
+
+    return RequestView(
+        scope.get("method", "GET"),
+        path,
+        headers=headers,
+        query=scope.get("query_string", b"").decode("latin-1"),
+        scheme=scope.get("scheme", "http"),
+        client_address=client[0] if client else None,
+        body=body,
+    )
 
 
 async def _refuse_websocket(denied: Denied, scope: Scope, send: Send) -> None:

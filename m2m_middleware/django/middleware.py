@@ -14,7 +14,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from ..audit import audit, ended
 from ..client import Client
 from ..engine import Engine
-from ..outcome import Allowed, Denied
+from ..outcome import Allowed, Answer, Denied
+from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
 from ..scopes import ScopeRequirement
 from ..settings import Settings
 
@@ -46,13 +47,39 @@ def _current() -> tuple[Engine, str]:
     return engine, meta_key
 
 
-def _denied_response(denied: Denied) -> HttpResponse:
-    response = HttpResponse(
-        denied.body, status=denied.status, content_type="application/problem+json"
-    )
+def _denied_response(denied: Answer) -> HttpResponse:
+    response = HttpResponse(denied.body, status=denied.status, content_type=denied.content_type)
     for name, value in denied.headers:
         response[name] = value
     return response
+
+
+def _view(request: HttpRequest) -> RequestView:
+    """The neutral view of a request to an endpoint the middleware answers (body read
+    for a POST, up to :data:`MAX_ENDPOINT_BODY`; None past it)."""
+    meta = request.META
+    method = request.method or "GET"
+    body: bytes | None = b""
+    if method == "POST":
+        declared = meta.get("CONTENT_LENGTH") or ""
+        if declared.isdigit() and int(declared) > MAX_ENDPOINT_BODY:
+            body = None
+        else:
+            try:
+                body = request.read(MAX_ENDPOINT_BODY + 1)
+            except OSError:  # UnreadablePostError: the client went away
+                body = b""
+            if len(body) > MAX_ENDPOINT_BODY:
+                body = None
+    return RequestView(
+        method,
+        request.path_info,
+        headers=lambda: wsgi_headers(meta),
+        query=meta.get("QUERY_STRING", ""),
+        scheme=request.scheme or "http",
+        client_address=meta.get("REMOTE_ADDR"),
+        body=body,
+    )
 
 
 class M2MAuthMiddleware:
@@ -70,6 +97,8 @@ class M2MAuthMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         engine, meta_key = _current()
+        if engine.endpoints and request.path_info in engine.endpoints:
+            return _denied_response(engine.serve(_view(request)))
         meta = request.META
         outcome = engine.gate(
             request.method or "GET",
@@ -87,6 +116,8 @@ class M2MAuthMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         engine, meta_key = _current()
+        if engine.endpoints and request.path_info in engine.endpoints:
+            return _denied_response(await engine.aserve(_view(request)))
         meta = request.META
         args = (
             request.method or "GET",

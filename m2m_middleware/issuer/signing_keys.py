@@ -344,5 +344,6 @@ def signing_keys_for(
         secret=checked,
         algorithm=settings.signing_algorithm,
         token_ttl=settings.token_ttl,
+        jwks_max_age=settings.jwks_max_age,
         clock=clock,
     )
