@@ -284,6 +284,12 @@ class TokenService:
         except StoreUnavailable as exc:
             self.engine._store_failed(exc)
             return _unavailable("the key store cannot be reached; try again shortly")
+        except Exception as exc:  # a signing key that cannot be read or made: never a 500
+            # ConfigError (a wrong signing_key_secret), a database error: the
+            # operator's to fix, so logged once per request, without the text of
+            # the request or the key, and answered as an outage.
+            logger.error("the token service cannot sign: %s", type(exc).__name__)
+            return _unavailable("the token service cannot sign tokens right now")
         if view.method == "HEAD":
             return Served(served.status, served.headers, b"", served.content_type)
         return served
