@@ -381,7 +381,11 @@ class TokenService:
         if not colon:
             raise _InvalidClient("the Basic credentials hold no client secret", self.realm)
         # RFC 6749 2.3.1: both are form-urlencoded before Basic encoding.
-        client: _KeyClient = query_client(unquote(client_id))
+        client_id = unquote(client_id)
+        named = request.payload.data.get("client_id")
+        if named is not None and named != client_id:
+            raise _InvalidClient("client_id in the form is not the one in Basic", self.realm)
+        client: _KeyClient = query_client(client_id)
         client.check_client_secret(unquote(secret))
         return client
 
