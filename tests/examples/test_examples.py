@@ -201,3 +201,16 @@ def test_the_example_apps_own_tests_pass(project: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\b[1-9]\d* passed\b", result.stdout), result.stdout
     assert not (ROOT / project / "example_keys.db").exists()
+
+
+#: Turns the examples' token service on (it seals their signing keys).
+SIGNING_SECRET = "the example apps' token service, in a test"
+
+
+def test_without_the_secret_the_examples_have_no_token_endpoint(tmp_path: Path) -> None:
+    store_url = "sqlite:///" + str(tmp_path / "keys.db")
+    with serve("starlette", tmp_path, store_url) as server:
+        assert "Token service off: set M2M_SIGNING_SECRET" in server.output()
+        # Nothing answers for the issuer: the JWKS path is just a protected path.
+        jwks = httpx.get(server.url + "/.well-known/jwks.json", timeout=5.0)
+        _assert_problem(jwks, 401, "missing_credentials")
