@@ -240,7 +240,7 @@ class Settings:
     token_endpoint: str | None = None
     token_issuer: str | None = None
     token_audience: str | None = None  # default: token_issuer
-    token_limits: Any = "30/minute"
+    token_limits: Any = "30/minute"  # noqa: S105 (a rate, not a secret)
     jwks_max_age: int = 300
 
     # -- derived, filled in by __post_init__ --------------------------------
