@@ -348,5 +348,7 @@ def signing_keys_for(
         secret=checked,
         algorithm=settings.signing_algorithm,
         token_ttl=settings.token_ttl,
+        # A new key waits the max-age the JWKS is served with before it signs.
+        jwks_max_age=settings.jwks_max_age,
         clock=clock,
     )

@@ -686,3 +686,15 @@ def test_invalidating_a_key_drops_only_its_tokens_and_eviction_unfiles_them(
     assert cache.state(two.key_id) is None and cache.state(one.key_id) is not None
     cache.invalidate(None)
     assert not cache._entries and not cache._tokens_of and cache.state(one.key_id) is None
+
+
+def test_the_engine_s_signing_keys_wait_the_configured_jwks_max_age_before_signing(
+    store: KeyStore,
+) -> None:
+    """A rotated-in key signs only once every cached JWKS (``jwks_max_age``) holds it."""
+    engine = own_engine(store, jwks_max_age=900)
+    assert engine.signing_keys is not None
+    assert engine.signing_keys.jwks_max_age == 900
+    engine.signing_keys.current_signing_key()
+    info = engine.signing_keys.rotate()
+    assert (info.signs_from - info.publish_from).total_seconds() == 900
