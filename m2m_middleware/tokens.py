@@ -296,8 +296,7 @@ class TokenVerifier:
             parsed = self.admit(parsed, final=True)
         own = self.own if parsed.own else None
         if own is not None:
-            keys = own.candidates(parsed.kid, parsed.alg)
-            model = own.models[parsed.alg]
+            keys, model = own.candidates(parsed.kid, parsed.alg)
         else:
             keys = self._candidates(parsed)
             model = self._models[parsed.alg]

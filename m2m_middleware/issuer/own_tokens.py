@@ -27,7 +27,8 @@ import concurrent.futures
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from time import monotonic
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,24 @@ OWN_KEY_REREAD_INTERVAL = 2.0
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    """One read of our published keys: the ring, and joserfc's algorithm for each ``alg``."""
+
+    ring: KeyRing
+    models: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, keys: list[Key]) -> _KeySet:
+        algorithms = {key.alg for key in keys if isinstance(key.alg, str)}
+        # Straight from joserfc's algorithm table: its registry lookup would
+        # warn about "EdDSA" (RFC 9864 names it "Ed25519") on every token.
+        return cls(KeyRing(keys), {alg: JWSRegistry.algorithms[alg] for alg in algorithms})
+
+
+_NO_KEYS = _KeySet(KeyRing(()), {})
+
+
 class OwnTokens:
     """The rules and keys for tokens our own issuer signed (see the module doc)."""
 
@@ -88,11 +107,10 @@ class OwnTokens:
         #: Monotonic seconds; replaceable, so tests advance time instead of sleeping.
         self.clock = clock
         self.refresh_interval = signing_keys.refresh_interval
-        #: Our published keys (none until first read); swapped whole on each read.
-        self.ring = KeyRing(())
-        self.algorithms: frozenset[str] = frozenset()
-        self.models: dict[str, Any] = {}  # alg -> joserfc's algorithm
-        self._read_once = False
+        #: Our published keys, swapped whole on each read (None until the first
+        #: read succeeds), so no token sees the ring of one read and the
+        #: algorithms of another.
+        self._keys: _KeySet | None = None
         self._next_refresh = 0.0
         self._next_reread = 0.0
         self._flight: concurrent.futures.Future[None] | None = None
@@ -101,6 +119,11 @@ class OwnTokens:
 
     def __repr__(self) -> str:
         return f"OwnTokens(issuer={self.issuer!r}, kids={sorted(self.ring.by_kid)!r})"
+
+    @property
+    def ring(self) -> KeyRing:
+        keys = self._keys
+        return _NO_KEYS.ring if keys is None else keys.ring
 
     # -- keys -------------------------------------------------------------------
 
@@ -112,7 +135,6 @@ class OwnTokens:
                 self._read(flight)
             else:
                 flight.result()  # another thread's read, never longer than the store's timeout
-        self._require_keys()
 
     async def aprepare(self, unknown_kid: str | None) -> None:
         """:meth:`prepare` for the event loop: a blocking store reads in a thread."""
@@ -124,7 +146,6 @@ class OwnTokens:
                 await self.signing_keys.store.run_blocking(self._read, flight)
             else:
                 self._read(flight)
-        self._require_keys()
 
     def _start(
         self, unknown_kid: str | None
@@ -136,7 +157,7 @@ class OwnTokens:
         ``kid`` unknown) waits for the read in flight rather than start a second.
         """
         now = self.clock()
-        needed = unknown_kid is not None or not self._read_once
+        needed = unknown_kid is not None or self._keys is None
         if (
             self._flight is None
             and now < self._next_refresh
@@ -181,44 +202,43 @@ class OwnTokens:
 
     def _install(self, jwks: list[Any]) -> None:
         keys: list[Key] = [key for key in map(import_jwk, jwks) if key is not None]
-        algorithms = frozenset(key.alg for key in keys if isinstance(key.alg, str))
-        # Straight from joserfc's algorithm table: its registry lookup would
-        # warn about "EdDSA" (RFC 9864 names it "Ed25519") on every token.
-        models = {alg: JWSRegistry.algorithms[alg] for alg in algorithms}
-        self.ring, self.algorithms, self.models = KeyRing(keys), algorithms, models
-        self._read_once = True
+        self._keys = _KeySet.of(keys)
 
-    def _require_keys(self) -> None:
-        if not self._read_once:
+    def _current(self) -> _KeySet:
+        keys = self._keys
+        if keys is None:  # never read: a token of ours cannot be judged, only refused for now
             raise TemporarilyUnavailable(
                 "the token issuer's signing keys cannot be read; try again shortly"
             )
+        return keys
 
     # -- rules ------------------------------------------------------------------
 
     def admit(self, parsed: _Parsed) -> _Parsed:
         """The header rules of our tokens: one of our algorithms, a ``kid``, ``typ: at+jwt``."""
-        if parsed.alg not in self.algorithms:
-            raise InvalidToken(algorithm_refused(self.algorithms))
-        if parsed.kid is None:
+        if parsed.kid is None:  # ours always name theirs
             raise InvalidToken("the token names no key (kid)")
+        algorithms = self._current().models.keys()
+        if parsed.alg not in algorithms:
+            raise InvalidToken(algorithm_refused(frozenset(algorithms)))
         typ = parsed.header.get("typ")
         if not isinstance(typ, str) or media_type(typ) != TOKEN_TYPE:
             raise InvalidToken(f"the token's type (typ) must be {TOKEN_TYPE}")
         return parsed
 
-    def candidates(self, kid: str | None, alg: str) -> list[Key]:
-        found = self.ring.candidates(kid, alg) if kid is not None else []
+    def candidates(self, kid: str | None, alg: str) -> tuple[list[Key], Any]:
+        """The keys that may verify the token, and joserfc's algorithm to verify with."""
+        keys = self._current()
+        model = keys.models.get(alg)
+        found = keys.ring.candidates(kid, alg) if kid is not None and model is not None else []
         if not found:
             raise InvalidToken("no key with the token's kid can verify it")
-        return found
+        return found, model
 
     def check_claims(self, claims: dict[str, Any], now: float) -> VerifiedToken:
         exp = check_times(claims, now, self.leeway)
         check_issuer(claims, self.issuer)
-        if "aud" not in claims:
-            raise InvalidToken("the token has no audience (aud)")
-        check_audience(claims, self.audience)
+        check_audience(claims, self.audience)  # required: ours is never empty
         client_id = text_claim(claims, "client_id")
         key_id = claims.get("key_id")
         if key_id is None:

@@ -411,6 +411,37 @@ def test_a_forged_kid_costs_no_store_read_per_request(
     assert len(reads) <= 2
 
 
+def test_our_keys_are_reread_every_refresh_interval_and_no_more(
+    store: KeyStore, send: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = store.create_key("billing").record
+    engine = own_engine(store, key_cache_ttl=0)  # every request verifies its token
+    assert engine.signing_keys is not None
+    token = token_for(engine, record, clock.wall)
+    assert send(engine, token).allowed
+    reads: list[float] = []
+    table = engine.signing_keys._table
+    original = table.rows
+    monkeypatch.setattr(table, "rows", lambda: (reads.append(clock.mono), original())[1])
+    for _ in range(20):
+        assert send(engine, token).allowed
+    assert reads == []
+    clock.advance(engine.signing_keys.refresh_interval)
+    for _ in range(20):
+        assert send(engine, token).allowed
+    assert len(reads) == 1
+
+
+def test_a_token_without_a_kid_is_not_ours(store: KeyStore, send: Any, clock: FakeClock) -> None:
+    record = store.create_key("billing").record
+    engine = own_engine(store)
+    assert engine.signing_keys is not None
+    key = engine.signing_keys.current_signing_key()
+    header = {"alg": key.algorithm, "typ": "at+jwt"}
+    token = raw_token(header, claims_for(record, clock.wall), key=key._key.private_key)
+    assert refused(send(engine, token), "names no key (kid)")
+
+
 def test_a_second_instance_verifies_a_token_signed_with_a_key_the_first_made(
     tmp_path: Path, send: Any, clock: FakeClock
 ) -> None:
@@ -497,6 +528,21 @@ def test_no_signing_keys_readable_at_all_is_a_503(
         assert refused(send(engine, "x.y.z"))  # the shape is still checked first
     clock.advance(OWN_KEY_REREAD_INTERVAL)
     assert send(engine, token).allowed
+
+
+def test_an_identity_provider_s_token_does_not_need_our_signing_keys(
+    store: KeyStore, send: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = own_engine(store, jwt_keys=IDP_SECRET, jwt_issuer="https://idp.example.test")
+    assert engine.signing_keys is not None
+
+    def down() -> Any:
+        raise StoreUnavailable("signing keys: database is down")
+
+    monkeypatch.setattr(engine.signing_keys._table, "rows", down)
+    claims = {"sub": "partner", "iss": "https://idp.example.test", "exp": clock.wall + 60}
+    assert send(engine, hs256(claims)).allowed
+    assert send(engine, hs256(claims, kid="idp-1")).allowed  # a kid we cannot place: theirs
 
 
 # -- the key a token came from: revoked, expired, missing ----------------------------------
