@@ -163,6 +163,10 @@ class KeyCache:
     moves on every invalidation, and :meth:`put` only caches a record read
     in the generation it was asked for in.
 
+    Tokens of our own issuer are kept here too, filed under the key id of the
+    API key each came from, beside that key's state (:meth:`put_state`):
+    invalidating the key drops them all with it.
+
     :attr:`unknown` remembers, briefly, the hashes the store did not know;
     a key created through any store object here invalidates its new key id,
     which empties it, so a new key is never refused from it in this process.

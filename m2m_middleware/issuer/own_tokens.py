@@ -17,7 +17,7 @@ that a key another instance has just made is found, and a forged ``kid`` costs
 no store read per request. A read that is due runs once (single-flight): the
 requests that cannot do without it wait for that one; the others go on with
 the keys already read. Whether the key a token came from is still good is the
-engine's to say (``Engine._key_state``), since that is per request state.
+engine's to say (``Engine._own_token``), from its cache of key states.
 """
 
 from __future__ import annotations

@@ -545,6 +545,41 @@ def test_an_identity_provider_s_token_does_not_need_our_signing_keys(
     assert send(engine, hs256(claims, kid="idp-1")).allowed  # a kid we cannot place: theirs
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "django",
+        pytest.param("django-postgres", marks=pytest.mark.postgres),
+    ],
+)
+def test_each_store_kind_holds_the_keys_and_their_state(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, send: Any, clock: FakeClock
+) -> None:
+    """Signing keys and API keys from one store of each kind; revocation ends the token."""
+    if kind == "sqlite":
+        each: KeyStore = open_key_store(sqlite_url(tmp_path / "keys.db"))
+    elif kind == "postgres":
+        each = open_key_store(request.getfixturevalue("postgres_url"))
+    else:
+        fixture = "django_postgres_key_store" if kind == "django-postgres" else "django_key_store"
+        each = request.getfixturevalue(fixture)
+    try:
+        record = each.create_key("billing", scopes=["orders:read"]).record
+        engine = own_engine(each, key_cache_ttl=AN_HOUR)
+        token = token_for(engine, record, clock.wall)
+        outcome = send(engine, token)
+        assert isinstance(outcome, Allowed), outcome
+        assert outcome.client.key_id == record.key_id
+        assert send(engine, token_for(engine, record, clock.wall)).allowed
+        each.revoke_key(record.key_id)
+        catch_up(clock)
+        assert refused(send(engine, token), "was revoked")
+    finally:
+        each.close()
+
+
 # -- the key a token came from: revoked, expired, missing ----------------------------------
 
 
