@@ -644,6 +644,28 @@ def test_a_revocation_in_another_process_refuses_the_token_within_the_poll(
         second.close()
 
 
+@pytest.mark.postgres
+def test_a_revocation_in_another_process_reaches_the_token_over_postgres_notify(
+    postgres_url: str, send: Any
+) -> None:
+    """PostgreSQL's NOTIFY, the path a key's own revocation takes: real time, as the
+    listener thread is real (at most a second, the bound the README gives)."""
+    store = open_key_store(postgres_url)
+    engine = own_engine(store, key_cache_ttl=AN_HOUR)
+    try:
+        assert engine.bus is None  # no Redis: the store's own notices only
+        record = store.create_key("billing").record
+        token = token_for(engine, record, time.time())
+        assert send(engine, token).allowed
+        m2m_keys("revoke", record.key_id, "--store", postgres_url)
+        started = time.monotonic()
+        while not refused(send(engine, token), "revoked"):
+            assert time.monotonic() - started < 1.0, "not refused within a second"
+            time.sleep(0.005)
+    finally:
+        engine.close()
+
+
 def test_without_notices_a_revocation_elsewhere_is_seen_within_key_cache_ttl(
     tmp_path: Path, send: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
