@@ -152,9 +152,7 @@ end
 #: refuses longest, where wait is the milliseconds until the request would fit, else
 #: {0, used1, wait1, ...} after charging every limit, where wait is the milliseconds
 #: until the oldest charge leaves the window.
-REDIS_MOVING_WINDOWS = (
-    _COST_AND_NOW
-    + """
+REDIS_MOVING_WINDOWS = _COST_AND_NOW + """
 -- Drops the expired entries at the list's tail; returns how many are left.
 local function live(key, window)
   local n = redis.call('LLEN', key)
@@ -214,7 +212,6 @@ for i = 1, #KEYS do
 end
 return out
 """
-)
 
 #: All-or-nothing sliding window counters for one request, in one round trip.
 #: KEYS[i]: limit i's hash {s: the current window's start (microseconds), p: the
@@ -222,9 +219,7 @@ return out
 #: as for REDIS_MOVING_WINDOWS, where wait is the milliseconds until the request
 #: would fit (refused) or until the weighted count drops by one (admitted).
 #: The same arithmetic as MemorySlidingWindows.
-REDIS_SLIDING_WINDOWS = (
-    _COST_AND_NOW
-    + """
+REDIS_SLIDING_WINDOWS = _COST_AND_NOW + """
 -- Microseconds until `units` more fit, if nothing else is charged.
 local function wait(units, amount, window, previous, current, left)
   if units > amount then
@@ -282,7 +277,6 @@ for i = 1, #KEYS do
 end
 return out
 """
-)
 
 #: The script of each strategy, and the part of its keys that keeps the strategies'
 #: keys apart (a deployment that switches strategy must never meet a key of another type).
