@@ -52,6 +52,14 @@ def test_the_jwt_benchmark_reports_both_targets_and_every_framework() -> None:
         out,
         re.M,
     ), out
+    # Our own issuer's tokens (issue 12 item 4), cached and cold, with their targets.
+    assert re.search(rf"^core: our token cached / API key: {RATIO} \(target <= 1.5x: ", out, re.M)
+    assert re.search(
+        rf"^core: our token cold / \(raw joserfc ES256 \+ API key\): .* = {RATIO} "
+        r"\(target <= 1.3x: ",
+        out,
+        re.M,
+    ), out
     for framework in FRAMEWORKS:
         assert re.search(rf"^{framework}: cached JWT / API key overhead: HS256 {RATIO}", out, re.M)
         assert re.search(
