@@ -255,6 +255,8 @@ class Settings:
     require_signatures: bool = False
     signature_max_age: int = 300
     max_body_size: int = 1024 * 1024
+    # Failed authentications per source address (m2m_middleware.source_limits).
+    source_limits: Any = ()
 
     # -- derived, filled in by __post_init__ --------------------------------
     default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
@@ -265,6 +267,7 @@ class Settings:
     public_path_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     jwt_key_ring: Any = field(init=False, repr=False, compare=False)
     token_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
+    source_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
     #: Whether any request may need a signature: require_signatures, or a signed route.
     signatures_needed: bool = field(init=False, repr=False, compare=False)
 
@@ -382,6 +385,7 @@ class Settings:
         set_(self, "routes", tuple(routes))
         set_(self, "route_rules", tuple(Route.from_mapping(i, r) for i, r in enumerate(routes)))
         self._validate_signatures()
+        set_(self, "source_limit_items", parse_limits("source_limits", self.source_limits))
         try:
             check_realm(self.realm)
         except ValueError as exc:
