@@ -626,6 +626,19 @@ def test_an_odd_request_is_refused_not_an_error(ed_key: ClientKey, changes: dict
     refused(view_of(signed(ed_key), **changes), ed_key)
 
 
+@pytest.mark.parametrize("announced", [{"content-length": "33"}, {"transfer-encoding": "chunked"}])
+def test_a_body_the_adapter_did_not_read_is_refused(
+    ed_key: ClientKey, announced: dict[str, str]
+) -> None:
+    """An adapter that did not read the body of a signed route must not make its
+    digest unchecked: the request said it had one."""
+    request = signed(ed_key)
+    headers = _fields(request)
+    del headers["content-length"]
+    headers.update(announced)
+    assert "not read" in refused(view_of(request, headers=headers, body=b""), ed_key)
+
+
 @pytest.mark.parametrize("host", ["", "a b", "\u00e9.example", "[::1", "h:port", "x@y"])
 def test_an_odd_host_is_refused_not_an_error(ed_key: ClientKey, host: str) -> None:
     request = signed(ed_key)
