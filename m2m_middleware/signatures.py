@@ -193,9 +193,12 @@ def target_uri(view: RequestView, *, origin: str | None = None, path: str | None
     ``scheme://host`` is ``origin`` when given (e.g. ``"https://api.example.com"``,
     for a deployment whose public name the proxy does not pass on), else the
     view's scheme (as the trusted proxies report it) and its ``Host`` header.
-    Then the path, percent-encoded again as a client sends it (the view holds
-    it decoded, as ASGI and Django do; ``path`` overrides it with the path as
-    sent, when an adapter has that), and the query string as sent.
+    Then the path and the query string as sent. ``path`` should be the path as
+    the client sent it, mount prefix included (:func:`asgi_request_path`,
+    :func:`wsgi_request_path`): the view's own path is decoded, and below a
+    ``root_path`` / ``SCRIPT_NAME``; without ``path`` it is percent-encoded
+    again (UTF-8), which gives back what httpx and requests send for any path
+    an app is not mounted under and that has no encoded reserved character.
 
     So a proxy in front must pass on ``Host`` (nginx: ``proxy_set_header Host
     $host``) and the scheme (``X-Forwarded-Proto`` or ``Forwarded``, from a
@@ -212,6 +215,34 @@ def target_uri(view: RequestView, *, origin: str | None = None, path: str | None
         path = quote(view.path, safe=_PATH_SAFE)
     query = view.query
     return f"{origin}{path}?{query}" if query else f"{origin}{path}"
+
+
+def asgi_request_path(scope: Mapping[str, Any]) -> str | None:
+    """The path as the client sent it, from an ASGI scope: ``raw_path`` (percent-encoded,
+    mount prefix included), or None when the server gives none (then ``target_uri``
+    encodes the decoded path again)."""
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes) or not raw:
+        return None
+    return raw.partition(b"?")[0].decode("latin-1")
+
+
+def wsgi_request_path(environ: Mapping[str, Any]) -> str:
+    """The path as the client sent it, from a WSGI environ (also Django's ``request.META``).
+
+    ``RAW_URI`` (gunicorn) or ``REQUEST_URI`` (werkzeug, uWSGI, Apache) when the
+    server keeps it; else ``SCRIPT_NAME`` + ``PATH_INFO`` encoded again from their
+    PEP 3333 form (the bytes as latin-1), which holds the mount prefix too.
+    """
+    for name in ("RAW_URI", "REQUEST_URI"):
+        raw = environ.get(name)
+        if isinstance(raw, str) and raw.startswith("/"):
+            return raw.partition("?")[0]
+    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+    try:
+        return quote(path.encode("latin-1"), safe=_PATH_SAFE) or "/"
+    except UnicodeEncodeError:  # not PEP 3333 text: encode it as a client would
+        return quote(path, safe=_PATH_SAFE) or "/"
 
 
 class _Message:

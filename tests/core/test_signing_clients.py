@@ -21,8 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from m2m_middleware import Settings
 from m2m_middleware.errors import InvalidSignature
-from m2m_middleware.request_view import RequestView, joined_headers
-from m2m_middleware.signatures import MemoryNonces, SignatureVerifier, target_uri
+from m2m_middleware.request_view import RequestView, joined_headers, wsgi_headers
+from m2m_middleware.signatures import (
+    MemoryNonces,
+    SignatureVerifier,
+    asgi_request_path,
+    target_uri,
+    wsgi_request_path,
+)
 from m2m_middleware.signing_clients import (
     HttpxSignatureAuth,
     RequestsSignatureAuth,
@@ -64,8 +70,9 @@ class VerifyingApp:
             scheme=scope["scheme"],
             body=body,
         )
+        uri = target_uri(view, path=asgi_request_path(scope))
         try:
-            await self.verifier.averify(view, KEY_ID, self.pem, target_uri(view))
+            await self.verifier.averify(view, KEY_ID, self.pem, uri)
         except InvalidSignature as exc:
             status, answer = 401, exc.detail.encode()
         else:
@@ -134,6 +141,76 @@ def test_requests_signs_what_the_server_verifies(
         assert text.content == "caf\u00e9 \u2603".encode()
         fetched = session.get(f"{url}/orders", params={"q": "a b"}, timeout=10)
         assert fetched.status_code == 200, fetched.text
+
+
+class VerifyingWSGIApp:
+    """The WSGI twin of :class:`VerifyingApp`, mounted below ``/api`` (SCRIPT_NAME)."""
+
+    def __init__(self) -> None:
+        self.pem = ""
+        self.verifier = SignatureVerifier(Settings(key_store="memory://"), MemoryNonces())
+
+    def __call__(self, environ: Any, start_response: Any) -> list[bytes]:
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = "/api", environ["PATH_INFO"][4:]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        view = RequestView(
+            environ["REQUEST_METHOD"],
+            environ["PATH_INFO"],
+            headers=wsgi_headers(environ),
+            query=environ.get("QUERY_STRING", ""),
+            scheme=environ["wsgi.url_scheme"],
+            body=body,
+        )
+        try:
+            uri = target_uri(view, path=wsgi_request_path(environ))
+            self.verifier.verify(view, KEY_ID, self.pem, uri)
+        except InvalidSignature as exc:
+            start_response("401 Unauthorized", [])
+            return [exc.detail.encode()]
+        start_response("200 OK", [])
+        return [body]
+
+
+def test_requests_signs_what_a_mounted_wsgi_server_verifies(private_key: Any) -> None:
+    """wsgiref: a real socket and HTTP parser, PATH_INFO in its PEP 3333 (latin-1) form."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    app = VerifyingWSGIApp()
+    app.pem = _pem(private_key)
+    httpd = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_port}/api"
+    try:
+        with requests.Session() as session:
+            session.auth = RequestsSignatureAuth(KEY_ID, private_key)
+            for path in ("/orders", "/caf\u00e9/a b"):
+                answer = session.post(f"{url}{path}?q=1", json={"a": 1}, timeout=10)
+                assert answer.status_code == 200, (path, answer.text)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def test_the_request_path_helpers_give_the_path_as_sent() -> None:
+    assert asgi_request_path({"raw_path": b"/api/caf%C3%A9?x=1", "path": "/caf\u00e9"}) == (
+        "/api/caf%C3%A9"
+    )
+    assert asgi_request_path({"path": "/x"}) is None
+    assert wsgi_request_path({"RAW_URI": "/api/a%2Fb?x=1", "PATH_INFO": "/a/b"}) == "/api/a%2Fb"
+    assert wsgi_request_path({"REQUEST_URI": "/a%20b", "PATH_INFO": "/a b"}) == "/a%20b"
+    pep3333 = "/caf\u00e9".encode().decode("latin-1")
+    assert wsgi_request_path({"SCRIPT_NAME": "/api", "PATH_INFO": pep3333}) == "/api/caf%C3%A9"
+    assert wsgi_request_path({"PATH_INFO": "/\u2603"}) == "/%E2%98%83"  # not latin-1 text
+    assert wsgi_request_path({}) == "/"
+    assert wsgi_request_path({"RAW_URI": "http://proxy-form/x", "PATH_INFO": "/x"}) == "/x"
 
 
 def test_a_replayed_signed_request_is_refused_by_the_server(
