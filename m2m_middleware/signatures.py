@@ -386,7 +386,8 @@ class SignatureVerifier:
     ) -> None:
         """The async twin of :meth:`verify`: the nonce is remembered without blocking
         the event loop. The check itself runs on the loop: about 0.4 ms of CPU
-        (benchmarks/signature_overhead.py), less than a thread hop would add to it."""
+        (benchmarks/signature_overhead.py), mostly pure-Python parsing that holds
+        the GIL, so a thread would not run it beside the loop anyway."""
         nonce_key = self._checked(view, key_id, public_key_pem, target_uri, now)
         try:
             fresh = await self.nonces.aremember(nonce_key, self.nonce_ttl)
