@@ -100,3 +100,12 @@ def test_the_benchmark_against_a_commit_times_both_versions_in_every_framework()
             out,
             re.M,
         ), out
+
+
+@pytest.mark.slow
+def test_the_signature_benchmark_reports_the_ratio_to_the_raw_verify() -> None:
+    out = run_quick("signature_overhead.py")
+    for kind in ("ed25519", "ecdsa-p256-sha256"):
+        assert re.search(
+            rf"^{kind}: verified request [\d.]+ us / raw verify [\d.]+ us = {RATIO} ", out, re.M
+        ), out
