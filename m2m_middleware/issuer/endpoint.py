@@ -470,7 +470,9 @@ class TokenService:
         entry = client.entry
         assert entry is not None and entry.record is not None
         record = entry.record
-        now = int(time.time())
+        # The keys' clock: the key is chosen for this instant, and a token must
+        # not outlive the publication its key's retirement was computed from.
+        now = int(self.signing_keys.clock())
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": record.client_id,

@@ -3,12 +3,16 @@
 A key's life, in the times each row carries:
 
 - ``publish_from``: it is in :meth:`SigningKeys.public_jwks` from then on;
-- ``signs_from``: it signs from then on, ``jwks_max_age`` after it was published,
-  so that every verifier that cached the JWKS has refetched a copy holding it
-  before the first token it signs can reach them;
+- ``signs_from``: it signs from then on, ``jwks_max_age`` plus ``refresh_interval``
+  after it was published: another instance may publish it up to a refresh
+  later than the one that made it, and a verifier that cached that instance's
+  JWKS just before keeps its copy for a whole ``max-age``; so every verifier
+  has refetched a copy holding it, from any instance, before the first token
+  it signs can reach them;
 - ``retire_after``: set when a successor is made, to the successor's
-  ``signs_from`` plus ``token_ttl`` (plus ``clock_skew``): the last token this key
-  can sign has expired by then, so it leaves the JWKS.
+  ``signs_from`` plus ``refresh_interval`` (an instance that has not reread the
+  rows yet still signs with this key), ``token_ttl`` and ``clock_skew``: the
+  last token this key can sign has expired by then, so it leaves the JWKS.
 
 The current signing key is a pure function of the rows and the time (the
 latest ``signs_from`` that has arrived, the kid breaking ties), so every
@@ -174,6 +178,12 @@ class SigningKeys:
     def __repr__(self) -> str:
         return f"SigningKeys(store={self.store!r}, algorithm={self.algorithm!r})"
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Unix seconds now, as these keys see it: which key signs is decided on this
+        clock, so the times in the tokens it signs are read from it too."""
+        return self._clock
+
     # -- reading ----------------------------------------------------------------
 
     def _now(self) -> datetime:
@@ -306,9 +316,12 @@ class SigningKeys:
             # A wrong secret must fail here, not seal the new key under a second
             # secret that no instance configured with the right one could open.
             self._unseal(max(live, key=lambda r: (r.created_at, r.kid)))
-        signs_from = now if first else now + timedelta(seconds=self.jwks_max_age)
+        # Published by every instance within a refresh, then cached for a max-age.
+        wait = self.jwks_max_age + self.refresh_interval
+        signs_from = now if first else now + timedelta(seconds=wait)
         row = self._insert(now, signs_from=signs_from)
-        retire_after = signs_from + timedelta(seconds=self.token_ttl + self.clock_skew)
+        last_signature = signs_from + timedelta(seconds=self.refresh_interval)
+        retire_after = last_signature + timedelta(seconds=self.token_ttl + self.clock_skew)
         self._table.retire_before(signs_from, retire_after)
         self._current_rows(fresh=True)
         return next(info for info in self.list_keys() if info.kid == row.kid)
