@@ -23,10 +23,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from m2m_middleware import KeyStore, Settings, open_key_store
+from m2m_middleware import KeyStore, Settings, StoreUnavailable, open_key_store
 from m2m_middleware import keys as keyformat
 from m2m_middleware.keys import DEFAULT_PREFIX
 from m2m_middleware.starlette import M2MMiddleware
+from m2m_middleware.stores import MemoryKeyStore
 from m2m_middleware.stores.base import IssuedKey
 
 TOKEN_PATH = "/oauth/token"
@@ -774,3 +775,49 @@ def test_a_token_is_no_key_of_its_own_at_the_token_endpoint(
     token = fetch(app, issued).json()["access_token"]
     reply = app.post(TOKEN_PATH, form(**GRANT), {**FORM, **basic(issued.record.key_id, token)})
     assert_invalid_client(reply)
+
+
+# -- outages -----------------------------------------------------------------------------------
+
+
+class UnreachableStore(MemoryKeyStore):
+    """Keys can be made, but every lookup fails as a network store's would."""
+
+    def find_by_hash(self, key_hash: str) -> Any:
+        raise StoreUnavailable("connection refused")
+
+
+def test_an_unreachable_key_store_is_503_not_invalid_client(make_app: App) -> None:
+    down = UnreachableStore()
+    issued = down.create_key("svc", scopes=KEY_SCOPES)
+    app = make_app(config(down, on_storage_error="deny"))
+    reply = fetch(app, issued)
+    assert_oauth_error(reply, 503, "temporarily_unavailable")
+    assert int(reply.headers["Retry-After"]) > 0
+    assert issued.key not in reply.body.decode()
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_an_unreachable_limit_storage_follows_the_policy_at_the_token_endpoint(
+    make_app: App, store: KeyStore, issued: IssuedKey, break_limit_storage: Any, policy: str
+) -> None:
+    app = make_app(config(store, on_storage_error=policy))
+    break_limit_storage(app.engine().limiter)
+    reply = fetch(app, issued)
+    if policy == "deny":
+        assert_oauth_error(reply, 503, "temporarily_unavailable")
+        assert int(reply.headers["Retry-After"]) > 0
+    else:
+        assert reply.status == 200, reply.body
+        verified(reply.json()["access_token"], public_jwks(app))
+
+
+def test_a_use_taken_is_given_back_when_the_limit_storage_refuses(
+    make_app: App, store: KeyStore, break_limit_storage: Any
+) -> None:
+    limited = store.create_key("svc-limited", scopes=KEY_SCOPES, max_uses=2)
+    app = make_app(config(store, on_storage_error="deny"))
+    break_limit_storage(app.engine().limiter)
+    assert fetch(app, limited).status == 503
+    record = store.get_key(limited.record.key_id)
+    assert record is not None and record.remaining_uses == 2
