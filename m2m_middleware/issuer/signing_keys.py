@@ -23,7 +23,10 @@ key starts to sign.
 
 The one exception to "published before it signs" is the first key of a
 database: there was no JWKS with our keys before it, and a verifier that meets
-an unknown ``kid`` refetches the JWKS (this package's own does).
+an unknown ``kid`` refetches the JWKS (this package's own does). Instances
+that start on a new database together may each make a first key; the one that
+did rereads the rows on every call for a refresh interval after, so all of
+them publish every first key and agree on the signer from their next request.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -173,6 +177,9 @@ class SigningKeys:
         self._lock = threading.Lock()
         self._rows: list[StoredSigningKey] | None = None
         self._read_at = 0.0
+        #: Until then (clock seconds) every read goes to the table: set when this
+        #: instance made a database's first key, as another may have at the same moment.
+        self._unsettled_until = -math.inf
         self._unsealed: dict[str, SigningKey] = {}
 
     def __repr__(self) -> str:
@@ -193,7 +200,13 @@ class SigningKeys:
         now = self._clock()
         with self._lock:
             rows = self._rows
-            if rows is not None and not fresh and now - self._read_at < self.refresh_interval:
+            settled = now >= self._unsettled_until
+            if (
+                rows is not None
+                and not fresh
+                and settled
+                and now - self._read_at < self.refresh_interval
+            ):
                 return rows
         rows = self._table.rows()
         with self._lock:
@@ -257,7 +270,12 @@ class SigningKeys:
             row = self._signing_row(self._current_rows(fresh=True), now)
         if row is None:
             # No key signs: a new database. Its first key signs at once (see the module doc).
+            # Another instance may be making one too (nothing locks "no key" to the
+            # insert): until a refresh interval has passed, every request rereads the
+            # rows, so both publish both keys and agree on the signer from the next
+            # request on, instead of disagreeing for a whole refresh_interval.
             self._insert(now, signs_from=now)
+            self._unsettled_until = self._clock() + self.refresh_interval
             row = self._signing_row(self._current_rows(fresh=True), now)
             assert row is not None
         return self._unseal(row)

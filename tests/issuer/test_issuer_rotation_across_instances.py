@@ -203,3 +203,34 @@ def test_the_cli_rotation_is_seen_by_a_running_instance(tmp_path: Path) -> None:
             clock.now += STEP
     finally:
         engine.store.close()
+
+
+def test_two_instances_making_the_first_key_at_once_agree_on_the_next_request(
+    tmp_path: Path,
+) -> None:
+    """A new database, two instances whose first token requests arrive together: both
+    find no key and each makes one (no lock spans "none there" and "insert"). From
+    their next request on they must agree on the signer and both publish both keys,
+    not after a refresh interval of disagreement."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    clock = Clock()
+    one, two = instance(url, clock), instance(url, clock)
+    try:
+        keys_one, keys_two = one.signing_keys, two.signing_keys
+        assert keys_one is not None and keys_two is not None
+        # The interleaving of a race, made deterministic: two saw no key (it read
+        # before one's insert landed) and makes its own just after one did.
+        assert keys_two.public_jwks() == {"keys": []}
+        first = keys_one.current_signing_key().kid
+        assert keys_two._signing_row(keys_two._current_rows(), keys_two._now()) is None
+        keys_two._insert(keys_two._now(), signs_from=keys_two._now())
+        keys_two._current_rows(fresh=True)  # as current_signing_key rereads after its insert
+        clock.now += STEP  # the next requests: well within a refresh interval
+        both = {k["kid"] for k in keys_two.public_jwks()["keys"]}
+        assert first in both and len(both) == 2
+        for engine in (one, two):
+            assert {k["kid"] for k in jwks(engine)["keys"]} == both
+        assert keys_one.current_signing_key().kid == keys_two.current_signing_key().kid
+    finally:
+        for engine in (one, two):
+            engine.store.close()
