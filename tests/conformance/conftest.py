@@ -118,34 +118,47 @@ class Caller:
     ``prefix`` serves the app below a path prefix, the way each server does it:
     ASGI ``root_path`` (also prepended to ``path``, as uvicorn does), WSGI
     ``SCRIPT_NAME`` for Flask and Django. ``path`` is then relative to it.
+    ``body`` is the request's content, sent with a ``Content-Length`` (a
+    ``Content-Type`` among ``headers`` goes where each framework keeps it).
     """
 
     framework: str
 
     def __call__(
-        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+        self,
+        method: str,
+        path: str,
+        headers: HeaderInput = None,
+        *,
+        prefix: str = "",
+        body: bytes = b"",
     ) -> Reply:
         raise NotImplementedError
 
     def get(self, path: str, headers: HeaderInput = None) -> Reply:
         return self("GET", path, headers)
 
+    def post(self, path: str, body: bytes, headers: HeaderInput = None) -> Reply:
+        return self("POST", path, headers, body=body)
+
     def engine(self) -> Engine:
         raise NotImplementedError
 
-    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
-        """GET ``path`` once per entry of ``headers``, all threads released at once."""
+    def concurrently(
+        self, path: str, headers: list[HeaderInput], *, method: str = "GET", body: bytes = b""
+    ) -> list[Reply]:
+        """``method`` ``path`` once per entry of ``headers``, all threads released at once."""
         start = threading.Barrier(len(headers))
 
         def one(h: HeaderInput) -> Reply:
             start.wait(timeout=5)
-            return self._one_of_many(path, h)
+            return self._one_of_many(method, path, h, body)
 
         with ThreadPoolExecutor(max_workers=len(headers)) as pool:
             return list(pool.map(one, headers))
 
-    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
-        return self("GET", path, headers)
+    def _one_of_many(self, method: str, path: str, headers: HeaderInput, body: bytes) -> Reply:
+        return self(method, path, headers, body=body)
 
 
 def echo(client: Client | None) -> dict[str, Any] | None:
@@ -240,7 +253,13 @@ class StarletteCaller(Caller):
         self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
 
     def __call__(
-        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+        self,
+        method: str,
+        path: str,
+        headers: HeaderInput = None,
+        *,
+        prefix: str = "",
+        body: bytes = b"",
     ) -> Reply:
         raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in _header_list(headers)]
         app: Any = self.app
@@ -254,7 +273,9 @@ class StarletteCaller(Caller):
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://testserver"
             ) as client:
-                return await client.request(method, prefix + path, headers=raw)
+                return await client.request(
+                    method, prefix + path, headers=raw, content=body or None
+                )
 
         response = asyncio.run(send())
         return Reply(
@@ -355,13 +376,20 @@ class FlaskCaller(Caller):
         self.client = app.test_client()
 
     def __call__(
-        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+        self,
+        method: str,
+        path: str,
+        headers: HeaderInput = None,
+        *,
+        prefix: str = "",
+        body: bytes = b"",
     ) -> Reply:
         response = self.client.open(
             path,
             method=method,
             headers=_header_list(headers),
             base_url=f"http://localhost{prefix}",
+            data=body or None,
         )
         return Reply(response.status_code, Headers(response.headers.items()), response.get_data())
 
@@ -453,32 +481,50 @@ class DjangoCaller(Caller):
         return override_settings(M2M_AUTH=self.config, ROOT_URLCONF=DJANGO_URLCONF)
 
     def __call__(
-        self, method: str, path: str, headers: HeaderInput = None, *, prefix: str = ""
+        self,
+        method: str,
+        path: str,
+        headers: HeaderInput = None,
+        *,
+        prefix: str = "",
+        body: bytes = b"",
     ) -> Reply:
         with self._settings():
-            return self._send(self.client, method, path, headers, prefix)
+            return self._send(self.client, method, path, headers, prefix, body)
 
     @staticmethod
     def _send(
-        client: DjangoTestClient, method: str, path: str, headers: HeaderInput, prefix: str
+        client: DjangoTestClient,
+        method: str,
+        path: str,
+        headers: HeaderInput,
+        prefix: str,
+        body: bytes = b"",
     ) -> Reply:
         joined: dict[str, str] = {}
+        content_type = "application/octet-stream"  # what Django's client says with no type
         for name, value in _header_list(headers):
+            if name.lower() == "content-type":  # CONTENT_TYPE in the environ, not HTTP_...
+                content_type = value
+                continue
             # What a WSGI server does with a repeated header field.
             joined[name] = f"{joined[name]}, {value}" if name in joined else value
         extra = {"SCRIPT_NAME": prefix} if prefix else {}
-        response = client.generic(method, path, headers=joined, **extra)
+        response = client.generic(method, path, body, content_type, headers=joined, **extra)
         body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
         return Reply(response.status_code, Headers(response.headers.items()), body)
 
-    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
+    def concurrently(
+        self, path: str, headers: list[HeaderInput], *, method: str = "GET", body: bytes = b""
+    ) -> list[Reply]:
         # override_settings swaps process-wide state: enter it once, outside the threads.
         with self._settings():
-            return super().concurrently(path, headers)
+            return super().concurrently(path, headers, method=method, body=body)
 
-    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
+    def _one_of_many(self, method: str, path: str, headers: HeaderInput, body: bytes) -> Reply:
         # A test client per thread, like a WSGI server's per-request handling.
-        return self._send(DjangoTestClient(raise_request_exception=False), "GET", path, headers, "")
+        client = DjangoTestClient(raise_request_exception=False)
+        return self._send(client, method, path, headers, "", body)
 
     def engine(self) -> Engine:
         with self._settings():
