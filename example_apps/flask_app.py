@@ -10,6 +10,9 @@ or with the Flask CLI, which finds ``create_app()``:
 
 The key store comes from the environment variable ``M2M_KEY_STORE``
 (default ``sqlite:///example_keys.db``, relative to the working directory).
+With ``M2M_SIGNING_SECRET`` set, the token service is on too: a key can be
+exchanged for a short-lived token at ``POST /oauth/token`` (see
+``token_client.py``), and the API takes that token as well.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         "public_paths": ["/health"],
         "routes": [{"path": "/orders*", "scopes": ["orders:read"]}],
     }
+    if os.environ.get("M2M_SIGNING_SECRET"):  # seals the token service's signing keys
+        app.config["M2M_AUTH"].update(
+            schemes=["api_key", "jwt"],
+            token_endpoint="/oauth/token",
+            token_issuer="http://127.0.0.1:5000",  # the iss of its tokens; use your https URL
+        )
     if config:
         app.config.update(config)
     M2MAuth(app)  # reads app.config["M2M_AUTH"]
@@ -77,7 +86,12 @@ def print_banner(store_url: str, port: int, create_key: bool) -> None:
         print(f"  m2m keys create --client demo-client --scope orders:read --store {store_url}")
         print("  (or restart with --create-key)")
     print(f'  curl -H "X-API-Key: {key}" {base}/orders')
-    print(f'  curl -H "X-API-Key: {key}" {base}/whoami', flush=True)
+    print(f'  curl -H "X-API-Key: {key}" {base}/whoami')
+    if os.environ.get("M2M_SIGNING_SECRET"):
+        print(f"Token service on: python example_apps/token_client.py --base-url {base}")
+    else:
+        print("Token service off: set M2M_SIGNING_SECRET to turn it on")
+    print(end="", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,9 @@ or under any ASGI server:
 
 The key store comes from the environment variable ``M2M_KEY_STORE``
 (default ``sqlite:///example_keys.db``, relative to the working directory).
+With ``M2M_SIGNING_SECRET`` set, the token service is on too: a key can be
+exchanged for a short-lived token at ``POST /oauth/token`` (see
+``token_client.py``), and the API takes that token as well.
 """
 
 from __future__ import annotations
@@ -28,12 +31,18 @@ from m2m_middleware import Client, Settings, open_key_store
 from m2m_middleware.starlette import M2MMiddleware, require_scopes
 
 KEY_STORE = os.environ.get("M2M_KEY_STORE", "sqlite:///example_keys.db")
+# The token service seals its signing keys with this secret (the default of the
+# setting signing_key_secret): without it, the example serves API keys only.
+TOKENS_ON = bool(os.environ.get("M2M_SIGNING_SECRET"))
 
 settings = Settings(
     key_store=KEY_STORE,
     default_limits="10/second;1000/day",
     public_paths=["/health"],
     routes=[{"path": "/orders*", "scopes": ["orders:read"]}],
+    schemes=["api_key", "jwt"] if TOKENS_ON else ["api_key"],
+    token_endpoint="/oauth/token" if TOKENS_ON else None,
+    token_issuer="http://127.0.0.1:8000",  # the iss of its tokens; use your https URL
 )
 
 
@@ -85,7 +94,12 @@ def print_banner(port: int, create_key: bool) -> None:
         print(f"  m2m keys create --client demo-client --scope orders:read --store {KEY_STORE}")
         print("  (or restart with --create-key)")
     print(f'  curl -H "X-API-Key: {key}" {base}/orders')
-    print(f'  curl -H "X-API-Key: {key}" {base}/whoami', flush=True)
+    print(f'  curl -H "X-API-Key: {key}" {base}/whoami')
+    if TOKENS_ON:
+        print(f"Token service on: python example_apps/token_client.py --base-url {base}")
+    else:
+        print("Token service off: set M2M_SIGNING_SECRET to turn it on")
+    print(end="", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,11 +8,14 @@ The demo serves the same small API as ``example_apps/starlette_app.py`` (a
 public ``/health``, ``/whoami`` for any client, ``/orders`` needing the scope
 ``orders:read``) under uvicorn, with the embedded defaults: keys in an SQLite
 file in a temporary directory (removed at exit, so nothing is left behind) and
-limits counted in memory. It creates demo keys and signs a demo JWT, then makes
-real HTTP calls over the socket and shows each answer: status, the headers
-that matter and the problem body.
+limits counted in memory, and the token service on (``POST /oauth/token``,
+signing keys sealed with ``$M2M_SIGNING_SECRET`` or a secret made for the
+run). It creates demo keys and signs a demo JWT, then makes real HTTP calls
+over the socket and shows each answer: status, the headers that matter and
+the problem body. The last steps exchange a key for a short-lived token, call
+the API with the token, revoke the key and show the token refused.
 
-Needs Starlette and uvicorn: ``pip install "m2m-middleware[demo]"``.
+Needs Starlette, uvicorn, authlib and cryptography: ``pip install "m2m-middleware[demo]"``.
 
 Exit status: 0 when every step answered as expected (and after Ctrl-C while
 serving), 1 when a step did not or the server could not start, 2 for bad
@@ -37,6 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from base64 import b64encode
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
@@ -60,6 +64,9 @@ LIMITS = f"{LIMIT}/minute"
 JWT_ISSUER = "m2m-demo"
 JWT_AUDIENCE = "m2m-demo-api"
 JWT_LIFETIME = 3600
+#: Where the demo's own token service answers (CONTRACT.md "Token service").
+TOKEN_PATH = "/oauth/token"  # noqa: S105 (a path, not a secret)
+SIGNING_SECRET_VARIABLE = "M2M_SIGNING_SECRET"  # noqa: S105 (a name, not a secret)
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 HTTP_TIMEOUT = 10.0
@@ -83,8 +90,9 @@ class _Stop(Exception):
 
 
 def _require_packages() -> None:
-    """Starlette and uvicorn are the ``demo`` extra; say how to get them."""
-    for module in ("starlette", "uvicorn"):
+    """Starlette, uvicorn and the issuer's packages are the ``demo`` extra; say how
+    to get them."""
+    for module in ("starlette", "uvicorn", "authlib", "cryptography"):
         try:
             __import__(module)
         except ImportError as exc:
@@ -93,8 +101,11 @@ def _require_packages() -> None:
             ) from exc
 
 
-def build_settings(store: KeyStore, jwt_secret: str) -> Settings:
-    """The example app's settings, with JWTs accepted too and a short limit."""
+def build_settings(
+    store: KeyStore, jwt_secret: str, *, issuer: str, signing_secret: str
+) -> Settings:
+    """The example app's settings, with JWTs accepted too, a short limit, and
+    our own token service issuing as ``issuer``."""
     return Settings(
         schemes=("api_key", "jwt"),
         key_store=store,
@@ -106,6 +117,9 @@ def build_settings(store: KeyStore, jwt_secret: str) -> Settings:
         jwt_algorithms=("HS256",),
         jwt_issuer=JWT_ISSUER,
         jwt_audience=JWT_AUDIENCE,
+        token_endpoint=TOKEN_PATH,
+        token_issuer=issuer,
+        signing_key_secret=signing_secret,
     )
 
 
@@ -294,15 +308,22 @@ def _decode(raw: bytes) -> Any:
 
 
 class HTTP:
-    """GET over a real socket with the standard library, never through a proxy."""
+    """HTTP over a real socket with the standard library, never through a proxy."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def get(self, path: str, headers: Mapping[str, str]) -> Answer:
+        return self.send("GET", path, headers)
+
+    def send(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Answer:
         url = self.base_url + path
-        request = urllib.request.Request(url, headers=dict(headers), method="GET")  # noqa: S310
+        request = urllib.request.Request(  # noqa: S310
+            url, data=body, headers=dict(headers), method=method
+        )
         try:
             with self.opener.open(request, timeout=HTTP_TIMEOUT) as response:
                 return Answer(response.status, _headers(response.headers), _decode(response.read()))
@@ -313,7 +334,7 @@ class HTTP:
                 exc.close()
         except (urllib.error.URLError, OSError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            raise DemoError(f"GET {url} failed: {reason}") from None
+            raise DemoError(f"{method} {url} failed: {reason}") from None
 
 
 # -- the walkthrough -------------------------------------------------------------
@@ -324,11 +345,19 @@ class Step:
     title: str
     path: str
     credential: str  # how the request is authenticated, for people
-    headers: Mapping[str, str]
+    #: The request's headers, or a function that makes them when the step runs
+    #: (from what an earlier step answered).
+    headers: Mapping[str, str] | Callable[[], Mapping[str, str]]
     expect: int
     expect_error: str | None = None
     burst: bool = False
     before: Callable[[], None] | None = None
+    method: str = "GET"
+    body: bytes | None = None
+    #: Reads the answer (say, to keep the token it holds) before it is shown.
+    after: Callable[[Answer], None] | None = None
+    #: Words the refusal's ``detail`` must hold: a 401 for another reason is no pass.
+    expect_detail: str | None = None
 
 
 @dataclass
@@ -344,7 +373,10 @@ class Result:
         if self.step.expect_error is None:
             return True
         body = self.answer.body
-        return isinstance(body, dict) and body.get("error") == self.step.expect_error
+        if not isinstance(body, dict) or body.get("error") != self.step.expect_error:
+            return False
+        wanted = self.step.expect_detail
+        return wanted is None or wanted in str(body.get("detail", ""))
 
 
 @dataclass
@@ -357,12 +389,15 @@ class Demo:
     keys: dict[str, str] = field(default_factory=dict, repr=False)
     key_ids: dict[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
+    #: The access token the token endpoint issued in the walkthrough.
+    issued_token: str = field(default="", repr=False)
 
     def create_keys(self) -> None:
         for client_id, scopes in (
             ("demo-client", ["orders:read"]),
             ("no-scope-client", []),
             ("burst-client", ["orders:read"]),
+            ("token-client", ["orders:read"]),
         ):
             issued = self.store.create_key(client_id, scopes=scopes, name="m2m demo")
             self.keys[client_id] = issued.key
@@ -375,6 +410,12 @@ class Demo:
 
         def revoke() -> None:
             self.store.revoke_key(self.key_ids["burst-client"])
+
+        def revoke_token_client() -> None:
+            self.store.revoke_key(self.key_ids["token-client"])
+
+        def bearer_issued() -> dict[str, str]:
+            return {"Authorization": f"Bearer {self.issued_token}"}
 
         return [
             Step("public path, no credentials", "/health", "none", {}, 200),
@@ -426,21 +467,75 @@ class Demo:
                 "invalid_token",
                 before=revoke,
             ),
+            Step(
+                "exchange a key for a token",
+                TOKEN_PATH,
+                "Basic token-client's key_id:key",
+                {
+                    "Authorization": basic_auth(
+                        self.key_ids["token-client"], self.keys["token-client"]
+                    ),
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
+                200,
+                method="POST",
+                body=b"grant_type=client_credentials&scope=orders%3Aread",
+                after=self.keep_token,
+            ),
+            Step(
+                "call with the token",
+                "/orders",
+                "Authorization: Bearer <the token>",
+                bearer_issued,
+                200,
+            ),
+            Step(
+                "the token, its key revoked",
+                "/orders",
+                "Authorization: Bearer <the token>, token-client's key just revoked",
+                bearer_issued,
+                401,
+                "invalid_token",
+                before=revoke_token_client,
+                expect_detail="revoked",
+            ),
         ]
+
+    def keep_token(self, answer: Answer) -> None:
+        """Keep the issued token for the next steps; show only its start."""
+        body = answer.body
+        if answer.status != 200 or not isinstance(body, dict):
+            return
+        token = body.get("access_token")
+        if isinstance(token, str):
+            self.issued_token = token
+            body["access_token"] = f"{token[:12]}... ({len(token)} characters)"
+
+
+def basic_auth(client_id: str, secret: str) -> str:
+    """``client_secret_basic`` (RFC 6749 2.3.1: each part form-encoded, then base64)."""
+    from urllib.parse import quote
+
+    pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
+    return "Basic " + b64encode(pair.encode()).decode("ascii")
 
 
 def run_step(step: Step, http: HTTP, out: Output) -> Result:
     if step.before is not None:
         step.before()
+    headers = step.headers() if callable(step.headers) else step.headers
     if not step.burst:
-        return Result(step, http.get(step.path, step.headers))
+        answer = http.send(step.method, step.path, headers, step.body)
+        if step.after is not None:
+            step.after(answer)
+        return Result(step, answer)
     # The long step: one request after another until the limit refuses one.
     progress = out.progress("burst: ")
-    answer = http.get(step.path, step.headers)
+    answer = http.get(step.path, headers)
     sent = 1
     while answer.status == 200 and sent < LIMIT * 3:
         progress.tick()
-        answer = http.get(step.path, step.headers)
+        answer = http.get(step.path, headers)
         sent += 1
     progress.done(f" {answer.status} on request {sent}")
     allowed = sent - 1
@@ -547,6 +642,12 @@ def print_intro(out: Output, demo: Demo, store_label: str) -> None:
         "client_id=demo-client, scope=orders:read",
         indent=2,
     )
+    out.field(
+        "token service",
+        f"POST {TOKEN_PATH} (OAuth 2 client credentials) issues ES256 access tokens "
+        f"for token-client's key (orders:read); iss={demo.base_url}",
+        indent=2,
+    )
     out.line()
 
 
@@ -569,19 +670,23 @@ def print_result(out: Output, number: int, result: Result) -> None:
     got = out.style(f"{answer.status:<3}", *_status_style(answer.status))
     verdict = out.style("OK", "32") if result.ok else out.style("UNEXPECTED", "1", "31")
     out.line(f"{number:>2}  {title:<{width}}  {step.expect:<8}  {got}  {verdict}")
-    out.field("request", f"GET {step.path}   credentials: {step.credential}")
+    out.field("request", f"{step.method} {step.path}   credentials: {step.credential}")
     for note in result.notes:
         out.field("progress", note)
     for name, value in answer.headers.items():
         out.field(name, value)
     body = answer.body
     if isinstance(body, dict) and "error" in body:
-        out.field("problem", f"{body.get('error')}: {body.get('detail', '')}")
+        # problem+json says `detail`; an OAuth 2 error (the token endpoint) `error_description`.
+        detail = body.get("detail", body.get("error_description", ""))
+        out.field("problem", f"{body.get('error')}: {detail}")
     elif body not in (None, ""):
         text = json.dumps(body, separators=(", ", ": ")) if not isinstance(body, str) else body
         out.field("body", text)
     if not result.ok:
         expected = f"{step.expect}" + (f" {step.expect_error}" if step.expect_error else "")
+        if step.expect_detail:
+            expected += f" ({step.expect_detail})"
         out.field("expected", expected)
     out.line()
 
@@ -601,6 +706,12 @@ def print_curl_lines(out: Output, demo: Demo) -> None:
         ("401", f"curl -i {base}/orders"),
         ("403", f'curl -i -H "X-API-Key: {demo.keys["no-scope-client"]}" {base}/orders'),
         ("200, scheme jwt", f'curl -i -H "Authorization: Bearer {demo.token}" {base}/whoami'),
+        (
+            "200: a short-lived token for demo-client's key; then send it as "
+            "Authorization: Bearer <access_token>",
+            f'curl -i -u "{demo.key_ids["demo-client"]}:{demo_key}" '
+            f"-d grant_type=client_credentials {base}{TOKEN_PATH}",
+        ),
         (
             f"429 once demo-client has made {LIMIT} requests in a minute",
             f"for i in $(seq {LIMIT + 2}); do curl -s -o /dev/null -w '%{{http_code}}\\n' "
@@ -639,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         metavar="URL",
         help="key store for the demo keys (default: an SQLite file in a temporary directory, "
-        "removed at exit); demo keys created in a store you name stay there",
+        "removed at exit); demo keys created in a store you name stay there, and so do "
+        f"its signing keys, sealed with ${SIGNING_SECRET_VARIABLE} (or with a secret made for "
+        "the run: set it to use one store twice)",
     )
     return parser
 
@@ -660,6 +773,22 @@ def _open_store(url: str | None, stack: contextlib.ExitStack) -> tuple[KeyStore,
         raise DemoError(f"--store: {problem}", exit_code=2) from None
     stack.callback(store.close)
     return store, label
+
+
+def _first_signing_key(settings: Settings, store: KeyStore) -> None:
+    """Make (or open) the issuer's signing key before the API starts, as a deployment
+    has one before its clients come: a store whose keys were sealed with another
+    secret is one clear error now, not a 503 in the middle of the walkthrough."""
+    from .issuer import signing_keys_for
+
+    try:
+        signing_keys_for(settings, store=store).current_signing_key()
+    except ConfigError as exc:
+        raise DemoError(
+            f"--store: its signing keys cannot be opened ({exc.problem}); set "
+            f"{SIGNING_SECRET_VARIABLE} to the secret they were made with",
+            exit_code=2,
+        ) from None
 
 
 @contextlib.contextmanager
@@ -688,7 +817,15 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         port = sock.getsockname()[1]
         base_url = f"http://{_host_in_url(_connect_host(args.host))}:{port}"
         demo = Demo(base_url, store, secrets.token_urlsafe(48))
-        app = build_app(build_settings(store, demo.jwt_secret))
+        signing_secret = os.environ.get(SIGNING_SECRET_VARIABLE) or secrets.token_urlsafe(32)
+        try:
+            settings = build_settings(
+                store, demo.jwt_secret, issuer=base_url, signing_secret=signing_secret
+            )
+        except ConfigError as exc:  # the issuer extra missing, say
+            raise DemoError(str(exc), exit_code=2) from None
+        _first_signing_key(settings, store)
+        app = build_app(settings)
 
         out.line(out.style("m2m-middleware demo", "1"))
         out.line()

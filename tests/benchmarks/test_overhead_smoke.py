@@ -103,6 +103,19 @@ def test_the_benchmark_against_a_commit_times_both_versions_in_every_framework()
 
 
 @pytest.mark.slow
+def test_the_token_benchmark_reports_tokens_per_second_per_core_for_each_algorithm() -> None:
+    out = run_quick("token_issuance.py")
+    per_alg = ", ".join(
+        rf"{alg} [\d,]+ \([\d.]+x raw signing\)" for alg in ("ES256", "EdDSA", "RS256")
+    )
+    for where in ("core", "starlette"):
+        assert re.search(rf"^{where}: tokens/s per core: {per_alg}$", out, re.M), out
+    for alg in ("ES256", "EdDSA", "RS256"):
+        assert f"joserfc jwt.encode, {alg}" in out
+        assert f"Engine.serve, {alg}" in out
+
+
+@pytest.mark.slow
 def test_the_signature_benchmark_reports_the_ratio_to_the_raw_verify() -> None:
     out = run_quick("signature_overhead.py")
     for kind in ("ed25519", "ecdsa-p256-sha256"):

@@ -24,11 +24,13 @@ import pytest
 import m2m_middleware
 from m2m_middleware import cli, demo, open_key_store
 
-#: What the seven steps must answer, in order.
-EXPECTED = [200, 401, 200, 403, 200, 429, 401]
+#: What the ten steps must answer, in order: the last three exchange a key for a
+#: token, call with it, and call with it again once its key is revoked.
+EXPECTED = [200, 401, 200, 403, 200, 429, 401, 200, 200, 401]
 PACKAGE_PARENT = Path(m2m_middleware.__file__).resolve().parents[1]
 TIMEOUT = 60.0
 
+JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 ROW = re.compile(r"^\s*(\d+)\s+.+?\s+(\d{3})\s+(\d{3})\s+(OK|UNEXPECTED)\s*$")
 
 
@@ -48,7 +50,14 @@ def assert_walkthrough_ok(output: str) -> None:
     for error in ("missing_credentials", "insufficient_scope", "rate_limited", "invalid_token"):
         assert error in output
     assert '"scheme": "jwt"' in output
-    assert "All 7 steps answered as expected." in output
+    flowing = " ".join(output.split())  # as the text reads, however it was wrapped
+    assert "POST /oauth/token" in flowing
+    assert '"token_type": "Bearer"' in flowing and '"scope": "orders:read"' in flowing
+    assert '"client_id": "token-client"' in flowing  # the call made with the token
+    # The walkthrough shows no whole token, the issued one by its start only (the
+    # curl lines that may follow it show the demo JWT, to be copied).
+    assert JWT.search(output.partition("Try it yourself")[0]) is None
+    assert "All 10 steps answered as expected." in output
 
 
 def env() -> dict[str, str]:
@@ -122,8 +131,9 @@ def test_once_through_the_cli_with_a_store_of_ones_own(
         keys = {record.client_id: record for record in store.list_keys()}
     finally:
         store.close()
-    assert set(keys) == {"demo-client", "no-scope-client", "burst-client"}
+    assert set(keys) == {"demo-client", "no-scope-client", "burst-client", "token-client"}
     assert keys["burst-client"].revoked_at is not None
+    assert keys["token-client"].revoked_at is not None  # what refused its token
     assert keys["demo-client"].revoked_at is None
 
 
@@ -133,9 +143,45 @@ def test_an_unexpected_answer_fails_the_run(
     monkeypatch.setattr(demo, "LIMITS", "1000/minute")  # the burst can no longer hit it
     assert demo.main(["--once"]) == 1
     out, err = capsys.readouterr()
-    assert [verdict for _, _, verdict in rows(out)] == ["OK"] * 5 + ["UNEXPECTED", "OK"]
+    assert [verdict for _, _, verdict in rows(out)] == ["OK"] * 5 + ["UNEXPECTED"] + ["OK"] * 4
     assert err.count("\n") == 1
     assert "step 6 expected 429, got 200" in err
+
+
+def test_the_token_is_refused_because_its_key_was_revoked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 10 passes only when the revocation refuses the token: without it, the
+    token still works, and the walkthrough says so."""
+    steps = demo.Demo.steps
+
+    def without_the_last_revocation(self: demo.Demo) -> list[demo.Step]:
+        found = steps(self)
+        found[-1].before = None
+        return found
+
+    monkeypatch.setattr(demo.Demo, "steps", without_the_last_revocation)
+    assert demo.main(["--once"]) == 1
+    out, err = capsys.readouterr()
+    assert [verdict for _, _, verdict in rows(out)] == ["OK"] * 9 + ["UNEXPECTED"]
+    assert "step 10 expected 401, got 200" in err
+
+
+def test_a_store_whose_signing_keys_need_another_secret_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    monkeypatch.setenv("M2M_SIGNING_SECRET", "the secret of the first run, long enough")
+    assert demo.main(["--once", "--store", url]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("M2M_SIGNING_SECRET", "another secret altogether, long enough")
+    assert demo.main(["--once", "--store", url]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("m2m demo: error: --store: its signing keys cannot be opened")
+    assert err.count("\n") == 1
+    assert "M2M_SIGNING_SECRET" in err
+    assert "the secret of the first run" not in out + err
+    assert "another secret altogether" not in out + err
 
 
 def test_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str], busy_port: int) -> None:

@@ -201,3 +201,51 @@ def test_the_example_apps_own_tests_pass(project: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\b[1-9]\d* passed\b", result.stdout), result.stdout
     assert not (ROOT / project / "example_keys.db").exists()
+
+
+#: Turns the examples' token service on (it seals their signing keys).
+SIGNING_SECRET = "the example apps' token service, in a test"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_token_client_against_each_example(name: str, tmp_path: Path) -> None:
+    """example_apps/token_client.py: authlib fetches a token with the key, calls the
+    API with it and renews it, against each app under its real server."""
+    store_url = "sqlite:///" + str(tmp_path / "keys.db")
+    with closing(open_key_store(store_url)) as store:
+        issued = store.create_key("demo-client", scopes=["orders:read"])
+    with serve(name, tmp_path, store_url, M2M_SIGNING_SECRET=SIGNING_SECRET) as server:
+        if name in ("starlette", "flask"):  # the start-up banner
+            assert "Token service on" in server.output()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("M2M_")}
+        env.update(
+            M2M_KEY_ID=issued.record.key_id,
+            M2M_API_KEY=issued.key,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
+        )
+        result = subprocess.run(
+            [PY, str(EXAMPLES / "token_client.py"), "--base-url", server.url],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr == ""  # no warning, no traceback
+        out = result.stdout
+        assert "POST /oauth/token: a Bearer token for scope 'orders:read', good for 300 s" in out
+        assert "GET /whoami with the token: 200 OK" in out
+        assert "client_id=demo-client scheme=jwt" in out
+        assert "GET /orders with the token: 200 OK" in out
+        assert "authlib fetched a new token by itself" in out
+        assert issued.key not in out
+
+
+def test_without_the_secret_the_examples_have_no_token_endpoint(tmp_path: Path) -> None:
+    store_url = "sqlite:///" + str(tmp_path / "keys.db")
+    with serve("starlette", tmp_path, store_url) as server:
+        assert "Token service off: set M2M_SIGNING_SECRET" in server.output()
+        # Nothing answers for the issuer: the JWKS path is just a protected path.
+        jwks = httpx.get(server.url + "/.well-known/jwks.json", timeout=5.0)
+        _assert_problem(jwks, 401, "missing_credentials")

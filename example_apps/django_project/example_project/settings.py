@@ -28,3 +28,9 @@ M2M_AUTH = {
     "public_paths": ["/health"],
     "routes": [{"path": "/orders*", "scopes": ["orders:read"]}],
 }
+if os.environ.get("M2M_SIGNING_SECRET"):  # seals the token service's signing keys
+    M2M_AUTH.update(
+        schemes=["api_key", "jwt"],
+        token_endpoint="/oauth/token",
+        token_issuer="http://127.0.0.1:8001",  # the iss of its tokens; use your https URL
+    )
