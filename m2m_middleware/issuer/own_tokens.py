@@ -114,6 +114,9 @@ class OwnTokens:
         self._next_refresh = 0.0
         self._next_reread = 0.0
         self._flight: concurrent.futures.Future[None] | None = None
+        #: ``signing_keys.generation`` at the last read: a key this process made
+        #: since then is read at once, not after OWN_KEY_REREAD_INTERVAL.
+        self._generation = -1
         self._lock = threading.Lock()
         self._down = False
 
@@ -161,7 +164,7 @@ class OwnTokens:
         if (
             self._flight is None
             and now < self._next_refresh
-            and not (needed and now >= self._next_reread)
+            and not (needed and (now >= self._next_reread or self._made_here()))
         ):
             return None, False  # the hot path: one clock read, no lock
         with self._lock:
@@ -169,7 +172,7 @@ class OwnTokens:
             if flight is not None:
                 return (flight if needed else None), False
             due = now >= self._next_refresh
-            if not due and not (needed and now >= self._next_reread):
+            if not due and not (needed and (now >= self._next_reread or self._made_here())):
                 return None, False
             self._next_refresh = now + self.refresh_interval
             self._next_reread = now + OWN_KEY_REREAD_INTERVAL
@@ -179,7 +182,11 @@ class OwnTokens:
     def _read(self, flight: concurrent.futures.Future[None]) -> None:
         """One read of our published keys; never raises (an outage keeps the keys we had)."""
         try:
+            generation = (
+                self.signing_keys.generation
+            )  # before the read: a key made during it counts
             jwks = self.signing_keys.public_jwks(fresh=True)
+            self._generation = generation
         except KeyStoreError as exc:
             if not self._down:
                 self._down = True
@@ -199,6 +206,11 @@ class OwnTokens:
             with self._lock:
                 self._flight = None
             flight.set_result(None)
+
+    def _made_here(self) -> bool:
+        """Whether the signing keys this verifier shares made a key since its last read
+        (the endpoint's first key of a new store): a forged kid never makes this true."""
+        return self.signing_keys.generation != self._generation
 
     def _install(self, jwks: list[Any]) -> None:
         keys: list[Key] = [key for key in map(import_jwk, jwks) if key is not None]

@@ -181,6 +181,9 @@ class SigningKeys:
         #: instance made a database's first key, as another may have at the same moment.
         self._unsettled_until = -math.inf
         self._unsealed: dict[str, SigningKey] = {}
+        #: Moves each time this object makes a key, so that a verifier sharing it
+        #: (the engine's own tokens) rereads at once for a kid it has not seen.
+        self.generation = 0
 
     def __repr__(self) -> str:
         return f"SigningKeys(store={self.store!r}, algorithm={self.algorithm!r})"
@@ -322,6 +325,7 @@ class SigningKeys:
             signs_from=signs_from,
         )
         self._table.insert(row)
+        self.generation += 1
         with self._lock:
             self._unsealed[kid] = SigningKey(kid, self.algorithm, key)
         logger.info("signing key %s (%s) made; it signs from %s", kid, self.algorithm, signs_from)

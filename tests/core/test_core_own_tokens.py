@@ -804,3 +804,21 @@ def test_the_engine_s_signing_keys_wait_the_configured_jwks_max_age_before_signi
     info = engine.signing_keys.rotate()
     wait = (info.signs_from - info.publish_from).total_seconds()
     assert wait == 900 + engine.signing_keys.refresh_interval
+
+
+def test_a_token_signed_by_the_first_key_this_process_made_passes_at_once(
+    store: KeyStore, send: Any, clock: FakeClock
+) -> None:
+    """A new store: a request read our (empty) key set, then the endpoint made the
+    first key and signed with it. Its token must pass now, not after the reread
+    interval for unknown kids (the demo met this as a 401 for two seconds)."""
+    engine = own_engine(store)
+    record = store.create_key("billing").record
+    other = signing_keys_for(own_settings(store), store=MemoryKeyStore(), clock=clock.time)
+    forged = issue(other, record, clock.wall)  # a kid nobody here published
+    assert refused(send(engine, forged))  # our keys were read: none yet
+    token = token_for(engine, record, clock.wall)  # the endpoint's first key, made here
+    assert send(engine, token).allowed
+    assert refused(
+        send(engine, issue(other, record, clock.wall))
+    )  # still no store read per forged kid
