@@ -36,7 +36,7 @@ import secrets
 import time
 from base64 import b64decode
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 # authlib ships no type information (no py.typed): its classes are Any here,
 # which is why the classes below that subclass them carry ``type: ignore[misc]``.
@@ -259,8 +259,9 @@ class TokenService:
         self.realm = settings.realm
         self.paths = frozenset({self.token_path, JWKS_PATH, METADATA_PATH})
         self._server = _Server(self)
-        origin = urlsplit(self.issuer)
-        base = f"{origin.scheme}://{origin.netloc}"
+        # The issuer's path is where the app is served (a mount, a proxy prefix:
+        # "https://example.com/api"), so the endpoints' URLs are under it too.
+        base = self.issuer.rstrip("/")
         scopes = sorted({s for route in settings.route_rules for s in route.scopes})
         metadata: dict[str, Any] = {
             "issuer": self.issuer,

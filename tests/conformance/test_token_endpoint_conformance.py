@@ -821,3 +821,12 @@ def test_a_use_taken_is_given_back_when_the_limit_storage_refuses(
     assert fetch(app, limited).status == 503
     record = store.get_key(limited.record.key_id)
     assert record is not None and record.remaining_uses == 2
+
+
+def test_the_metadata_urls_keep_the_issuer_s_path(make_app: App, store: KeyStore) -> None:
+    """An issuer with a path (the app served under a prefix) names its endpoints under it."""
+    issuer = "https://api.example.com/billing"
+    metadata = make_app({**config(store), "token_issuer": issuer}).get(METADATA_PATH).json()
+    assert metadata["issuer"] == issuer
+    assert metadata["token_endpoint"] == issuer + TOKEN_PATH
+    assert metadata["jwks_uri"] == issuer + JWKS_PATH
