@@ -120,6 +120,14 @@ class StatusFilter(admin.SimpleListFilter):
         return queryset.filter(wanted) if wanted is not None else queryset
 
 
+class _UnechoedTextarea(forms.Textarea):
+    """Never renders what was typed, as a password input does not: a form shown
+    again with an error must not put a pasted private key back on the page."""
+
+    def format_value(self, value: Any) -> str | None:
+        return None
+
+
 class CreateKeyForm(forms.Form):
     client_id = forms.CharField(
         label="Client id",
@@ -160,7 +168,7 @@ class CreateKeyForm(forms.Form):
     signing_public_key = forms.CharField(
         label="Request-signing public key",
         required=False,
-        widget=forms.Textarea(attrs={"rows": 5, "class": "vLargeTextField"}),
+        widget=_UnechoedTextarea(attrs={"rows": 5, "class": "vLargeTextField"}),
         help_text="The client's Ed25519 or P-256 <em>public</em> key, PEM. Never a private key.",
     )
 

@@ -15,10 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+from conftest import Caller
 
 from m2m_middleware import KeyStore, open_key_store
-
-from conftest import Caller
 
 ORDERS_RULE = {"path": "/orders", "scopes": ["orders:read"]}
 PROXY = "10.0.0.5"  # the trusted proxy the tests' requests come through
@@ -236,9 +235,7 @@ def test_an_unknown_client_address_satisfies_no_network(make_app: Make, store: K
     assert reply.json()["error"] == "address_not_allowed"
 
 
-def test_both_header_kinds_at_once_are_believed_in_neither(
-    make_app: Make, store: KeyStore
-) -> None:
+def test_both_header_kinds_at_once_are_believed_in_neither(make_app: Make, store: KeyStore) -> None:
     """A proxy that writes X-Forwarded-For passes a client's Forwarded on untouched
     (and the reverse): with both present, neither says who the client is."""
     app = make_app(config(store, trusted_proxies=["10.0.0.0/8"]))
