@@ -424,20 +424,53 @@ class Engine:
             _audit(outcome, method, path)
         return outcome
 
-    def serve(self, view: RequestView) -> Served:
+    def serve(self, view: RequestView) -> Served | Denied:
         """Answer a request for one of :attr:`endpoints` (the adapter read its body)."""
         service = self.token_service
         assert service is not None, "serve() is for the paths in engine.endpoints"
-        return service.serve(view)
+        https, refused = self._endpoint_transport(view)
+        if refused is not None:
+            return refused
+        return self._served_hsts(service.serve(view), https)
 
-    async def aserve(self, view: RequestView) -> Served:
+    async def aserve(self, view: RequestView) -> Served | Denied:
         """The async twin of :meth:`serve`: store reads and signing run in a thread
         unless nothing can block (an in-memory store and limits, a fast algorithm)."""
         service = self.token_service
         assert service is not None, "aserve() is for the paths in engine.endpoints"
+        https, refused = self._endpoint_transport(view)
+        if refused is not None:
+            return refused
         if self.never_blocks and self.settings.signing_algorithm != "RS256":
-            return service.serve(view)
-        return await self.store.run_blocking(service.serve, view)
+            return self._served_hsts(service.serve(view), https)
+        return self._served_hsts(await self.store.run_blocking(service.serve, view), https)
+
+    def _endpoint_transport(self, view: RequestView) -> tuple[bool, Denied | None]:
+        """An endpoint's request as the transport settings see it: whether it came over
+        HTTPS, and the refusal of a plain-HTTP token request under ``require_https``
+        (the JWKS and the metadata are public, as public paths are). The view's
+        ``client_address`` becomes the client's, as trusted proxies report it, which
+        the token endpoint checks a key's ``allowed_cidrs`` against."""
+        if not self.needs_view:
+            return False, None
+        address, https = self.transport.resolve(view)
+        view.client_address = address
+        if not https and self._require_https and view.path == self.settings.token_endpoint:
+            body = view.body or b""
+            denied = self._deny(
+                HttpsRequired("this API is served over HTTPS only; send the request to https://")
+            )
+            if view.header("authorization") or b"client_secret" in body:
+                denied = replace(denied, credential_in_clear=True)
+            if audit.isEnabledFor(INFO):
+                _audit(denied, view.method, view.path)
+            return https, denied
+        return https, None
+
+    def _served_hsts(self, served: Served, https: bool) -> Served:
+        if https and self._hsts is not None:
+            return replace(served, headers=[*served.headers, self._hsts])
+        return served
 
     def key_entry(self, credential: str) -> _CachedKey:
         """An API key verified as a request's is (checksum, cache, store), for the token

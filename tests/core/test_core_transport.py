@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from m2m_middleware import ConfigError, Engine, Settings, open_key_store
+from m2m_middleware import ConfigError, Denied, Engine, Settings, open_key_store
 from m2m_middleware.request_view import RequestView
 from m2m_middleware.transport import Transport, parse_address, parse_networks
 
@@ -204,3 +204,69 @@ def test_the_peer_alone_serves_a_keys_networks(front: str) -> None:
     assert call("203.0.113.1").allowed  # type: ignore[attr-defined]
     assert call("198.51.100.1").error == "address_not_allowed"  # type: ignore[attr-defined]
     assert call(None).error == "address_not_allowed"  # type: ignore[attr-defined]
+
+
+# -- the token endpoint ----------------------------------------------------------------------
+
+
+def token_engine(**fields: object) -> tuple[Engine, str, str]:
+    store = open_key_store("memory://")
+    issued = store.create_key("svc", allowed_cidrs=["203.0.113.0/24"])
+    engine = Engine(
+        Settings(
+            key_store=store,
+            token_endpoint="/oauth/token",
+            token_issuer="https://issuer.example",
+            signing_key_secret="a test secret of enough length",
+            **fields,  # type: ignore[arg-type]
+        )
+    )
+    return engine, issued.key_id, issued.key
+
+
+def token_request(key_id: str, key: str, peer: str, headers: dict[str, str]) -> RequestView:
+    body = f"grant_type=client_credentials&client_id={key_id}&client_secret={key}".encode()
+    return RequestView(
+        "POST",
+        "/oauth/token",
+        headers={"content-type": "application/x-www-form-urlencoded", **headers},
+        client_address=peer,
+        body=body,
+    )
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_token_endpoint_issues_no_token_outside_the_keys_networks(asynchronous: bool) -> None:
+    engine, key_id, key = token_engine(trusted_proxies=["10.0.0.0/8"])
+
+    def serve(request: RequestView) -> object:
+        return asyncio.run(engine.aserve(request)) if asynchronous else engine.serve(request)
+
+    inside = serve(token_request(key_id, key, "10.0.0.1", {"x-forwarded-for": "203.0.113.9"}))
+    assert inside.status == 200  # type: ignore[attr-defined]
+    outside = serve(token_request(key_id, key, "10.0.0.1", {"x-forwarded-for": "1.1.1.1"}))
+    assert outside.status == 401  # type: ignore[attr-defined]
+    assert b"invalid_client" in outside.body  # type: ignore[attr-defined]
+    forged = serve(token_request(key_id, key, "1.1.1.1", {"x-forwarded-for": "203.0.113.9"}))
+    assert forged.status == 401  # type: ignore[attr-defined]
+
+
+def test_the_token_endpoint_checks_the_peer_without_transport_settings() -> None:
+    engine, key_id, key = token_engine()
+    assert engine.serve(token_request(key_id, key, "203.0.113.9", {})).status == 200
+    assert engine.serve(token_request(key_id, key, "1.1.1.1", {})).status == 401
+
+
+def test_the_token_endpoint_over_plain_http_is_refused_with_require_https() -> None:
+    engine, key_id, key = token_engine(require_https=True, hsts_seconds=60)
+    plain = engine.serve(token_request(key_id, key, "203.0.113.9", {}))
+    assert (plain.status, plain.error) == (403, "https_required")
+    assert isinstance(plain, Denied) and plain.credential_in_clear
+    tls = token_request(key_id, key, "203.0.113.9", {})
+    tls.scheme = "https"
+    served = engine.serve(tls)
+    assert served.status == 200
+    assert ("Strict-Transport-Security", "max-age=60") in served.headers
+    # The JWKS is public: served over plain HTTP too.
+    jwks = RequestView("GET", "/.well-known/jwks.json", headers={}, client_address="1.1.1.1")
+    assert engine.serve(jwks).status == 200
