@@ -39,7 +39,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied, status_line
-from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
+from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
 from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
 
@@ -196,6 +196,7 @@ def wsgi_view(
         scheme=environ.get("wsgi.url_scheme", "http"),
         client_address=environ.get("REMOTE_ADDR"),
         body=body,
+        find_header=functools.partial(wsgi_header, environ),
     )
 
 

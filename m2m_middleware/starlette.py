@@ -30,7 +30,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied
-from .request_view import MAX_ENDPOINT_BODY, RequestView, joined_headers
+from .request_view import MAX_ENDPOINT_BODY, AsgiHeaderIndex, RequestView, joined_headers
 from .scopes import ScopeRequirement
 from .settings import Settings
 
@@ -279,6 +279,7 @@ def _scope_view(scope: Scope, path: str, body: bytes | None = b"") -> RequestVie
         scheme=scope.get("scheme") or ("ws" if scope["type"] == "websocket" else "http"),
         client_address=client[0] if client else None,
         body=body,
+        find_header=AsgiHeaderIndex(raw_headers).get,
     )
 
 

@@ -15,7 +15,7 @@ from ..audit import audit, ended
 from ..client import Client
 from ..engine import Engine
 from ..outcome import Allowed, Answer, Denied
-from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
+from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
 from ..scopes import ScopeRequirement
 from ..settings import Settings
 
@@ -84,6 +84,7 @@ def _view(request: HttpRequest, *, read_body: bool = True) -> RequestView:
         scheme=_server_scheme(request),
         client_address=meta.get("REMOTE_ADDR"),
         body=body,
+        find_header=functools.partial(wsgi_header, meta),
     )
 
 

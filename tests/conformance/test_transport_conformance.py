@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Caller
 
 from m2m_middleware import KeyStore, open_key_store
+
+if TYPE_CHECKING:  # this folder's conftest; only a type here
+    from conftest import Caller
 
 ORDERS_RULE = {"path": "/orders", "scopes": ["orders:read"]}
 PROXY = "10.0.0.5"  # the trusted proxy the tests' requests come through
 CLIENT_NET = "203.0.113.0/24"
-Make = Callable[[Mapping[str, Any]], Caller]
+Make = Callable[[Mapping[str, Any]], "Caller"]
 
 
 @pytest.fixture
