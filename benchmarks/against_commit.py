@@ -158,8 +158,8 @@ def build_core() -> list[Variant]:
 def _core_transport(package: str, engine: Any, key: str) -> Any:
     """``Engine.check`` with a view made per request, as an ASGI adapter makes it
     (raw header pairs decoded on first use)."""
-    view_type = importlib.import_module(f"{package}.request_view").RequestView
-    joined = importlib.import_module(f"{package}.request_view").joined_headers
+    module = importlib.import_module(f"{package}.request_view")
+    view_type, joined, index = module.RequestView, module.joined_headers, module.AsgiHeaderIndex
     raw = [(n.lower().encode(), v.encode()) for n, v in _headers(package, key).items()]
 
     def view() -> Any:
@@ -168,6 +168,7 @@ def _core_transport(package: str, engine: Any, key: str) -> Any:
             "/",
             headers=lambda: joined([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]),
             client_address="127.0.0.1",
+            find_header=index(raw).get,
         )
 
     if not engine.check("GET", "/", None, key, None, view()).allowed:

@@ -119,18 +119,31 @@ class AsgiHeaderIndex:
     def get(self, name: str) -> str | None:
         index = self._index
         if index is None:
-            index = self._index = {}
-            for key, value in self._raw:
-                known = index.get(key)
-                index[key] = value if known is None else known + b", " + value
+            raw = self._raw
+            index = self._index = dict(raw)  # in C; a repeated field needs the loop below
+            if len(index) != len(raw):
+                index.clear()
+                for key, value in raw:
+                    known = index.get(key)
+                    index[key] = value if known is None else known + b", " + value
         found = index.get(name.encode("latin-1"))
         return found.decode("latin-1") if found is not None else None
 
 
+def _environ_key(name: str) -> str:
+    key = name.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+#: The environ keys of the headers the checks read on every request, spelled once.
+_ENVIRON_KEYS = {
+    name: _environ_key(name) for name in ("forwarded", "x-forwarded-for", "x-forwarded-proto")
+}
+
+
 def wsgi_header(environ: Mapping[str, object], name: str) -> str | None:
     """One header of a WSGI environ (also Django's ``request.META``), by lower-case name."""
-    key = name.upper().replace("-", "_")
-    value = environ.get(key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key)
+    value = environ.get(_ENVIRON_KEYS.get(name) or _environ_key(name))
     return value if isinstance(value, str) and value else None
 
 
