@@ -23,6 +23,12 @@ Plus two rows with no framework at all: one joserfc
 ``jws.deserialize_compact(token, key, algorithms=[alg])`` per call on a new
 token each time, the floor under the cold case.
 
+And tokens of our own issuer (issue 12 item 4), on ``Engine.check`` with the
+token service on (see ``build_own``): the API key, one of our tokens cached, a
+new one each request from a key the engine knows (cold), and the raw joserfc
+verification of the same tokens with our public key; the report gives both
+done-when ratios for them.
+
 All of our variants in one framework share one app (one engine, one cache),
 the way one deployment would serve API keys and both kinds of token. Every
 token carries ``sub``, ``client_id``, ``scope``, ``jti``, ``aud``, ``iss`` and
@@ -441,6 +447,118 @@ def build_engine(keys: Keys, tokens: dict[str, Tokens]) -> list[Variant]:
     return variants
 
 
+# -- our own issuer's tokens ---------------------------------------------------------------------
+
+OWN_ISSUER = "https://api.example.test"
+OWN_SECRET = "jwt_overhead.py: the signing secret of a benchmark"
+
+
+def build_own(keys: Keys, count: int) -> list[Variant]:
+    """Tokens our own issuer signed (issue 12 item 4), through ``Engine.check`` directly.
+
+    One engine configured as a deployment with the token service is (our
+    issuer trusted from the key store, API keys and an IdP's JWTs beside it):
+    the API key (cached), one token of ours on every request (**cached**), a
+    token it has not seen on every request from a key it knows (**cold**: the
+    full parse, one ES256 verification, the claims, the key's state from the
+    cache), and, with no engine at all, joserfc's ``deserialize_compact`` of the
+    same tokens with our public key (the floor under the cold case).
+    """
+    from joserfc.jwk import ECKey
+
+    from m2m_middleware import Settings, open_key_store
+    from m2m_middleware.engine import Engine
+
+    store = open_key_store("memory://")
+    issued = store.create_key(CLIENT_ID, scopes=SCOPE.split())
+    engine = Engine(
+        Settings(
+            **ours_config(store, keys),
+            token_endpoint="/oauth/token",
+            token_issuer=OWN_ISSUER,
+            signing_key_secret=OWN_SECRET,
+        )
+    )
+    assert engine.signing_keys is not None
+    signing = engine.signing_keys.current_signing_key()
+    public = ECKey.import_key(engine.signing_keys.public_jwks()["keys"][0])
+    attacker = ECKey.generate_key("P-256")
+    expires = int(time.time()) + 3600
+    prefix = secrets.token_hex(4)
+
+    def sign(jti: str, forged: bool = False) -> str:
+        claims = {
+            "iss": OWN_ISSUER,
+            "sub": CLIENT_ID,
+            "client_id": CLIENT_ID,
+            "aud": OWN_ISSUER,
+            "exp": expires,
+            "iat": expires - 3600,
+            "jti": f"{prefix}-{jti}",
+            "scope": SCOPE,
+            "key_id": issued.key_id,
+        }
+        if not forged:
+            return signing.sign(claims)
+        from joserfc import jwt
+
+        header = {"alg": signing.algorithm, "kid": signing.kid, "typ": "at+jwt"}
+        return jwt.encode(header, claims, attacker)
+
+    own = Tokens(
+        signing.algorithm,
+        cached=sign("cached"),
+        check=sign("check"),
+        forged=sign("forged", forged=True),
+        pool=[sign(str(i)) for i in range(count)],
+    )
+    raw = raw_variant(own, public)
+    raw.stack = f"raw: joserfc jws.deserialize_compact, our issuer's {own.alg}, new token each call"
+    ROWS["-", "raw own"] = raw
+    check = engine.check
+    for credential, api_key in ((own.check, None), (own.cached, None), (None, issued.key)):
+        authorization = None if credential is None else f"Bearer {credential}"
+        if not check("GET", "/", authorization, api_key).allowed:
+            raise SystemExit("core own: refused its own credential")
+    if check("GET", "/", f"Bearer {own.forged}", None).allowed:
+        raise SystemExit("core own: a token signed with another key under our kid passed")
+
+    def same(authorization: str | None, api_key: str | None) -> Callable[[int], tuple[int, int]]:
+        def run(n: int) -> tuple[int, int]:
+            perf = overhead.clock
+            refused = 0
+            t0 = perf()
+            for _ in range(n):
+                if not check("GET", "/", authorization, api_key).allowed:
+                    refused += 1
+            return perf() - t0, refused
+
+        return run
+
+    take = own.draw()
+
+    def cold(n: int) -> tuple[int, int]:
+        batch = [f"Bearer {token}" for token in take(n)]
+        perf = overhead.clock
+        refused = 0
+        t0 = perf()
+        for authorization in batch:
+            if not check("GET", "/", authorization, None).allowed:
+                refused += 1
+        return perf() - t0, refused
+
+    stack = "core: Engine.check with the token service on"
+    variants = [
+        raw,
+        Variant("-", f"{stack}, API key", "floor", same(None, issued.key)),
+        Variant("-", f"{stack}, our token cached", "floor", same(f"Bearer {own.cached}", None)),
+        Variant("-", f"{stack}, our token cold (a known key)", "floor", cold),
+    ]
+    for kind, variant in zip(("own api_key", "own cached", "own cold"), variants[1:], strict=True):
+        ROWS["-", f"core {kind}"] = variant
+    return variants
+
+
 # -- Starlette ---------------------------------------------------------------------------------
 
 
@@ -688,7 +806,7 @@ def build(
     keys, other = make_keys(), make_keys()
     count = args.warmup + args.rounds * args.requests
     tokens = {alg: Tokens.mint(alg, keys, other, count) for alg in ALGORITHMS}
-    variants = build_raw(keys, tokens) + build_engine(keys, tokens)
+    variants = build_raw(keys, tokens) + build_engine(keys, tokens) + build_own(keys, count)
     if "starlette" in frameworks:
         variants += build_starlette(loop, keys, tokens)
     if "flask" in frameworks:
@@ -746,6 +864,17 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
             f"{cold:.2f} / ({raw:.2f} + {key:.2f}) us = {_x(ratio)}"
             + (f" ({_verdict(ratio, COLD_TARGET)})" if alg == "ES256" else "")
         )
+    # Our own issuer's tokens, against the API key in the same engine.
+    key = cost("-", "core own api_key")
+    ratio = _ratio(cost("-", "core own cached"), key)
+    out.append(f"core: our token cached / API key: {_x(ratio)} ({_verdict(ratio, CACHED_TARGET)})")
+    cold, raw = cost("-", "core own cold"), cost("-", "raw own")
+    assert cold is not None and raw is not None and key is not None
+    ratio = _ratio(cold, raw + key)
+    out.append(
+        f"core: our token cold / (raw joserfc ES256 + API key): "
+        f"{cold:.2f} / ({raw:.2f} + {key:.2f}) us = {_x(ratio)} ({_verdict(ratio, COLD_TARGET)})"
+    )
     for framework in FRAMEWORKS:
         key = cost(framework, "api_key")
         if key is None:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .issuer.endpoint import TokenService
     from .issuer.signing_keys import SigningKeys
     from .request_view import RequestView
-    from .tokens import TokenVerifier
+    from .tokens import TokenVerifier, VerifiedToken
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -78,9 +78,31 @@ class _CachedKey:
     dead_at: float  # epoch seconds when the key stops working (revoked or expired)
     fresh_until: float  # monotonic seconds after which the store is asked again
     plan: LimitPlan | None = None  # the client's limits on a route without rules
+    #: A token of our own issuer's: the key id of the API key it was issued from.
+    token_of: str | None = None
+    #: Why the entry ends at ``dead_at``, when that is its API key's end, not its ``exp``.
+    ended: str | None = None
     #: The key's ``allowed_cidrs``, parsed; None when it may be used from anywhere
     #: (such a key never takes the fast lane, so only it pays for the check).
     networks: tuple[Network, ...] | None = None
+
+
+@dataclass(slots=True)
+class _KeyState:
+    """What a token of our own issuer needs of its API key: until when the key works."""
+
+    record: KeyRecord | None  # None: no such key (deleted, or the token is from elsewhere)
+    dead_at: float  # epoch seconds: revoked or expired from then on (-inf: no key)
+    fresh_until: float  # monotonic seconds after which the store is asked again
+
+
+def _key_ended(record: KeyRecord | None) -> str:
+    """Why a token is refused whose API key stopped working."""
+    if record is None:
+        return "the API key this token was issued from does not exist"
+    if _epoch(record.revoked_at) <= _epoch(record.expires_at):
+        return "the API key this token was issued from was revoked"
+    return "the API key this token was issued from has expired"
 
 
 class UnknownKeys:
@@ -131,6 +153,10 @@ def _monotonic() -> float:
     return monotonic()  # looked up per call: a test may replace the module's clock
 
 
+def _wall() -> float:
+    return time()  # the same, for wall-clock time
+
+
 def _networks(record: KeyRecord) -> tuple[Network, ...] | None:
     if not record.allowed_cidrs:
         return None
@@ -155,6 +181,10 @@ class KeyCache:
     moves on every invalidation, and :meth:`put` only caches a record read
     in the generation it was asked for in.
 
+    Tokens of our own issuer are kept here too, filed under the key id of the
+    API key each came from, beside that key's state (:meth:`put_state`):
+    invalidating the key drops them all with it.
+
     :attr:`unknown` remembers, briefly, the hashes the store did not know;
     a key created through any store object here invalidates its new key id,
     which empties it, so a new key is never refused from it in this process.
@@ -166,6 +196,12 @@ class KeyCache:
         self.generation = 0
         self._entries: OrderedDict[str, _CachedKey] = OrderedDict()
         self._hash_by_key_id: dict[str, str] = {}
+        #: Our own issuer's tokens: the API key's id -> the hashes of its cached tokens,
+        #: so that revoking the key drops them all at once.
+        self._tokens_of: dict[str, set[str]] = {}
+        #: The API keys those tokens came from, by key id: a cold token of a known
+        #: key costs no store read.
+        self._states: OrderedDict[str, _KeyState] = OrderedDict()
         self.unknown = UnknownKeys(min(ttl, UNKNOWN_KEY_TTL), size)
         subscribe_invalidations(store.location, self.invalidate)
 
@@ -185,8 +221,7 @@ class KeyCache:
             client,
             min(_epoch(record.revoked_at), _epoch(record.expires_at)),
             monotonic() + self.ttl,
-            None,
-            _networks(record),
+            networks=_networks(record),
         )
         if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
@@ -195,7 +230,17 @@ class KeyCache:
             self._hash_by_key_id[record.key_id] = key_hash
         return entry
 
-    def put_token(self, token_hash: str, client: Client, dead_at: float) -> _CachedKey:
+    def put_token(
+        self,
+        token_hash: str,
+        client: Client,
+        dead_at: float,
+        *,
+        key_id: str | None = None,
+        ended: str | None = None,
+        generation: int | None = None,
+        fresh_until: float = math.inf,
+    ) -> _CachedKey:
         """A verified JWT: kept until it expires (or the TTL ends) at the latest.
 
         Keyed on the token's text, which is only a cache key: one token can
@@ -205,13 +250,43 @@ class KeyCache:
         That costs a second verification, nothing else. Anything that must
         happen once per token (counting uses, revoking, replay checks) must
         key on its ``jti`` and the key that signed it, never on its text.
+
+        ``key_id`` (a token of our own issuer's) files it under its API key,
+        which :meth:`invalidate` drops it with; ``generation`` as for :meth:`put`;
+        ``fresh_until`` when its key's state is due a reread, if sooner than the TTL
+        (so what the entry knows of its key is never older than the TTL).
         """
-        entry = _CachedKey(None, client, dead_at, monotonic() + self.ttl)
-        if self.size and self.ttl:
+        fresh_until = min(monotonic() + self.ttl, fresh_until)
+        entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended)
+        if self.size and self.ttl and (generation is None or generation == self.generation):
             if len(self._entries) >= self.size:
                 self._evict_oldest()
             self._entries[token_hash] = entry
+            if key_id is not None:
+                self._tokens_of.setdefault(key_id, set()).add(token_hash)
         return entry
+
+    def state(self, key_id: str) -> _KeyState | None:
+        return self._states.get(key_id)
+
+    def put_state(self, key_id: str, record: KeyRecord | None, generation: int) -> _KeyState:
+        """The state of the API key our tokens name, kept like a verified key."""
+        dead_at = (
+            -math.inf
+            if record is None
+            else min(_epoch(record.revoked_at), _epoch(record.expires_at))
+        )
+        state = _KeyState(record, dead_at, monotonic() + self.ttl)
+        if self.size and self.ttl and generation == self.generation:
+            states = self._states
+            states.pop(key_id, None)
+            while len(states) >= self.size:
+                try:
+                    states.popitem(last=False)
+                except KeyError:  # emptied by another thread meanwhile
+                    break
+            states[key_id] = state
+        return state
 
     def put_unknown(self, key_hash: str, generation: int) -> None:
         """Remember a hash the store did not know, unless a key changed meanwhile."""
@@ -225,6 +300,9 @@ class KeyCache:
             return
         self.unknown.clear()  # the key may be one just created
         self.forget(key_id)
+        self._states.pop(key_id, None)
+        for token_hash in tuple(self._tokens_of.pop(key_id, ())):
+            self._entries.pop(token_hash, None)
 
     def forget(self, key_id: str) -> None:
         """Drop ``key_id``'s entry (its record changed), keeping the unknown hashes.
@@ -242,22 +320,33 @@ class KeyCache:
         # O(1) on an OrderedDict; next(iter(dict)) would walk the slots that
         # earlier evictions left empty, microseconds per insert once full.
         try:
-            _, entry = self._entries.popitem(last=False)
+            key_hash, entry = self._entries.popitem(last=False)
         except KeyError:  # emptied by another thread meanwhile
             return
-        if entry.record is not None:
-            self._hash_by_key_id.pop(entry.record.key_id, None)
+        self._unfile(key_hash, entry)
 
     def _drop(self, key_hash: str) -> None:
         entry = self._entries.pop(key_hash, None)
-        if entry is not None and entry.record is not None:
+        if entry is not None:
+            self._unfile(key_hash, entry)
+
+    def _unfile(self, key_hash: str, entry: _CachedKey) -> None:
+        if entry.record is not None:
             self._hash_by_key_id.pop(entry.record.key_id, None)
+        elif entry.token_of is not None:
+            hashes = self._tokens_of.get(entry.token_of)
+            if hashes is not None:
+                hashes.discard(key_hash)
+                if not hashes:
+                    self._tokens_of.pop(entry.token_of, None)
 
     def clear(self) -> None:
         self.generation += 1
         self.unknown.clear()
         self._entries.clear()
         self._hash_by_key_id.clear()
+        self._tokens_of.clear()
+        self._states.clear()
 
 
 class Engine:
@@ -272,16 +361,27 @@ class Engine:
         self.settings = settings = settings or Settings()
         self.tokens: TokenVerifier | None = None
         self.bus: RedisBus | None = None
-        if "jwt" in settings.schemes:
-            from .tokens import TokenVerifier  # joserfc loads only when JWTs are on
-
-            self.tokens = TokenVerifier(settings)
+        #: Our own token issuer's signing keys, when ``token_endpoint`` is set.
+        self.signing_keys: SigningKeys | None = None
+        own_issuer = settings.token_endpoint is not None
         self._api_keys = "api_key" in settings.schemes
-        if store is None and not self._api_keys and isinstance(settings.key_store, str):
+        if (
+            store is None
+            and not self._api_keys
+            and not own_issuer  # the issuer's keys, API and signing, are in the key store
+            and isinstance(settings.key_store, str)
+        ):
             store = open_key_store("memory://")  # JWT only: no key file to create
+        opened = store is None
         self.store = store or open_key_store(
             settings.key_store, prefix=settings.key_prefix, timeout=settings.storage_timeout
         )
+        try:
+            self._verifiers(settings, own_issuer)
+        except BaseException:
+            if opened:
+                self.store.close()
+            raise
         bus_url = invalidation_url(settings, self.store)  # before the limiter connects anywhere
         self.limiter = Limiter(settings)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
@@ -297,19 +397,11 @@ class Engine:
             #: them itself, or the TTL is the bound).
             self.bus = redis_bus(bus_url, settings.storage_timeout)
         self._cached = self.keys._entries.get  # the dict itself: one call less per request
-        #: Our own issuer's signing keys and endpoints, when ``token_endpoint`` is set.
-        self.signing_keys: SigningKeys | None = None
+        #: Our own issuer's endpoints, when ``token_endpoint`` is set.
         self.token_service: TokenService | None = None
         #: Paths the middleware answers itself (:meth:`serve`); empty when none are on,
         #: so an adapter's one test per request is a miss on an empty set.
         self.endpoints: frozenset[str] = frozenset()
-        if settings.token_endpoint is not None:
-            from .issuer.endpoint import TokenService
-            from .issuer.signing_keys import signing_keys_for
-
-            self.signing_keys = signing_keys_for(settings, store=self.store)
-            self.token_service = TokenService(self)
-            self.endpoints = self.token_service.paths
         #: True when adapters must pass a :class:`RequestView` (``view=``): a check reads
         #: more than the credential headers. False: they pass the peer address only.
         self.needs_view = settings.needs_request_view
@@ -336,6 +428,29 @@ class Engine:
             and self.limiter.in_memory
             and (self.tokens is None or self.tokens.jwks is None)  # a JWKS fetch blocks
         )
+        if self.signing_keys is not None:
+            from .issuer.endpoint import TokenService
+
+            self.token_service = TokenService(self)
+            self.endpoints = self.token_service.paths
+
+    def _verifiers(self, settings: Settings, own_issuer: bool) -> None:
+        """The JWT verifier, and with ``token_endpoint`` our issuer's signing keys,
+        whose tokens the verifier then takes with no HTTP fetch."""
+        own = None
+        if own_issuer:
+            from .issuer.signing_keys import signing_keys_for
+
+            # Raises the ConfigError naming signing_key_secret when there is none.
+            self.signing_keys = signing_keys_for(settings, store=self.store, clock=_wall)
+        if "jwt" in settings.schemes:
+            from .tokens import TokenVerifier  # joserfc loads only when JWTs are on
+
+            if self.signing_keys is not None:
+                from .issuer.own_tokens import OwnTokens
+
+                own = OwnTokens(self.signing_keys, settings, clock=_monotonic)
+            self.tokens = TokenVerifier(settings, own=own)
 
     # -- the two front doors --------------------------------------------------
 
@@ -714,7 +829,20 @@ class Engine:
         tokens = self.tokens
         if tokens is not None and looks_like_jwt(credential):
             verified = tokens.verify(credential)
-            return self.keys.put_token(key_hash, verified.client, verified.dead_at)
+            key_id = verified.client.key_id
+            if key_id is None:  # an identity provider's token
+                return self.keys.put_token(key_hash, verified.client, verified.dead_at)
+            generation = self.keys.generation
+            state = self.keys.state(key_id)
+            if state is None or state.fresh_until < monotonic():
+                try:
+                    record = self.store.find_by_id(key_id)
+                except StoreUnavailable as exc:
+                    state = self._state_fallback(exc, state)
+                else:
+                    self._store_ok()
+                    state = self.keys.put_state(key_id, record, generation)
+            return self._own_token(key_hash, verified, state, generation)
         self._precheck(credential, stale)
         return self._find_key(key_hash, stale)
 
@@ -735,7 +863,24 @@ class Engine:
         tokens = self.tokens
         if tokens is not None and looks_like_jwt(credential):
             verified = await tokens.averify(credential)
-            return self.keys.put_token(key_hash, verified.client, verified.dead_at)
+            key_id = verified.client.key_id
+            if key_id is None:  # an identity provider's token
+                return self.keys.put_token(key_hash, verified.client, verified.dead_at)
+            generation = self.keys.generation
+            state = self.keys.state(key_id)
+            if state is None or state.fresh_until < monotonic():
+                store = self.store
+                try:
+                    if store.blocking:
+                        record = await store.run_blocking(store.find_by_id, key_id)
+                    else:
+                        record = store.find_by_id(key_id)
+                except StoreUnavailable as exc:
+                    state = self._state_fallback(exc, state)
+                else:
+                    self._store_ok()
+                    state = self.keys.put_state(key_id, record, generation)
+            return self._own_token(key_hash, verified, state, generation)
         self._precheck(credential, stale)
         keys = self.keys
         if key_hash in keys.unknown:
@@ -818,6 +963,40 @@ class Engine:
             raise InvalidToken("the API key is not recognised")
         return self.keys.put(key_hash, record, generation)
 
+    def _own_token(
+        self, key_hash: str, verified: VerifiedToken, state: _KeyState, generation: int
+    ) -> _CachedKey:
+        """A token of our own issuer's, verified: good while its API key is.
+
+        It takes no use of a usage-limited key (the token request took one),
+        and it ends when its ``exp`` does or its key does, whichever is first.
+        """
+        client = verified.client
+        record = state.record
+        if record is None or state.dead_at <= time():
+            raise InvalidToken(_key_ended(record))
+        if record.client_id != client.client_id:
+            raise InvalidToken("the token's client is not the client of its API key")
+        dead_at, ended = verified.dead_at, None
+        if state.dead_at < dead_at:
+            dead_at, ended = state.dead_at, _key_ended(record)
+        return self.keys.put_token(
+            key_hash,
+            client,
+            dead_at,
+            key_id=record.key_id,
+            ended=ended,
+            generation=generation,
+            fresh_until=state.fresh_until,
+        )
+
+    def _state_fallback(self, exc: StoreUnavailable, stale: _KeyState | None) -> _KeyState:
+        """The store is down: a key whose state was read before may pass, if the policy allows."""
+        self._store_failed(exc)
+        if stale is not None and self._allow_on_outage:
+            return stale
+        raise TemporarilyUnavailable("the key store cannot be reached; try again shortly")
+
     def _fallback(self, exc: StoreUnavailable, stale: _CachedKey | None) -> _CachedKey:
         """The store is down: a key verified before may still pass, if the policy allows."""
         self._store_failed(exc)
@@ -862,7 +1041,7 @@ class Engine:
         record = entry.record
         if entry.dead_at <= time():
             if record is None:
-                raise InvalidToken("the token has expired")
+                raise InvalidToken(entry.ended or "the token has expired")
             reason = "was revoked" if record.revoked_at is not None else "has expired"
             raise InvalidToken(f"the API key {reason}")
         networks = entry.networks

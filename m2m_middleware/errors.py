@@ -59,6 +59,8 @@ class AuthError(M2MError):
     status = 401
     error = "invalid_token"
     title = "Invalid credentials"
+    #: Whether a 401 carries an RFC 6750 ``WWW-Authenticate: Bearer`` challenge.
+    bearer_challenge = True
 
     def __init__(self, detail: str, *, scopes: tuple[str, ...] = ()) -> None:
         self.detail = detail
@@ -76,6 +78,19 @@ class InvalidToken(AuthError):
     status = 401
     error = "invalid_token"
     title = "Invalid credentials"
+
+
+class InvalidSignature(AuthError):
+    """A request signature (RFC 9421) is missing, stale, replayed or does not verify.
+
+    No Bearer challenge: the credential itself was good, and a client that
+    retried with another one would be answered the same way.
+    """
+
+    status = 401
+    error = "invalid_signature"
+    title = "Invalid request signature"
+    bearer_challenge = False
 
 
 class InvalidRequest(AuthError):

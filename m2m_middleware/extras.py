@@ -18,6 +18,7 @@ EXTRA_MODULES = {
     "postgres": ("psycopg", "psycopg_pool"),
     "django": ("django",),
     "issuer": ("cryptography", "authlib"),
+    "signatures": ("cryptography", "http_message_signatures"),
 }
 
 

@@ -149,7 +149,7 @@ def deny(
     if error.scopes:
         problem["scope"] = " ".join(error.scopes)
     headers: list[Header] = []
-    if error.status == 401:
+    if error.status == 401 and error.bearer_challenge:
         is_missing = error.error == "missing_credentials"
         headers.append(("WWW-Authenticate", challenge(realm, None if is_missing else error)))
     elif error.error == "insufficient_scope":

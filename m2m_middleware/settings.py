@@ -43,7 +43,7 @@ _HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
-ROUTE_FIELDS = ("path", "methods", "scopes", "limits", "cost")
+ROUTE_FIELDS = ("path", "methods", "scopes", "limits", "cost", "signed")
 #: Key-store URL schemes served by an extra: the extra, and what to call the store.
 _KEY_STORE_EXTRAS = {
     "postgresql": ("postgres", "a postgresql:// key_store"),
@@ -130,6 +130,8 @@ class Route:
     scopes: frozenset[str] = frozenset()
     limits: tuple[RateLimitItem, ...] = ()
     cost: int = 1
+    #: Whether requests on this route need an RFC 9421 signature (m2m_middleware.signatures).
+    signed: bool = False
     index: int = 0
     pattern: re.Pattern[str] = field(default=re.compile(""), repr=False, compare=False)
 
@@ -161,12 +163,18 @@ class Route:
         cost = value.get("cost", 1)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise ConfigError(f"{name}.cost", f"expected a positive integer, got {cost!r}")
+        signed = value.get("signed", False)
+        if not isinstance(signed, bool):
+            raise ConfigError(f"{name}.signed", f"expected True or False, got {signed!r}")
+        if signed:
+            require_extra(f"{name}.signed", "a signed route", "signatures")
         return cls(
             path=path,
             methods=methods,
             scopes=scopes,
             limits=parse_limits(f"{name}.limits", value.get("limits")),
             cost=cost,
+            signed=signed,
             index=index,
             pattern=glob_pattern([path]),
         )
@@ -250,6 +258,13 @@ class Settings:
     proxy_headers: str = "auto"
     require_https: bool = False
     hsts_seconds: int = 0
+    # Request signatures (RFC 9421; m2m_middleware.signatures), on the routes
+    # marked "signed" or, with require_signatures, everywhere.
+    require_signatures: bool = False
+    signature_max_age: int = 300
+    max_body_size: int = 1024 * 1024
+    # Failed authentications per source address (m2m_middleware.source_limits).
+    source_limits: Any = ()
 
     # -- derived, filled in by __post_init__ --------------------------------
     default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
@@ -261,6 +276,9 @@ class Settings:
     jwt_key_ring: Any = field(init=False, repr=False, compare=False)
     token_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
     trusted_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
+    source_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
+    #: Whether any request may need a signature: require_signatures, or a signed route.
+    signatures_needed: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -375,6 +393,8 @@ class Settings:
             raise ConfigError("routes", "expected a list of route mappings")
         set_(self, "routes", tuple(routes))
         set_(self, "route_rules", tuple(Route.from_mapping(i, r) for i, r in enumerate(routes)))
+        self._validate_signatures()
+        set_(self, "source_limit_items", parse_limits("source_limits", self.source_limits))
         try:
             check_realm(self.realm)
         except ValueError as exc:
@@ -387,6 +407,22 @@ class Settings:
             maximum=1_000_000,
             integer=True,
         )
+
+    def _validate_signatures(self) -> None:
+        if not isinstance(self.require_signatures, bool):
+            raise ConfigError(
+                "require_signatures", f"expected True or False, got {self.require_signatures!r}"
+            )
+        # Below 10 s a client whose clock is a few seconds off fails every request;
+        # above a day, the nonce memory grows with a day of signed traffic.
+        _number(
+            "signature_max_age", self.signature_max_age, minimum=10, maximum=86400, integer=True
+        )
+        _number("max_body_size", self.max_body_size, minimum=0, maximum=1 << 30, integer=True)
+        needed = self.require_signatures or any(r.signed for r in self.route_rules)
+        object.__setattr__(self, "signatures_needed", needed)
+        if self.require_signatures:
+            require_extra("require_signatures", "request signatures", "signatures")
 
     def _validate_token_service(self) -> None:
         set_ = object.__setattr__

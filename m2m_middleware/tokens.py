@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from time import time
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joserfc.jws import JWSRegistry
 
@@ -30,6 +30,9 @@ from .errors import AuthError, InvalidToken, TemporarilyUnavailable
 from .jwks import JWKSClient
 from .jwtkeys import Key, KeyRing
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .issuer.own_tokens import OwnTokens
 
 logger = logging.getLogger("m2m_middleware")
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
@@ -45,7 +48,9 @@ class VerifiedToken:
     dead_at: float
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: admit sets the route in place. dataclasses.replace of it measured
+# 8.6 us a call on the benchmark machine (python -m timeit), more than admit itself.
+@dataclass(slots=True)
 class _Parsed:
     header: Mapping[str, Any]
     alg: str
@@ -53,6 +58,11 @@ class _Parsed:
     signing_input: bytes
     signature: bytes
     payload: bytes
+    #: Whose rules it answers to: our own issuer's (``own``), an identity
+    #: provider's, or not known yet (``undecided``: a kid no key set holds,
+    #: which a reread of our own signing keys may still find).
+    own: bool = False
+    undecided: bool = False
 
 
 def _b64decode(segment: str) -> bytes:
@@ -133,9 +143,22 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
 
 
 class TokenVerifier:
-    """Verifies JWTs against the keys in settings and/or a JWKS URL."""
+    """Verifies JWTs against the keys in settings and/or a JWKS URL, and, with
+    ``own``, our own issuer's tokens against its signing keys in the key store.
 
-    def __init__(self, settings: Settings, *, jwks: JWKSClient | None = None) -> None:
+    A token goes to our own issuer's rules when its ``kid`` is one of our
+    keys (or when nothing else is trusted); to the identity provider's
+    otherwise. The two never mix: our keys never verify a token under the
+    provider's rules, nor the provider's keys one of ours.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jwks: JWKSClient | None = None,
+        own: OwnTokens | None = None,
+    ) -> None:
         self.algorithms = frozenset(settings.jwt_algorithms or ())
         self._models = {alg: JWSRegistry.algorithms[alg] for alg in self.algorithms}
         self.static: KeyRing | None = settings.jwt_key_ring
@@ -150,17 +173,27 @@ class TokenVerifier:
         audience = settings.jwt_audience
         self.audience = frozenset((audience,) if isinstance(audience, str) else audience or ())
         self.leeway = float(settings.jwt_leeway)
-        self.typ = _media_type(settings.jwt_typ) if settings.jwt_typ else None
+        self.typ = media_type(settings.jwt_typ) if settings.jwt_typ else None
         self.client_id_claims = settings.jwt_client_id_claims
         self.tier_claim = settings.jwt_tier_claim
+        self.own = own
+        #: Whether anyone but our own issuer is trusted (jwt_keys, jwt_jwks_url).
+        self.external = self.static is not None or self.jwks is not None
 
     # -- the two front doors --------------------------------------------------
 
     def verify(self, token: str, now: float | None = None) -> VerifiedToken:
         try:
             parsed = self.parse(token)
+            own = self.own
+            if own is not None:
+                # Our keys from the store: reread every refresh_interval, and for
+                # a kid no key set holds at most once per OWN_KEY_REREAD_INTERVAL.
+                own.prepare(parsed.kid if parsed.undecided else None)
+                if parsed.undecided:
+                    parsed = self.admit(parsed, final=True)
             jwks = self.jwks
-            if jwks is not None and not self._static_knows(parsed):
+            if jwks is not None and not parsed.own and not self._static_knows(parsed):
                 jwks.prepare(parsed.kid)  # waits only when the token cannot do without a fetch
             return self.finish(parsed, now)
         except AuthError:
@@ -171,8 +204,14 @@ class TokenVerifier:
     async def averify(self, token: str, now: float | None = None) -> VerifiedToken:
         try:
             parsed = self.parse(token)
+            own = self.own
+            if own is not None:
+                # The same, with a blocking store's read in a thread, off the loop.
+                await own.aprepare(parsed.kid if parsed.undecided else None)
+                if parsed.undecided:
+                    parsed = self.admit(parsed, final=True)
             jwks = self.jwks
-            if jwks is not None and not self._static_knows(parsed):
+            if jwks is not None and not parsed.own and not self._static_knows(parsed):
                 await jwks.aprepare(parsed.kid)  # awaits the shared fetch, holds no thread
             return self.finish(parsed, now)
         except AuthError:
@@ -197,10 +236,8 @@ class TokenVerifier:
             raise InvalidToken("the token's header is too large")
         header = _json_object(_b64decode(header_part), "header")
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise InvalidToken(
-                f"the token's algorithm is not one of: {', '.join(sorted(self.algorithms))}"
-            )
+        if not isinstance(alg, str):
+            alg = ""  # in no allow-list: refused by admit, under the rules the kid picks
         if "crit" in header:
             raise InvalidToken("the token has critical header extensions (crit) we do not support")
         if header.get("b64") is not None:
@@ -208,23 +245,66 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise InvalidToken("the token's kid is not a string")
-        if self.typ is not None:
-            typ = header.get("typ")
-            if not isinstance(typ, str) or _media_type(typ) != self.typ:
-                raise InvalidToken(f"the token's type (typ) must be {self.typ}")
-        return _Parsed(
-            header,
-            alg,
-            kid,
-            f"{header_part}.{payload_part}".encode("ascii"),
-            _signature_bytes(signature_part),
-            _b64decode(payload_part),
+        return self.admit(
+            _Parsed(
+                header,
+                alg,
+                kid,
+                f"{header_part}.{payload_part}".encode("ascii"),
+                _signature_bytes(signature_part),
+                _b64decode(payload_part),
+            )
         )
 
+    def admit(self, parsed: _Parsed, *, final: bool = False) -> _Parsed:
+        """Whose rules the token answers to, and its ``alg`` and ``typ`` under them.
+
+        Decided on the header alone: our own issuer's rules when its ``kid``
+        names one of our keys; the identity provider's when theirs, or when it
+        names no key and they are trusted. A ``kid`` that no key set holds is
+        ``undecided`` until ``final`` (after a reread of our keys); then it is
+        ours only if nobody else is trusted, so that it fails with our rules.
+        """
+        own = self.own
+        if own is not None:
+            kid = parsed.kid
+            parsed.undecided = False
+            if kid is not None and kid in own.ring.by_kid:
+                parsed.own = True
+                return own.admit(parsed)
+            if kid is not None and not final and not self._external_knows(kid):
+                parsed.undecided = True
+                return parsed
+            if not self.external:
+                parsed.own = True
+                return own.admit(parsed)
+        if parsed.alg not in self.algorithms:
+            raise InvalidToken(algorithm_refused(self.algorithms))
+        if self.typ is not None:
+            typ = parsed.header.get("typ")
+            if not isinstance(typ, str) or media_type(typ) != self.typ:
+                raise InvalidToken(f"the token's type (typ) must be {self.typ}")
+        return parsed
+
+    def _external_knows(self, kid: str) -> bool:
+        """Whether a key of the identity provider's (static or fetched) has this ``kid``."""
+        static = self.static
+        if static is not None and kid in static.by_kid:
+            return True
+        jwks = self.jwks
+        ring = jwks.ring if jwks is not None else None
+        return ring is not None and kid in ring.by_kid
+
     def finish(self, parsed: _Parsed, now: float | None = None) -> VerifiedToken:
-        """Signature, then claims."""
-        keys = self._candidates(parsed)
-        model = self._models[parsed.alg]
+        """Signature, then claims, by the rules :meth:`admit` chose."""
+        if parsed.undecided:
+            parsed = self.admit(parsed, final=True)
+        own = self.own if parsed.own else None
+        if own is not None:
+            keys, model = own.candidates(parsed.kid, parsed.alg)
+        else:
+            keys = self._candidates(parsed)
+            model = self._models[parsed.alg]
         for key in keys:
             try:
                 model.check_key(key)
@@ -235,6 +315,8 @@ class TokenVerifier:
         else:
             raise InvalidToken("the token's signature does not verify")
         claims = _json_object(parsed.payload, "payload")
+        if own is not None:
+            return own.check_claims(claims, time() if now is None else now)
         return self.check_claims(claims, time() if now is None else now)
 
     def _static_knows(self, parsed: _Parsed) -> bool:
@@ -272,56 +354,17 @@ class TokenVerifier:
         return keys
 
     def check_claims(self, claims: dict[str, Any], now: float) -> VerifiedToken:
-        leeway = self.leeway
-        exp = _time_claim(claims, "exp")
-        if exp is None:
-            raise InvalidToken("the token has no expiry (exp)")
-        if now >= exp + leeway:
-            raise InvalidToken("the token has expired")
-        nbf = _time_claim(claims, "nbf")
-        if nbf is not None and nbf > now + leeway:
-            raise InvalidToken("the token is not valid yet (nbf)")
-        iat = _time_claim(claims, "iat")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("the token was issued in the future (iat)")
+        exp = check_times(claims, now, self.leeway)
         if self.issuer is not None:
-            iss = claims.get("iss")
-            if not isinstance(iss, str) or iss != self.issuer:
-                raise InvalidToken("the token's issuer (iss) is not the expected one")
-        self._check_audience(claims)
-        return VerifiedToken(self._client(claims), exp + leeway)
-
-    def _check_audience(self, claims: dict[str, Any]) -> None:
-        if "aud" not in claims:
-            if self.audience:
-                raise InvalidToken("the token has no audience (aud)")
-            return
-        aud = claims["aud"]
-        if isinstance(aud, str):
-            values = [aud]
-        elif isinstance(aud, list) and all(isinstance(v, str) for v in aud):
-            values = aud
-        else:
-            raise InvalidToken("the token's audience (aud) is not a string or a list of strings")
-        if not self.audience:
-            # RFC 7519 section 4.1.3: a token meant for someone must name us.
-            raise InvalidToken("the token names an audience (aud), and this API accepts none")
-        if self.audience.isdisjoint(values):
-            raise InvalidToken("the token is not meant for this audience (aud)")
+            check_issuer(claims, self.issuer)
+        check_audience(claims, self.audience)
+        return VerifiedToken(self._client(claims), exp + self.leeway)
 
     def _client(self, claims: dict[str, Any]) -> Client:
         client_id = None
         for name in self.client_id_claims:
-            value = claims.get(name)
-            if value is not None:
-                if not isinstance(value, str) or not value:
-                    raise InvalidToken(f"the token's {name} claim is not a non-empty string")
-                if _LONE_SURROGATE.search(value):
-                    # JSON can spell one (\ud800), UTF-8 cannot: such an id could
-                    # name no counter in Redis (redis-py failed to encode it, an
-                    # "outage" that let it past every limit) nor a key's client.
-                    raise InvalidToken(f"the token's {name} claim is not valid Unicode text")
-                client_id = value
+            if claims.get(name) is not None:
+                client_id = text_claim(claims, name)
                 break
         if client_id is None:
             names = " or ".join(self.client_id_claims)
@@ -334,11 +377,72 @@ class TokenVerifier:
         return Client(
             client_id=client_id,
             scheme="jwt",
-            scopes=_scopes(claims),
+            scopes=scopes_of(claims),
             tier=tier,
             key_id=None,
             claims=MappingProxyType(claims),
         )
+
+
+# -- claim checks, shared with our own issuer's rules (issuer/own_tokens.py) --------
+
+
+def check_times(claims: dict[str, Any], now: float, leeway: float) -> float:
+    """``exp`` (required), ``nbf`` and ``iat``: the token's ``exp``, or InvalidToken."""
+    exp = _time_claim(claims, "exp")
+    if exp is None:
+        raise InvalidToken("the token has no expiry (exp)")
+    if now >= exp + leeway:
+        raise InvalidToken("the token has expired")
+    nbf = _time_claim(claims, "nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise InvalidToken("the token is not valid yet (nbf)")
+    iat = _time_claim(claims, "iat")
+    if iat is not None and iat > now + leeway:
+        raise InvalidToken("the token was issued in the future (iat)")
+    return exp
+
+
+def check_issuer(claims: dict[str, Any], issuer: str) -> None:
+    iss = claims.get("iss")
+    if not isinstance(iss, str) or iss != issuer:
+        raise InvalidToken("the token's issuer (iss) is not the expected one")
+
+
+def check_audience(claims: dict[str, Any], audience: frozenset[str]) -> None:
+    if "aud" not in claims:
+        if audience:
+            raise InvalidToken("the token has no audience (aud)")
+        return
+    aud = claims["aud"]
+    if isinstance(aud, str):
+        values = [aud]
+    elif isinstance(aud, list) and all(isinstance(v, str) for v in aud):
+        values = aud
+    else:
+        raise InvalidToken("the token's audience (aud) is not a string or a list of strings")
+    if not audience:
+        # RFC 7519 section 4.1.3: a token meant for someone must name us.
+        raise InvalidToken("the token names an audience (aud), and this API accepts none")
+    if audience.isdisjoint(values):
+        raise InvalidToken("the token is not meant for this audience (aud)")
+
+
+def text_claim(claims: dict[str, Any], name: str) -> str:
+    """A claim that must be a non-empty string of valid Unicode text."""
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidToken(f"the token's {name} claim is not a non-empty string")
+    if _LONE_SURROGATE.search(value):
+        # JSON can spell one (\ud800), UTF-8 cannot: such an id could
+        # name no counter in Redis (redis-py failed to encode it, an
+        # "outage" that let it past every limit) nor a key's client.
+        raise InvalidToken(f"the token's {name} claim is not valid Unicode text")
+    return value
+
+
+def algorithm_refused(algorithms: frozenset[str]) -> str:
+    return f"the token's algorithm is not one of: {', '.join(sorted(algorithms))}"
 
 
 def _unexpected(exc: Exception) -> InvalidToken:
@@ -358,7 +462,7 @@ def _time_claim(claims: dict[str, Any], name: str) -> float | None:
     raise InvalidToken(f"the token's {name} claim is not a number")
 
 
-def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
     """``scope`` (space-delimited, RFC 8693/9068) or ``scp`` (a list, or a string)."""
     for name in ("scope", "scp"):
         if name not in claims:
@@ -372,7 +476,7 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
-def _media_type(value: str) -> str:
+def media_type(value: str) -> str:
     """RFC 7515 section 4.1.9: ``typ`` compares case-insensitively, ``application/`` optional."""
     value = value.strip().lower()
     return value.removeprefix("application/")

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http.request import RawPostDataException
 
 from ..audit import audit, ended
 from ..client import Client
@@ -72,6 +73,8 @@ def _view(request: HttpRequest, *, read_body: bool = True) -> RequestView:
         else:
             try:
                 body = request.read(MAX_ENDPOINT_BODY + 1)
+            except RawPostDataException:  # a middleware before this one parsed the form
+                body = request.POST.urlencode().encode()
             except OSError:  # UnreadablePostError: the client went away
                 body = b""
             if len(body) > MAX_ENDPOINT_BODY:

@@ -291,6 +291,12 @@ class TokenService:
         except StoreUnavailable as exc:
             self.engine._store_failed(exc)
             return _unavailable("the key store cannot be reached; try again shortly")
+        except Exception as exc:  # a signing key that cannot be read or made: never a 500
+            # ConfigError (a wrong signing_key_secret), a database error: the
+            # operator's to fix, so logged once per request, without the text of
+            # the request or the key, and answered as an outage.
+            logger.error("the token service cannot sign: %s", type(exc).__name__)
+            return _unavailable("the token service cannot sign tokens right now")
         if view.method == "HEAD":
             return Served(served.status, served.headers, b"", served.content_type)
         return served
@@ -390,7 +396,11 @@ class TokenService:
         if not colon:
             raise _InvalidClient("the Basic credentials hold no client secret", self.realm)
         # RFC 6749 2.3.1: both are form-urlencoded before Basic encoding.
-        client: _KeyClient = query_client(unquote(client_id))
+        client_id = unquote(client_id)
+        named = request.payload.data.get("client_id")
+        if named is not None and named != client_id:
+            raise _InvalidClient("client_id in the form is not the one in Basic", self.realm)
+        client: _KeyClient = query_client(client_id)
         client.check_client_secret(unquote(secret))
         return client
 

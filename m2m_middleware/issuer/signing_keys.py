@@ -226,13 +226,17 @@ class SigningKeys:
             for r in rows
         ]
 
-    def public_jwks(self) -> dict[str, list[dict[str, Any]]]:
-        """The JWKS to publish: every key published and not retired, public halves only."""
+    def public_jwks(self, *, fresh: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """The JWKS to publish: every key published and not retired, public halves only.
+
+        ``fresh`` rereads the store now rather than within ``refresh_interval``
+        (the engine's verifier does, on its own schedule: see own_tokens.py).
+        """
         now = self._now()
         published = sorted(
             (
                 r
-                for r in self._current_rows()
+                for r in self._current_rows(fresh=fresh)
                 if r.publish_from <= now and not self._retired(r, now)
             ),
             key=lambda r: (r.signs_from, r.kid),
@@ -344,6 +348,7 @@ def signing_keys_for(
         secret=checked,
         algorithm=settings.signing_algorithm,
         token_ttl=settings.token_ttl,
+        # A new key waits the max-age the JWKS is served with before it signs.
         jwks_max_age=settings.jwks_max_age,
         clock=clock,
     )

@@ -514,6 +514,17 @@ class KeyStore(abc.ABC):
             return None
         return record
 
+    def find_by_id(self, key_id: str) -> KeyRecord | None:
+        """The record of ``key_id``; None for no key, or one whose row is unreadable.
+
+        For a token our issuer made from this key: is the key still good?
+        """
+        try:
+            return self._fetch(key_id)
+        except UnreadableRow as bad:
+            self._report_unreadable(bad)  # refused as no key, never a 500
+            return None
+
     def _report_unreadable(self, bad: UnreadableRow) -> None:
         reported = self._reported_rows
         if bad.key_id in reported:

@@ -52,6 +52,14 @@ def test_the_jwt_benchmark_reports_both_targets_and_every_framework() -> None:
         out,
         re.M,
     ), out
+    # Our own issuer's tokens (issue 12 item 4), cached and cold, with their targets.
+    assert re.search(rf"^core: our token cached / API key: {RATIO} \(target <= 1.5x: ", out, re.M)
+    assert re.search(
+        rf"^core: our token cold / \(raw joserfc ES256 \+ API key\): .* = {RATIO} "
+        r"\(target <= 1.3x: ",
+        out,
+        re.M,
+    ), out
     for framework in FRAMEWORKS:
         assert re.search(rf"^{framework}: cached JWT / API key overhead: HS256 {RATIO}", out, re.M)
         assert re.search(
@@ -93,4 +101,13 @@ def test_the_benchmark_against_a_commit_times_both_versions_in_every_framework()
             r"/ base: (?:-?[\d.]+|nan)$",
             out,
             re.M,
+        ), out
+
+
+@pytest.mark.slow
+def test_the_signature_benchmark_reports_the_ratio_to_the_raw_verify() -> None:
+    out = run_quick("signature_overhead.py")
+    for kind in ("ed25519", "ecdsa-p256-sha256"):
+        assert re.search(
+            rf"^{kind}: verified request [\d.]+ us / raw verify [\d.]+ us = {RATIO} ", out, re.M
         ), out

@@ -210,6 +210,13 @@ MISSING_EXTRAS = [
     ("psycopg_pool", {"key_store": "postgresql://127.0.0.1/keys"}, "key_store", "postgres"),
     ("django", {"key_store": "django://"}, "key_store", "django"),
     ("django", {"key_store": "DJANGO://replica"}, "key_store", "django"),
+    ("http_message_signatures", {"require_signatures": True}, "require_signatures", "signatures"),
+    (
+        "http_message_signatures",
+        {"routes": [{"path": "/x"}, {"path": "/pay", "signed": True}]},
+        "routes[1].signed",
+        "signatures",
+    ),
 ]
 
 
@@ -260,7 +267,7 @@ def test_jwt_settings_without_joserfc_are_one_config_error(
 def test_settings_that_need_no_extra_build_without_them(
     monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    for module in ("redis", "psycopg", "psycopg_pool", "joserfc"):
+    for module in ("redis", "psycopg", "psycopg_pool", "joserfc", "http_message_signatures"):
         hide(monkeypatch, module, how)
     Engine(
         Settings(
