@@ -579,7 +579,13 @@ def _signing_keys(args: argparse.Namespace, store: KeyStore, *, secret_needed: b
             f"{SECRET_ENVIRONMENT_VARIABLE} (the app's signing_key_secret)",
             exit_code=2,
         )
-    return SigningKeys(store, secret=secret, algorithm=args.algorithm, token_ttl=args.token_ttl)
+    return SigningKeys(
+        store,
+        secret=secret,
+        algorithm=args.algorithm,
+        token_ttl=args.token_ttl,
+        jwks_max_age=args.jwks_max_age,
+    )
 
 
 def _signing_key_rows(infos: Sequence[Any]) -> None:
@@ -636,7 +642,9 @@ def add_signing_key_commands(parser: argparse.ArgumentParser) -> None:
     listing = commands.add_parser(
         "list", parents=[options], help="list the signing keys (never a private key)"
     )
-    listing.set_defaults(handler=cmd_signing_keys_list, algorithm="ES256", token_ttl=300)
+    listing.set_defaults(
+        handler=cmd_signing_keys_list, algorithm="ES256", token_ttl=300, jwks_max_age=300
+    )
     rotate = commands.add_parser(
         "rotate",
         parents=[options],
@@ -656,17 +664,33 @@ def add_signing_key_commands(parser: argparse.ArgumentParser) -> None:
         help="the app's token_ttl: the old keys stay published that long after the new "
         "one signs (default: 300)",
     )
+    rotate.add_argument(
+        "--jwks-max-age",
+        type=_jwks_max_age_option,
+        default=300,
+        metavar="SECONDS",
+        help="the app's jwks_max_age: the new key signs only once every cached JWKS "
+        "has expired (default: 300)",
+    )
     rotate.set_defaults(handler=cmd_signing_keys_rotate)
 
 
-def _token_ttl_option(text: str) -> int:
+def _seconds(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid seconds {text[:40]!r}") from None
-    if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..86400")
+    if not minimum <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{value} is outside {minimum}..86400")
     return value
+
+
+def _token_ttl_option(text: str) -> int:
+    return _seconds(text, 1)
+
+
+def _jwks_max_age_option(text: str) -> int:
+    return _seconds(text, 30)  # the bounds Settings puts on jwks_max_age
 
 
 # -- parser ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .client import Client
 from .errors import AuthError
@@ -69,7 +69,7 @@ class Served:
 
     status: int
     headers: list[Header]
-    body: bytes
+    body: bytes = field(repr=False)  # a token response's: a bearer credential
     content_type: str = "application/json"
     #: The OAuth 2 error code of a refusal ("" when it succeeded), for the audit.
     error: str = ""

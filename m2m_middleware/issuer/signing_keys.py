@@ -3,12 +3,16 @@
 A key's life, in the times each row carries:
 
 - ``publish_from``: it is in :meth:`SigningKeys.public_jwks` from then on;
-- ``signs_from``: it signs from then on, ``jwks_max_age`` after it was published,
-  so that every verifier that cached the JWKS has refetched a copy holding it
-  before the first token it signs can reach them;
+- ``signs_from``: it signs from then on, ``jwks_max_age`` plus ``refresh_interval``
+  after it was published: another instance may publish it up to a refresh
+  later than the one that made it, and a verifier that cached that instance's
+  JWKS just before keeps its copy for a whole ``max-age``; so every verifier
+  has refetched a copy holding it, from any instance, before the first token
+  it signs can reach them;
 - ``retire_after``: set when a successor is made, to the successor's
-  ``signs_from`` plus ``token_ttl`` (plus ``clock_skew``): the last token this key
-  can sign has expired by then, so it leaves the JWKS.
+  ``signs_from`` plus ``refresh_interval`` (an instance that has not reread the
+  rows yet still signs with this key), ``token_ttl`` and ``clock_skew``: the
+  last token this key can sign has expired by then, so it leaves the JWKS.
 
 The current signing key is a pure function of the rows and the time (the
 latest ``signs_from`` that has arrived, the kid breaking ties), so every
@@ -19,7 +23,10 @@ key starts to sign.
 
 The one exception to "published before it signs" is the first key of a
 database: there was no JWKS with our keys before it, and a verifier that meets
-an unknown ``kid`` refetches the JWKS (this package's own does).
+an unknown ``kid`` refetches the JWKS (this package's own does). Instances
+that start on a new database together may each make a first key; the one that
+did rereads the rows on every call for a refresh interval after, so all of
+them publish every first key and agree on the signer from their next request.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -169,10 +177,19 @@ class SigningKeys:
         self._lock = threading.Lock()
         self._rows: list[StoredSigningKey] | None = None
         self._read_at = 0.0
+        #: Until then (clock seconds) every read goes to the table: set when this
+        #: instance made a database's first key, as another may have at the same moment.
+        self._unsettled_until = -math.inf
         self._unsealed: dict[str, SigningKey] = {}
 
     def __repr__(self) -> str:
         return f"SigningKeys(store={self.store!r}, algorithm={self.algorithm!r})"
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Unix seconds now, as these keys see it: which key signs is decided on this
+        clock, so the times in the tokens it signs are read from it too."""
+        return self._clock
 
     # -- reading ----------------------------------------------------------------
 
@@ -183,7 +200,13 @@ class SigningKeys:
         now = self._clock()
         with self._lock:
             rows = self._rows
-            if rows is not None and not fresh and now - self._read_at < self.refresh_interval:
+            settled = now >= self._unsettled_until
+            if (
+                rows is not None
+                and not fresh
+                and settled
+                and now - self._read_at < self.refresh_interval
+            ):
                 return rows
         rows = self._table.rows()
         with self._lock:
@@ -251,7 +274,12 @@ class SigningKeys:
             row = self._signing_row(self._current_rows(fresh=True), now)
         if row is None:
             # No key signs: a new database. Its first key signs at once (see the module doc).
+            # Another instance may be making one too (nothing locks "no key" to the
+            # insert): until a refresh interval has passed, every request rereads the
+            # rows, so both publish both keys and agree on the signer from the next
+            # request on, instead of disagreeing for a whole refresh_interval.
             self._insert(now, signs_from=now)
+            self._unsettled_until = self._clock() + self.refresh_interval
             row = self._signing_row(self._current_rows(fresh=True), now)
             assert row is not None
         return self._unseal(row)
@@ -310,9 +338,12 @@ class SigningKeys:
             # A wrong secret must fail here, not seal the new key under a second
             # secret that no instance configured with the right one could open.
             self._unseal(max(live, key=lambda r: (r.created_at, r.kid)))
-        signs_from = now if first else now + timedelta(seconds=self.jwks_max_age)
+        # Published by every instance within a refresh, then cached for a max-age.
+        wait = self.jwks_max_age + self.refresh_interval
+        signs_from = now if first else now + timedelta(seconds=wait)
         row = self._insert(now, signs_from=signs_from)
-        retire_after = signs_from + timedelta(seconds=self.token_ttl + self.clock_skew)
+        last_signature = signs_from + timedelta(seconds=self.refresh_interval)
+        retire_after = last_signature + timedelta(seconds=self.token_ttl + self.clock_skew)
         self._table.retire_before(signs_from, retire_after)
         self._current_rows(fresh=True)
         return next(info for info in self.list_keys() if info.kid == row.kid)

@@ -122,6 +122,8 @@ class Caller:
     ``SCRIPT_NAME`` for Flask and Django. ``path`` is then relative to it.
     ``peer`` is the address the request comes from as the server sees it (ASGI
     ``client``, WSGI ``REMOTE_ADDR``), ``https`` whether the server got it over TLS.
+    ``body`` is the request's content, sent with a ``Content-Length`` (a
+    ``Content-Type`` among ``headers`` goes where each framework keeps it).
     """
 
     framework: str
@@ -133,6 +135,7 @@ class Caller:
         headers: HeaderInput = None,
         *,
         prefix: str = "",
+        body: bytes = b"",
         peer: str = DEFAULT_PEER,
         https: bool = False,
     ) -> Reply:
@@ -141,22 +144,27 @@ class Caller:
     def get(self, path: str, headers: HeaderInput = None) -> Reply:
         return self("GET", path, headers)
 
+    def post(self, path: str, body: bytes, headers: HeaderInput = None) -> Reply:
+        return self("POST", path, headers, body=body)
+
     def engine(self) -> Engine:
         raise NotImplementedError
 
-    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
-        """GET ``path`` once per entry of ``headers``, all threads released at once."""
+    def concurrently(
+        self, path: str, headers: list[HeaderInput], *, method: str = "GET", body: bytes = b""
+    ) -> list[Reply]:
+        """``method`` ``path`` once per entry of ``headers``, all threads released at once."""
         start = threading.Barrier(len(headers))
 
         def one(h: HeaderInput) -> Reply:
             start.wait(timeout=5)
-            return self._one_of_many(path, h)
+            return self._one_of_many(method, path, h, body)
 
         with ThreadPoolExecutor(max_workers=len(headers)) as pool:
             return list(pool.map(one, headers))
 
-    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
-        return self("GET", path, headers)
+    def _one_of_many(self, method: str, path: str, headers: HeaderInput, body: bytes) -> Reply:
+        return self(method, path, headers, body=body)
 
 
 def echo(client: Client | None) -> dict[str, Any] | None:
@@ -257,6 +265,7 @@ class StarletteCaller(Caller):
         headers: HeaderInput = None,
         *,
         prefix: str = "",
+        body: bytes = b"",
         peer: str = DEFAULT_PEER,
         https: bool = False,
     ) -> Reply:
@@ -274,7 +283,9 @@ class StarletteCaller(Caller):
             async with httpx.AsyncClient(
                 transport=transport, base_url=f"{'https' if https else 'http'}://testserver"
             ) as client:
-                return await client.request(method, prefix + path, headers=raw)
+                return await client.request(
+                    method, prefix + path, headers=raw, content=body or None
+                )
 
         response = asyncio.run(send())
         return Reply(
@@ -381,6 +392,7 @@ class FlaskCaller(Caller):
         headers: HeaderInput = None,
         *,
         prefix: str = "",
+        body: bytes = b"",
         peer: str = DEFAULT_PEER,
         https: bool = False,
     ) -> Reply:
@@ -390,6 +402,7 @@ class FlaskCaller(Caller):
             headers=_header_list(headers),
             base_url=f"{'https' if https else 'http'}://localhost{prefix}",
             environ_base={"REMOTE_ADDR": peer},
+            data=body or None,
         )
         return Reply(response.status_code, Headers(response.headers.items()), response.get_data())
 
@@ -487,11 +500,12 @@ class DjangoCaller(Caller):
         headers: HeaderInput = None,
         *,
         prefix: str = "",
+        body: bytes = b"",
         peer: str = DEFAULT_PEER,
         https: bool = False,
     ) -> Reply:
         with self._settings():
-            return self._send(self.client, method, path, headers, prefix, peer, https)
+            return self._send(self.client, method, path, headers, prefix, body, peer, https)
 
     @staticmethod
     def _send(
@@ -500,28 +514,43 @@ class DjangoCaller(Caller):
         path: str,
         headers: HeaderInput,
         prefix: str,
+        body: bytes = b"",
         peer: str = DEFAULT_PEER,
         https: bool = False,
     ) -> Reply:
         joined: dict[str, str] = {}
+        content_type = "application/octet-stream"  # what Django's client says with no type
         for name, value in _header_list(headers):
+            if name.lower() == "content-type":  # CONTENT_TYPE in the environ, not HTTP_...
+                content_type = value
+                continue
             # What a WSGI server does with a repeated header field.
             joined[name] = f"{joined[name]}, {value}" if name in joined else value
         extra = {"SCRIPT_NAME": prefix} if prefix else {}
         response = client.generic(
-            method, path, headers=joined, secure=https, REMOTE_ADDR=peer, **extra
+            method,
+            path,
+            body,
+            content_type,
+            headers=joined,
+            secure=https,
+            REMOTE_ADDR=peer,
+            **extra,
         )
         body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
         return Reply(response.status_code, Headers(response.headers.items()), body)
 
-    def concurrently(self, path: str, headers: list[HeaderInput]) -> list[Reply]:
+    def concurrently(
+        self, path: str, headers: list[HeaderInput], *, method: str = "GET", body: bytes = b""
+    ) -> list[Reply]:
         # override_settings swaps process-wide state: enter it once, outside the threads.
         with self._settings():
-            return super().concurrently(path, headers)
+            return super().concurrently(path, headers, method=method, body=body)
 
-    def _one_of_many(self, path: str, headers: HeaderInput) -> Reply:
+    def _one_of_many(self, method: str, path: str, headers: HeaderInput, body: bytes) -> Reply:
         # A test client per thread, like a WSGI server's per-request handling.
-        return self._send(DjangoTestClient(raise_request_exception=False), "GET", path, headers, "")
+        client = DjangoTestClient(raise_request_exception=False)
+        return self._send(client, method, path, headers, "", body)
 
     def engine(self) -> Engine:
         with self._settings():

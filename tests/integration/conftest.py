@@ -35,13 +35,11 @@ def _environment(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[str, Command, Mapping[str, str]], Server]]:
-    """``serve(name, command, env)``: a started server; stopped at teardown."""
+def _serving(workdir: Path) -> Iterator[Callable[[str, Command, Mapping[str, str]], Server]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, command: Command, settings: Mapping[str, str]) -> Server:
-        server = servers.start_server(name, command, tmp_path, _environment(settings))
+        server = servers.start_server(name, command, workdir, _environment(settings))
         started.append(server.process)
         return server
 
@@ -50,3 +48,17 @@ def serve(tmp_path: Path) -> Iterator[Callable[[str, Command, Mapping[str, str]]
     finally:
         for process in started:
             servers.stop_server(process)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[[str, Command, Mapping[str, str]], Server]]:
+    """``serve(name, command, env)``: a started server; stopped at teardown."""
+    yield from _serving(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def serve_for_module(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str, Command, Mapping[str, str]], Server]]:
+    """``serve`` for servers a whole module's tests share; stopped after the module."""
+    yield from _serving(tmp_path_factory.mktemp("servers"))

@@ -95,3 +95,23 @@ def test_bad_usage(store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 2 and "outside 1..86400" in capsys.readouterr().err
     code, _, err = run(capsys, "list", "--store", "ftp://nowhere")
     assert code == 2 and len(err.splitlines()) == 1 and "--store" in err
+
+
+def test_rotate_waits_the_apps_jwks_max_age(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An app with ``jwks_max_age=900``: verifiers cache its JWKS for 15 minutes, so a
+    key rotated for it must not sign sooner (the default wait is 300 s)."""
+    from datetime import datetime
+
+    assert run(capsys, "rotate", "--store", store_url, "--json")[0] == 0
+    code, out, _ = run(capsys, "rotate", "--store", store_url, "--jwks-max-age", "900", "--json")
+    assert code == 0
+    new = json.loads(out)
+    wait = datetime.fromisoformat(new["signs_from"]) - datetime.fromisoformat(new["publish_from"])
+    assert wait.total_seconds() >= 900
+    for bad in ("29", "86401", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["signing-keys", "rotate", "--store", store_url, "--jwks-max-age", bad])
+        assert exited.value.code == 2
+        capsys.readouterr()
