@@ -493,7 +493,8 @@ def test_tokens_signed_before_a_rotation_verify_until_they_expire(
         assert operator.current_signing_key().kid == old_kid
         assert send(engine, old).allowed
         assert send(engine, cold_old).allowed  # verified now, with the old key
-        clock.advance(settings.jwks_max_age - 250)  # the new key signs
+        # The new key signs: jwks_max_age after every instance could have read it.
+        clock.advance(settings.jwks_max_age + operator.refresh_interval - 250)
         new = issue(operator, record, clock.wall)
         assert operator.current_signing_key().kid != old_kid
         assert send(engine, new).allowed
@@ -794,10 +795,12 @@ def test_invalidating_a_key_drops_only_its_tokens_and_eviction_unfiles_them(
 def test_the_engine_s_signing_keys_wait_the_configured_jwks_max_age_before_signing(
     store: KeyStore,
 ) -> None:
-    """A rotated-in key signs only once every cached JWKS (``jwks_max_age``) holds it."""
+    """A rotated-in key signs only once every cached JWKS (``jwks_max_age``) holds it,
+    counted from when the last instance rereads the keys (``refresh_interval``)."""
     engine = own_engine(store, jwks_max_age=900)
     assert engine.signing_keys is not None
     assert engine.signing_keys.jwks_max_age == 900
     engine.signing_keys.current_signing_key()
     info = engine.signing_keys.rotate()
-    assert (info.signs_from - info.publish_from).total_seconds() == 900
+    wait = (info.signs_from - info.publish_from).total_seconds()
+    assert wait == 900 + engine.signing_keys.refresh_interval
