@@ -6,13 +6,18 @@ moment: run-to-run drift on a shared machine is larger than 10%. This
 script extracts the package as it was at ``--base`` (``git archive``) into a
 temporary directory under the name ``m2m_base`` (every import inside the
 package is relative, so the copy runs as it is), and times, per framework,
-the bare app, ours at ``--base`` and ours now, interleaved round-robin with
-the drivers of ``overhead.py``.
+the bare app, ours at ``--base``, ours now, and ours now with the transport
+checks on (``trusted_proxies`` and ``require_https``, every request coming
+through a trusted proxy with ``X-Forwarded-For`` and ``X-Forwarded-Proto``),
+interleaved round-robin with the drivers of ``overhead.py``. That last one is
+a copy of the package under another name (``m2m_transport``), so that Django,
+whose middleware reads one ``settings.M2M_AUTH``, can run both side by side.
 
     python benchmarks/against_commit.py --base 258acd0
     python benchmarks/against_commit.py --base HEAD~3 --only flask --clock cpu
 
-The report gives each version's overhead over the bare app and now / base.
+The report gives each version's overhead over the bare app, now / base and
+transport / base.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import importlib
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,6 +41,12 @@ import overhead
 from overhead import CLIENT_ID, LIMIT, Variant
 
 BASE_PACKAGE = "m2m_base"
+TRANSPORT_PACKAGE = "m2m_transport"
+TRANSPORT_LABEL = "ours now + trusted_proxies, require_https"
+#: What each request of the transport variant carries: it came through the proxy.
+PROXIED = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+#: The harness's requests come from 127.0.0.1: that is the trusted proxy.
+TRANSPORT_FIELDS = {"trusted_proxies": ["127.0.0.0/8"], "require_https": True}
 _base_revision = "HEAD"
 
 
@@ -67,16 +79,47 @@ def load_base(revision: str) -> types.ModuleType:
     return importlib.import_module(BASE_PACKAGE)
 
 
+def load_transport_copy() -> types.ModuleType:
+    """The package as it is now, copied as ``m2m_transport`` (its own module state)."""
+    here = Path(__file__).resolve().parent.parent / "m2m_middleware"
+    root = Path(tempfile.mkdtemp(prefix="m2m-transport-"))
+    shutil.copytree(here, root / TRANSPORT_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(TRANSPORT_PACKAGE)
+
+
 def _versions() -> list[tuple[str, str]]:
-    """(label, package name) of the two versions, base first."""
-    return [(f"ours at {_base_revision}", BASE_PACKAGE), ("ours now", "m2m_middleware")]
+    """(label, package name) of the versions, base first."""
+    return [
+        (f"ours at {_base_revision}", BASE_PACKAGE),
+        ("ours now", "m2m_middleware"),
+        (TRANSPORT_LABEL, TRANSPORT_PACKAGE),
+    ]
+
+
+def _fields(package: str) -> dict[str, Any]:
+    return dict(TRANSPORT_FIELDS) if package == TRANSPORT_PACKAGE else {}
+
+
+def _headers(package: str, key: str) -> dict[str, str]:
+    headers = {"X-API-Key": key}
+    if package == TRANSPORT_PACKAGE:
+        headers.update(PROXIED)
+    return headers
+
+
+def _deny_status(package: str) -> int:
+    return 403 if package == TRANSPORT_PACKAGE else 401  # no key, no proto: https_required
 
 
 def _settings(package: str) -> Any:
     root = importlib.import_module(package)
     store = root.open_key_store("memory://")
     key = store.create_key(CLIENT_ID).key
-    return root.Settings(key_store=store, default_limits=LIMIT, rate_limit_storage="memory://"), key
+    settings = root.Settings(
+        key_store=store, default_limits=LIMIT, rate_limit_storage="memory://", **_fields(package)
+    )
+    return settings, key
 
 
 def build_core() -> list[Variant]:
@@ -93,6 +136,9 @@ def build_core() -> list[Variant]:
     for label, package in _versions():
         settings, key = _settings(package)
         engine = importlib.import_module(package).Engine(settings)
+        if package == TRANSPORT_PACKAGE:
+            variants.append(Variant("core", label, "ours", _core_transport(package, engine, key)))
+            continue
         if not engine.check("GET", "/", None, key).allowed:
             raise SystemExit(f"core/{label}: the key was refused")
 
@@ -109,6 +155,38 @@ def build_core() -> list[Variant]:
     return variants
 
 
+def _core_transport(package: str, engine: Any, key: str) -> Any:
+    """``Engine.check`` with a view made per request, as an ASGI adapter makes it
+    (raw header pairs decoded on first use)."""
+    module = importlib.import_module(f"{package}.request_view")
+    view_type, joined, index = module.RequestView, module.joined_headers, module.AsgiHeaderIndex
+    raw = [(n.lower().encode(), v.encode()) for n, v in _headers(package, key).items()]
+
+    def view() -> Any:
+        return view_type(
+            "GET",
+            "/",
+            headers=lambda: joined([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]),
+            client_address="127.0.0.1",
+            find_header=index(raw).get,
+        )
+
+    if not engine.check("GET", "/", None, key, None, view()).allowed:
+        raise SystemExit("core/transport: the key was refused")
+
+    def run(n: int, check: Any = engine.check) -> tuple[int, int]:
+        bad = 0
+        perf = overhead.clock
+        make = view
+        t0 = perf()
+        for _ in range(n):
+            if not check("GET", "/", None, key, None, make()).allowed:
+                bad += 1
+        return perf() - t0, bad
+
+    return run
+
+
 def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
     variants = [
         overhead.asgi_variant(loop, "starlette", "bare", "bare", overhead.starlette_app(), {}, None)
@@ -119,7 +197,16 @@ def build_starlette(loop: asyncio.AbstractEventLoop) -> list[Variant]:
         app = overhead.starlette_app()
         app.add_middleware(middleware, settings=settings)
         variants.append(
-            overhead.asgi_variant(loop, "starlette", label, "ours", app, {"X-API-Key": key}, 401)
+            overhead.asgi_variant(
+                loop,
+                "starlette",
+                label,
+                "ours",
+                app,
+                _headers(package, key),
+                _deny_status(package),
+                wrong_headers={**_headers(package, key), "X-API-Key": "m2m_not-a-real-key"},
+            )
         )
     return variants
 
@@ -132,28 +219,46 @@ def build_flask() -> list[Variant]:
         app = overhead.flask_app()
         auth(app, settings=settings)
         variants.append(
-            overhead.wsgi_variant("flask", label, "ours", app, "/", {"X-API-Key": key}, 401)
+            overhead.wsgi_variant(
+                "flask",
+                label,
+                "ours",
+                app,
+                "/",
+                _headers(package, key),
+                _deny_status(package),
+                wrong_headers={**_headers(package, key), "X-API-Key": "m2m_not-a-real-key"},
+            )
         )
     return variants
 
 
 def build_django() -> list[Variant]:
-    (base_label, base_package), (now_label, now_package) = _versions()
-    now_settings, now_key = _settings(now_package)
-    base_settings, base_key = _settings(base_package)
-    overhead.configure_django({"key_store": now_settings.key_store, "default_limits": LIMIT})
-    overhead.django_urls({})
-    # Both middlewares read settings.M2M_AUTH per request; the base copy is
-    # pointed at a settings object of its own, so each gets its own store.
-    base_middleware = importlib.import_module(f"{base_package}.django.middleware")
-    base_middleware.django_settings = types.SimpleNamespace(  # type: ignore[attr-defined]
-        M2M_AUTH={"key_store": base_settings.key_store, "default_limits": LIMIT}
-    )
-    specs = [
-        ("bare", "bare", [], {}, None),
-        (base_label, "ours", [f"{base_package}.django.M2MAuthMiddleware"], base_key, 401),
-        (now_label, "ours", [f"{now_package}.django.M2MAuthMiddleware"], now_key, 401),
+    versions = _versions()
+    now_package = "m2m_middleware"
+    specs: list[tuple[str, str, list[str], dict[str, str], int | None]] = [
+        ("bare", "bare", [], {}, None)
     ]
+    for label, package in versions:
+        settings, key = _settings(package)
+        config = {"key_store": settings.key_store, "default_limits": LIMIT, **_fields(package)}
+        if package == now_package:
+            overhead.configure_django(config)  # the one process-wide configuration
+            overhead.django_urls({})
+        else:
+            # Both middlewares read settings.M2M_AUTH per request; each copy is
+            # pointed at a settings object of its own, so each gets its own store.
+            middleware = importlib.import_module(f"{package}.django.middleware")
+            middleware.django_settings = types.SimpleNamespace(M2M_AUTH=config)  # type: ignore[attr-defined]
+        specs.append(
+            (
+                label,
+                "ours",
+                [f"{package}.django.M2MAuthMiddleware"],
+                _headers(package, key),
+                _deny_status(package),
+            )
+        )
     return [
         overhead.wsgi_variant(
             "django",
@@ -161,10 +266,11 @@ def build_django() -> list[Variant]:
             role,
             overhead.django_handler(chain),
             "/",
-            {"X-API-Key": key} if key else {},
+            headers,
             deny,
+            wrong_headers={**headers, "X-API-Key": "m2m_not-a-real-key"} if headers else None,
         )
-        for stack, role, chain, key, deny in specs
+        for stack, role, chain, headers, deny in specs
     ]
 
 
@@ -174,6 +280,7 @@ def build(
     global _base_revision
     _base_revision = args.base
     load_base(args.base)
+    load_transport_copy()
     variants = build_core()
     if "starlette" in frameworks:
         variants += build_starlette(loop)
@@ -191,13 +298,17 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
         if not found:
             continue
         bare = found["bare"].median_us
-        (base_label, _), (now_label, _) = _versions()
+        (base_label, _), (now_label, _), (transport_label, _) = _versions()
         base = found[base_label].median_us - bare
         now = found[now_label].median_us - bare
+        transport = found[transport_label].median_us - bare
         ratio = now / base if base > 0 else float("nan")
+        transport_ratio = transport / base if base > 0 else float("nan")
         lines.append(
             f"{framework}: bare {bare:7.2f} us   overhead {base_label}: {base:6.2f} us   "
-            f"now: {now:6.2f} us   now / base: {ratio:.3f}"
+            f"now: {now:6.2f} us   now / base: {ratio:.3f}   "
+            f"with trusted_proxies + require_https: {transport:6.2f} us, "
+            f"/ base: {transport_ratio:.3f}"
         )
         if verbose:
             for variant in found.values():

@@ -69,6 +69,9 @@ def write(outcome: Allowed | Denied, method: str, path: str, status: int = 200) 
         "m2m_method": method,
         "m2m_path": path,
     }
+    if isinstance(outcome, Denied) and outcome.credential_in_clear:
+        # That a credential crossed the network in clear, never the credential.
+        fields["m2m_credential_in_clear"] = True
     if isinstance(outcome, Allowed):
         audit.info("allowed %s %s client=%s key=%s", method, path, client_id, key_id, extra=fields)
     else:

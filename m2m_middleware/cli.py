@@ -32,6 +32,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import __version__
+from .client_keys import MAX_PUBLIC_KEY_PEM, check_allowed_cidrs, check_signing_public_key
 from .errors import ConfigError, M2MError
 from .stores import KeyRecord, KeyStore, SQLiteKeyStore, open_key_store
 from .syntax import check_client_id, check_scope, check_tier
@@ -130,6 +131,32 @@ def _duration_option_named(word: str) -> str | None:
         return None
     found = [name for name in _DURATION_OPTIONS if name.startswith(word)]
     return found[0] if len(found) == 1 else None
+
+
+def _cidrs_option(values: list[str]) -> tuple[str, ...]:
+    """--allow-cidr, repeated (or several separated by commas or spaces)."""
+    cidrs = [part for value in values for part in value.replace(",", " ").split()]
+    try:
+        return check_allowed_cidrs(cidrs)
+    except ValueError as exc:
+        raise UsageError(f"--allow-cidr: {str(exc).removeprefix('allowed_cidrs: ')}") from None
+
+
+def _signing_key_option(path: str) -> str:
+    """--signing-key FILE: the PEM public key in it, checked (never echoed back)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_PUBLIC_KEY_PEM + 1)
+    except OSError as exc:
+        raise UsageError(f"--signing-key: cannot read {path!r}: {exc.strerror or exc}") from None
+    try:
+        checked = check_signing_public_key(data)
+    except ValueError as exc:
+        problem = str(exc).removeprefix("signing_public_key: ")
+        raise UsageError(f"--signing-key: {problem}") from None
+    if checked is None:
+        raise UsageError(f"--signing-key: {path!r} is empty")
+    return checked
 
 
 def _duration_option(option: str, text: str, *, allow_zero: bool) -> float:
@@ -296,6 +323,8 @@ def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
     if args.expires_in is not None:
         seconds = _duration_option("--expires-in", args.expires_in, allow_zero=False)
         expires_at = (_utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
+    cidrs = _cidrs_option(args.allow_cidr)
+    public_key = _signing_key_option(args.signing_key) if args.signing_key else None
 
     issued = store.create_key(
         args.client,
@@ -304,6 +333,8 @@ def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
         name=name,
         expires_at=expires_at,
         max_uses=max_uses,
+        allowed_cidrs=cidrs,
+        signing_public_key=public_key,
     )
     record = issued.record
     if args.json:
@@ -318,6 +349,8 @@ def cmd_keys_create(args: argparse.Namespace, store: KeyStore) -> int:
                 "created_at": _iso(record.created_at),
                 "expires_at": _iso(record.expires_at),
                 "max_uses": record.remaining_uses,
+                "allowed_cidrs": list(record.allowed_cidrs),
+                "signing_public_key": record.signing_public_key,
             }
         )
         return 0
@@ -341,6 +374,10 @@ def _print_details(record: KeyRecord) -> None:
     print(f"  tier:      {_printable(record.tier) if record.tier is not None else '(default)'}")
     print(f"  expires:   {_when(record.expires_at)}")
     print(f"  max uses:  {uses}")
+    if record.allowed_cidrs:
+        print(f"  networks:  {' '.join(record.allowed_cidrs)}")
+    if record.signing_public_key:
+        print("  signing:   a request-signing public key")
 
 
 _LIST_COLUMNS = (
@@ -715,6 +752,19 @@ def add_keys_commands(
     )
     create.add_argument(
         "--max-uses", metavar="N", help="number of requests the key admits (default: unlimited)"
+    )
+    create.add_argument(
+        "--allow-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a network the key may be used from, e.g. 10.0.0.0/8 or 2001:db8::/32; repeat "
+        "for several (default: anywhere)",
+    )
+    create.add_argument(
+        "--signing-key",
+        metavar="FILE",
+        help="PEM file with the client's Ed25519 or P-256 public key for request signatures",
     )
     create.add_argument("--json", action="store_true", help="print the result as JSON")
     create.set_defaults(handler=cmd_keys_create)

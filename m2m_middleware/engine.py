@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from hashlib import sha256
+from logging import INFO
 from time import monotonic, time
 from typing import TYPE_CHECKING
 
@@ -22,8 +23,10 @@ from .audit import write as _audit
 from .client import Client
 from .credentials import extract_credential, looks_like_jwt
 from .errors import (
+    AddressNotAllowed,
     AuthError,
     ConfigError,
+    HttpsRequired,
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
@@ -40,6 +43,7 @@ from .settings import Route, Settings, invalidation_url
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
 from .syntax import CONTROL_CHARACTERS
+from .transport import Network, Transport, address_in, parse_networks
 
 if TYPE_CHECKING:
     from .invalidation import RedisBus
@@ -78,6 +82,9 @@ class _CachedKey:
     token_of: str | None = None
     #: Why the entry ends at ``dead_at``, when that is its API key's end, not its ``exp``.
     ended: str | None = None
+    #: The key's ``allowed_cidrs``, parsed; None when it may be used from anywhere
+    #: (such a key never takes the fast lane, so only it pays for the check).
+    networks: tuple[Network, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -150,6 +157,15 @@ def _wall() -> float:
     return time()  # the same, for wall-clock time
 
 
+def _networks(record: KeyRecord) -> tuple[Network, ...] | None:
+    if not record.allowed_cidrs:
+        return None
+    try:
+        return parse_networks(record.allowed_cidrs)
+    except ValueError:  # a row edited by hand: no address is in a network it cannot name
+        return ()
+
+
 def _epoch(value: object) -> float:
     return value.timestamp() if value is not None else math.inf  # type: ignore[attr-defined]
 
@@ -205,6 +221,7 @@ class KeyCache:
             client,
             min(_epoch(record.revoked_at), _epoch(record.expires_at)),
             monotonic() + self.ttl,
+            networks=_networks(record),
         )
         if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
@@ -385,6 +402,17 @@ class Engine:
         #: Paths the middleware answers itself (:meth:`serve`); empty when none are on,
         #: so an adapter's one test per request is a miss on an empty set.
         self.endpoints: frozenset[str] = frozenset()
+        #: True when adapters must pass a :class:`RequestView` (``view=``): a check reads
+        #: more than the credential headers. False: they pass the peer address only.
+        self.needs_view = settings.needs_request_view
+        self.transport = Transport(settings.trusted_networks, settings.proxy_headers)
+        self._require_https = settings.require_https
+        self._hsts: tuple[str, str] | None = (
+            ("Strict-Transport-Security", f"max-age={settings.hsts_seconds}")
+            if settings.hsts_seconds
+            else None
+        )
+        self._public_hsts = Allowed(None, [self._hsts] if self._hsts else [])
         self.realm = settings.realm
         self.header_name = settings.api_key_header
         self._max_length = settings.max_credential_length
@@ -427,29 +455,56 @@ class Engine:
     # -- the two front doors --------------------------------------------------
 
     def check(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        peer: str | None = None,
+        view: RequestView | None = None,
     ) -> Allowed | Denied:
         """Decide one request and audit it. Never raises for anything the client sent.
 
+        ``peer`` is the address of the socket's other end as the server gave it;
+        ``view`` the whole request, which the caller must pass when
+        :attr:`needs_view` is True (its ``client_address`` is then the peer).
         For a caller whose request ends with this answer. Adapters, which
         run the application after it, call :meth:`gate` instead.
         """
-        outcome = self._check(method, path, authorization, api_key)
-        if outcome is not PUBLIC and audit.isEnabledFor(logging.INFO):
+        if view is None:
+            outcome = self._check(method, path, authorization, api_key, peer)
+        else:
+            outcome = self._check_view(method, path, authorization, api_key, view)
+        if (outcome.client is not None or not outcome.allowed) and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
         return outcome
 
     async def acheck(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        peer: str | None = None,
+        view: RequestView | None = None,
     ) -> Allowed | Denied:
         """The async twin of :meth:`check`: blocking store calls run in a thread."""
-        outcome = await self._acheck(method, path, authorization, api_key)
-        if outcome is not PUBLIC and audit.isEnabledFor(logging.INFO):
+        if view is None:
+            outcome = await self._acheck(method, path, authorization, api_key, peer)
+        else:
+            outcome = await self._acheck_view(method, path, authorization, api_key, view)
+        if (outcome.client is not None or not outcome.allowed) and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
         return outcome
 
     def gate(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        peer: str | None = None,
+        view: RequestView | None = None,
     ) -> Allowed | Denied:
         """:meth:`check` for an adapter, which audits an admitted request itself.
 
@@ -458,34 +513,79 @@ class Engine:
         (``require_scopes``), so its adapter writes its one record when the
         application has answered (:func:`m2m_middleware.audit.ended`).
         """
-        outcome = self._check(method, path, authorization, api_key)
-        if not outcome.allowed and audit.isEnabledFor(logging.INFO):
+        if view is None:
+            outcome = self._check(method, path, authorization, api_key, peer)
+        else:
+            outcome = self._check_view(method, path, authorization, api_key, view)
+        if not outcome.allowed and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
         return outcome
 
     async def agate(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        peer: str | None = None,
+        view: RequestView | None = None,
     ) -> Allowed | Denied:
         """The async twin of :meth:`gate`."""
-        outcome = await self._acheck(method, path, authorization, api_key)
-        if not outcome.allowed and audit.isEnabledFor(logging.INFO):
+        if view is None:
+            outcome = await self._acheck(method, path, authorization, api_key, peer)
+        else:
+            outcome = await self._acheck_view(method, path, authorization, api_key, view)
+        if not outcome.allowed and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
         return outcome
 
-    def serve(self, view: RequestView) -> Served:
+    def serve(self, view: RequestView) -> Served | Denied:
         """Answer a request for one of :attr:`endpoints` (the adapter read its body)."""
         service = self.token_service
         assert service is not None, "serve() is for the paths in engine.endpoints"
-        return service.serve(view)
+        https, refused = self._endpoint_transport(view)
+        if refused is not None:
+            return refused
+        return self._served_hsts(service.serve(view), https)
 
-    async def aserve(self, view: RequestView) -> Served:
+    async def aserve(self, view: RequestView) -> Served | Denied:
         """The async twin of :meth:`serve`: store reads and signing run in a thread
         unless nothing can block (an in-memory store and limits, a fast algorithm)."""
         service = self.token_service
         assert service is not None, "aserve() is for the paths in engine.endpoints"
+        https, refused = self._endpoint_transport(view)
+        if refused is not None:
+            return refused
         if self.never_blocks and self.settings.signing_algorithm != "RS256":
-            return service.serve(view)
-        return await self.store.run_blocking(service.serve, view)
+            return self._served_hsts(service.serve(view), https)
+        return self._served_hsts(await self.store.run_blocking(service.serve, view), https)
+
+    def _endpoint_transport(self, view: RequestView) -> tuple[bool, Denied | None]:
+        """An endpoint's request as the transport settings see it: whether it came over
+        HTTPS, and the refusal of a plain-HTTP token request under ``require_https``
+        (the JWKS and the metadata are public, as public paths are). The view's
+        ``client_address`` becomes the client's, as trusted proxies report it, which
+        the token endpoint checks a key's ``allowed_cidrs`` against."""
+        if not self.needs_view:
+            return False, None
+        address, https = self.transport.resolve(view)
+        view.client_address = address
+        if not https and self._require_https and view.path == self.settings.token_endpoint:
+            body = view.body or b""
+            denied = self._deny(
+                HttpsRequired("this API is served over HTTPS only; send the request to https://")
+            )
+            if view.header("authorization") or b"client_secret" in body:
+                denied = replace(denied, credential_in_clear=True)
+            if audit.isEnabledFor(INFO):
+                _audit(denied, view.method, view.path)
+            return https, denied
+        return https, None
+
+    def _served_hsts(self, served: Served, https: bool) -> Served:
+        if https and self._hsts is not None:
+            return replace(served, headers=[*served.headers, self._hsts])
+        return served
 
     def key_entry(self, credential: str) -> _CachedKey:
         """An API key verified as a request's is (checksum, cache, store), for the token
@@ -503,8 +603,71 @@ class Engine:
             entry = self._find_key(key_hash, entry)
         return entry
 
+    def _check_view(
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        view: RequestView,
+    ) -> Allowed | Denied:
+        """:meth:`_check` for a request whose transport matters (see :attr:`needs_view`)."""
+        address, https = self.transport.resolve(view)
+        if not https and self._require_https:
+            refused = self._plain_http(path, authorization, api_key)
+            if refused is not None:
+                return refused
+        outcome = self._check(method, path, authorization, api_key, address)
+        return self._with_hsts(outcome) if https and self._hsts is not None else outcome
+
+    async def _acheck_view(
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        view: RequestView,
+    ) -> Allowed | Denied:
+        """The async twin of :meth:`_check_view`."""
+        address, https = self.transport.resolve(view)
+        if not https and self._require_https:
+            refused = self._plain_http(path, authorization, api_key)
+            if refused is not None:
+                return refused
+        outcome = await self._acheck(method, path, authorization, api_key, address)
+        return self._with_hsts(outcome) if https and self._hsts is not None else outcome
+
+    def _plain_http(
+        self, path: str, authorization: str | None, api_key: str | None
+    ) -> Denied | None:
+        """The refusal of a plain-HTTP request under ``require_https``, before its
+        credential is looked at; None on a public path (it needs no credential, and
+        a load balancer's health check may well come in plain)."""
+        public = self._public
+        if public is not None and path.isprintable() and public.match(path):
+            return None
+        denied = self._deny(
+            HttpsRequired("this API is served over HTTPS only; send the request to https://")
+        )
+        if authorization or api_key:
+            denied = replace(denied, credential_in_clear=True)
+        return denied
+
+    def _with_hsts(self, outcome: Allowed | Denied) -> Allowed | Denied:
+        assert self._hsts is not None
+        if isinstance(outcome, Denied):
+            return replace(outcome, headers=[*outcome.headers, self._hsts])
+        if outcome.client is None:
+            return self._public_hsts
+        return Allowed(outcome.client, [*outcome.headers, self._hsts])
+
     def _check(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        address: str | None = None,
     ) -> Allowed | Denied:
         entry = None
         try:
@@ -525,7 +688,7 @@ class Engine:
             now = time()
             plan = entry.plan
             if plan is None or entry.dead_at <= now:
-                return self._decide(entry, method, path)
+                return self._decide(entry, method, path, address)
             # The fast lane: a live key without usage limit, no route rules.
             try:
                 charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
@@ -542,9 +705,11 @@ class Engine:
                 error, entry.client if entry is not None and error.status != 401 else None
             )
 
-    def _decide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
-        """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry."""
-        plan, cost = self._authorize(entry, method, path)
+    def _decide(
+        self, entry: _CachedKey, method: str, path: str, address: str | None
+    ) -> Allowed | Denied:
+        """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry, networks."""
+        plan, cost = self._authorize(entry, method, path, address)
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -574,7 +739,12 @@ class Engine:
         return Allowed(entry.client, charge.headers)
 
     async def _acheck(
-        self, method: str, path: str, authorization: str | None, api_key: str | None
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        api_key: str | None,
+        address: str | None = None,
     ) -> Allowed | Denied:
         entry = None
         try:
@@ -595,7 +765,7 @@ class Engine:
             now = time()
             plan = entry.plan
             if plan is None or entry.dead_at <= now or not self.limiter.in_memory:
-                return await self._adecide(entry, method, path)
+                return await self._adecide(entry, method, path, address)
             try:
                 charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
             except StorageDown:
@@ -615,8 +785,10 @@ class Engine:
                 error, entry.client if entry is not None and error.status != 401 else None
             )
 
-    async def _adecide(self, entry: _CachedKey, method: str, path: str) -> Allowed | Denied:
-        plan, cost = self._authorize(entry, method, path)
+    async def _adecide(
+        self, entry: _CachedKey, method: str, path: str, address: str | None
+    ) -> Allowed | Denied:
+        plan, cost = self._authorize(entry, method, path, address)
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -862,21 +1034,26 @@ class Engine:
         else:
             self._return_use(key_id)
 
-    def _authorize(self, entry: _CachedKey, method: str, path: str) -> tuple[LimitPlan, int]:
-        """Expiry, scopes and uses left: the plan and cost to charge, or an AuthError."""
+    def _authorize(
+        self, entry: _CachedKey, method: str, path: str, address: str | None
+    ) -> tuple[LimitPlan, int]:
+        """Expiry, networks, scopes and uses left: the plan and cost to charge, or an AuthError."""
         record = entry.record
         if entry.dead_at <= time():
             if record is None:
                 raise InvalidToken(entry.ended or "the token has expired")
             reason = "was revoked" if record.revoked_at is not None else "has expired"
             raise InvalidToken(f"the API key {reason}")
+        networks = entry.networks
+        if networks is not None and not address_in(address, networks):
+            raise AddressNotAllowed("this key may not be used from this address")
         client = entry.client
         remaining = record.remaining_uses if record is not None else None
         if not self._routes:
             if remaining is not None and remaining <= 0:
                 raise QuotaExceeded("this key has no uses left")
             plan = self.limiter.plan(client.tier, ())
-            if remaining is None:
+            if remaining is None and networks is None:
                 entry.plan = plan  # opens the fast lane for this key
             return plan, 1
         routes = self._matching_routes(method, path)

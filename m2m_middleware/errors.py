@@ -121,3 +121,15 @@ class TemporarilyUnavailable(AuthError):
     status = 503
     error = "temporarily_unavailable"
     title = "Temporarily unavailable"
+
+
+class HttpsRequired(AuthError):
+    status = 403
+    error = "https_required"
+    title = "HTTPS required"
+
+
+class AddressNotAllowed(AuthError):
+    status = 403
+    error = "address_not_allowed"
+    title = "Address not allowed"

@@ -39,7 +39,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied, status_line
-from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
+from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
 from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
 
@@ -81,9 +81,23 @@ class _Gate:
         engine = state.engine
         if engine.endpoints and path in engine.endpoints:
             return _write(engine.serve(wsgi_view(environ, method, path)), start_response)
-        outcome = engine.gate(
-            method, path, environ.get("HTTP_AUTHORIZATION"), environ.get(state.environ_key)
-        )
+        if engine.needs_view:  # transport checks: they read more than two headers
+            outcome = engine.gate(
+                method,
+                path,
+                environ.get("HTTP_AUTHORIZATION"),
+                environ.get(state.environ_key),
+                None,
+                wsgi_view(environ, method, path, read_body=False),
+            )
+        else:
+            outcome = engine.gate(
+                method,
+                path,
+                environ.get("HTTP_AUTHORIZATION"),
+                environ.get(state.environ_key),
+                environ.get("REMOTE_ADDR"),  # a key's allowed_cidrs reads it
+            )
         if isinstance(outcome, Denied):
             return _write(outcome, start_response)
         environ[ENVIRON_KEY] = outcome.client
@@ -154,7 +168,9 @@ def _write(answer: Answer, start_response: StartResponse) -> list[bytes]:
     return [answer.body]
 
 
-def wsgi_view(environ: dict[str, Any], method: str, path: str) -> RequestView:
+def wsgi_view(
+    environ: dict[str, Any], method: str, path: str, *, read_body: bool = True
+) -> RequestView:
     """The neutral view of a WSGI request to an endpoint the middleware answers.
 
     The body is read for a POST, up to :data:`MAX_ENDPOINT_BODY` (None past
@@ -163,7 +179,7 @@ def wsgi_view(environ: dict[str, Any], method: str, path: str) -> RequestView:
     read past the declared length).
     """
     body: bytes | None = b""
-    if method == "POST":
+    if read_body and method == "POST":
         declared = environ.get("CONTENT_LENGTH") or ""
         if declared.isdigit() and int(declared) > MAX_ENDPOINT_BODY:
             body = None
@@ -180,6 +196,7 @@ def wsgi_view(environ: dict[str, Any], method: str, path: str) -> RequestView:
         scheme=environ.get("wsgi.url_scheme", "http"),
         client_address=environ.get("REMOTE_ADDR"),
         body=body,
+        find_header=functools.partial(wsgi_header, environ),
     )
 
 

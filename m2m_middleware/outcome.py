@@ -50,6 +50,9 @@ class Denied:
     detail: str = ""
     #: Who was refused, when the credential was good (scope, limits, uses).
     client: Client | None = None
+    #: True when the refused request carried a credential over plain HTTP
+    #: (``require_https``): the audit says so, so operators know to rotate it.
+    credential_in_clear: bool = False
 
     allowed = False
 
@@ -78,6 +81,13 @@ class Served:
 Answer = Denied | Served
 
 PUBLIC = Allowed(None)
+
+#: On every problem response: a refusal is about one request and one credential,
+#: so no cache may keep it (RFC 9111), and no browser may sniff it into HTML.
+PROBLEM_HEADERS: tuple[Header, ...] = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+)
 
 _ALL_STATUS_TEXT = {
     200: "OK",
@@ -146,5 +156,6 @@ def deny(
         headers.append(("WWW-Authenticate", challenge(realm, error)))
     if extra_headers:
         headers.extend(extra_headers)
+    headers.extend(PROBLEM_HEADERS)
     body = json.dumps(problem, separators=(",", ":")).encode()
     return Denied(error.status, error.error, headers, body, error.detail, client)

@@ -27,8 +27,11 @@ from .syntax import (
     glob_pattern,
     slashed,
 )
+from .transport import PROXY_HEADER_CHOICES, Network, parse_networks
 
 SCHEMES = ("api_key", "jwt")
+#: Ten years: browsers cap max-age lower anyway; anything longer is a typo.
+HSTS_MAX = 10 * 365 * 86400
 #: What the token service signs with (CONTRACT.md "Token service"); ES256 first: the default.
 SIGNING_ALGORITHMS = ("ES256", "EdDSA", "RS256")
 STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
@@ -250,6 +253,11 @@ class Settings:
     token_audience: str | None = None  # default: token_issuer
     token_limits: Any = "30/minute"  # noqa: S105 (a limit, not a password)
     jwks_max_age: int = 300
+    # Transport (CONTRACT.md "Transport and request security"); all off by default.
+    trusted_proxies: Sequence[str] = ()
+    proxy_headers: str = "auto"
+    require_https: bool = False
+    hsts_seconds: int = 0
     # Request signatures (RFC 9421; m2m_middleware.signatures), on the routes
     # marked "signed" or, with require_signatures, everywhere.
     require_signatures: bool = False
@@ -267,6 +275,7 @@ class Settings:
     public_path_pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     jwt_key_ring: Any = field(init=False, repr=False, compare=False)
     token_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
+    trusted_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
     source_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
     #: Whether any request may need a signature: require_signatures, or a signed route.
     signatures_needed: bool = field(init=False, repr=False, compare=False)
@@ -390,6 +399,7 @@ class Settings:
             check_realm(self.realm)
         except ValueError as exc:
             raise ConfigError("realm", str(exc)) from None
+        self._validate_transport()
         _number(
             "max_credential_length",
             self.max_credential_length,
@@ -546,6 +556,33 @@ class Settings:
                 "keys in jwt_keys (an HMAC secret needs HS256, an RSA key RS256 or PS256, "
                 "an EC P-256 key ES256, an Ed25519 key EdDSA)",
             )
+
+    def _validate_transport(self) -> None:
+        set_ = object.__setattr__
+        proxies = self.trusted_proxies
+        if isinstance(proxies, str):
+            proxies = [p for p in re.split(r"[\s,]+", proxies) if p]  # "10.0.0.0/8, ::1"
+        if not isinstance(proxies, Iterable):
+            raise ConfigError("trusted_proxies", f"expected a list of CIDRs, got {proxies!r}")
+        try:
+            networks = parse_networks(proxies)
+        except ValueError as exc:
+            raise ConfigError("trusted_proxies", str(exc)) from None
+        set_(self, "trusted_proxies", tuple(str(n) for n in networks))
+        set_(self, "trusted_networks", networks)
+        if self.proxy_headers not in PROXY_HEADER_CHOICES:
+            raise ConfigError(
+                "proxy_headers",
+                f"{str(self.proxy_headers)[:40]!r}; choose from {', '.join(PROXY_HEADER_CHOICES)}",
+            )
+        if not isinstance(self.require_https, bool):
+            raise ConfigError("require_https", "expected true or false")
+        _number("hsts_seconds", self.hsts_seconds, minimum=0, maximum=HSTS_MAX, integer=True)
+
+    @property
+    def needs_request_view(self) -> bool:
+        """True when a check reads more of a request than its credential headers."""
+        return bool(self.trusted_networks) or self.require_https or self.hsts_seconds > 0
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> Settings:

@@ -30,7 +30,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied
-from .request_view import MAX_ENDPOINT_BODY, RequestView, joined_headers
+from .request_view import MAX_ENDPOINT_BODY, AsgiHeaderIndex, RequestView, joined_headers
 from .scopes import ScopeRequirement
 from .settings import Settings
 
@@ -106,10 +106,19 @@ class M2MMiddleware:
         if self._endpoints and path in self._endpoints and kind == "http":
             await _send_answer(await engine.aserve(await _view(scope, receive, path)), send)
             return
-        if engine.never_blocks:
-            outcome = engine.gate(method, path, authorization, api_key)
+        if engine.needs_view:  # transport checks: they read more than two headers
+            view = _scope_view(scope, path)
+            if engine.never_blocks:
+                outcome = engine.gate(method, path, authorization, api_key, None, view)
+            else:
+                outcome = await engine.agate(method, path, authorization, api_key, None, view)
         else:
-            outcome = await engine.agate(method, path, authorization, api_key)
+            peer = scope.get("client")
+            address = peer[0] if peer else None  # a key's allowed_cidrs reads it
+            if engine.never_blocks:
+                outcome = engine.gate(method, path, authorization, api_key, address)
+            else:
+                outcome = await engine.agate(method, path, authorization, api_key, address)
         if isinstance(outcome, Denied):
             if kind == "websocket":
                 await _refuse_websocket(outcome, scope, send)
@@ -251,6 +260,11 @@ async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:
             more = message.get("more_body", False)
         if body is not None:
             body = b"".join(chunks)
+    return _scope_view(scope, path, body)
+
+
+def _scope_view(scope: Scope, path: str, body: bytes | None = b"") -> RequestView:
+    """The neutral view of an ASGI request; its headers are decoded on first use."""
     client = scope.get("client")
     raw_headers = scope["headers"]
 
@@ -262,9 +276,10 @@ async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:
         path,
         headers=headers,
         query=scope.get("query_string", b"").decode("latin-1"),
-        scheme=scope.get("scheme", "http"),
+        scheme=scope.get("scheme") or ("ws" if scope["type"] == "websocket" else "http"),
         client_address=client[0] if client else None,
         body=body,
+        find_header=AsgiHeaderIndex(raw_headers).get,
     )
 
 

@@ -30,6 +30,7 @@ from django.utils import timezone
 from django.utils.cache import patch_cache_control
 
 from .. import keys as keyformat
+from ..client_keys import check_allowed_cidrs, check_signing_public_key
 from ..errors import ConfigError, KeyNotFound, KeyStoreError
 from ..settings import Settings
 from ..stores.base import IssuedKey, KeyStore
@@ -119,6 +120,14 @@ class StatusFilter(admin.SimpleListFilter):
         return queryset.filter(wanted) if wanted is not None else queryset
 
 
+class _UnechoedTextarea(forms.Textarea):
+    """Never renders what was typed, as a password input does not: a form shown
+    again with an error must not put a pasted private key back on the page."""
+
+    def format_value(self, value: Any) -> str | None:
+        return None
+
+
 class CreateKeyForm(forms.Form):
     client_id = forms.CharField(
         label="Client id",
@@ -148,6 +157,19 @@ class CreateKeyForm(forms.Form):
         required=False,
         min_value=1,
         help_text="Leave empty for no usage limit.",
+    )
+    allowed_cidrs = forms.CharField(
+        label="Allowed networks",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "class": "vLargeTextField"}),
+        help_text="CIDRs the key may be used from, one per line, e.g. <code>10.0.0.0/8</code> "
+        "or <code>2001:db8::/32</code>. Leave empty for anywhere.",
+    )
+    signing_public_key = forms.CharField(
+        label="Request-signing public key",
+        required=False,
+        widget=_UnechoedTextarea(attrs={"rows": 5, "class": "vLargeTextField"}),
+        help_text="The client's Ed25519 or P-256 <em>public</em> key, PEM. Never a private key.",
     )
 
     def __init__(self, *args: Any, tiers: Sequence[str] = (), **kwargs: Any) -> None:
@@ -179,6 +201,20 @@ class CreateKeyForm(forms.Form):
     def clean_tier(self) -> str:
         tier: str = self.cleaned_data["tier"]
         return _field_value(check_tier, tier) if tier else tier
+
+    def clean_allowed_cidrs(self) -> tuple[str, ...]:
+        text: str = self.cleaned_data["allowed_cidrs"]
+        try:
+            return check_allowed_cidrs(text.replace(",", " ").split())
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc).removeprefix("allowed_cidrs: ")) from None
+
+    def clean_signing_public_key(self) -> str | None:
+        text: str = self.cleaned_data["signing_public_key"]
+        try:
+            return check_signing_public_key(text)
+        except ValueError as exc:  # never quotes the text: it may be a private key
+            raise forms.ValidationError(str(exc).removeprefix("signing_public_key: ")) from None
 
     def clean_expires_at(self) -> datetime | None:
         expires: datetime | None = self.cleaned_data.get("expires_at")
@@ -233,6 +269,8 @@ class APIKeyAdmin(_ModelAdmin):
         "revoked_at",
         "remaining_uses",
         "last_used_at",
+        "allowed_cidrs",
+        "signing_public_key",
         "metadata",
     )
     readonly_fields = fields
@@ -303,6 +341,8 @@ class APIKeyAdmin(_ModelAdmin):
                         name=data["name"] or None,
                         expires_at=data["expires_at"],
                         max_uses=data["max_uses"],
+                        allowed_cidrs=data["allowed_cidrs"],
+                        signing_public_key=data["signing_public_key"],
                     )
                     self.log_addition(request, self._stored(store, issued.key_id), [{"added": {}}])
             except (ValueError, KeyStoreError) as exc:

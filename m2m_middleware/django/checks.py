@@ -104,3 +104,25 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         )
     return messages
+
+
+@register(Tags.security, deploy=True)
+def check_deploy(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``manage.py check --deploy``: as Django warns for ``SECURE_SSL_REDIRECT``
+    (security.W008), a deployment that takes credentials over plain HTTP."""
+    config = getattr(settings, "M2M_AUTH", None)
+    try:
+        validated = config if isinstance(config, Settings) else Settings.from_mapping(config)
+    except (ConfigError, TypeError, AttributeError):
+        return []  # reported by check_settings (E001, E002)
+    if validated.require_https:
+        return []
+    return [
+        Warning(
+            "M2M_AUTH does not set require_https, so API keys and tokens are accepted over "
+            "plain HTTP, where anyone on the path can read and replay them.",
+            hint="Set require_https to True in M2M_AUTH (behind a TLS-terminating proxy, also "
+            "set trusted_proxies to its networks so its X-Forwarded-Proto is believed).",
+            id="m2m_middleware.W003",
+        )
+    ]

@@ -16,7 +16,7 @@ from ..audit import audit, ended
 from ..client import Client
 from ..engine import Engine
 from ..outcome import Allowed, Answer, Denied
-from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_headers
+from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
 from ..scopes import ScopeRequirement
 from ..settings import Settings
 
@@ -55,13 +55,18 @@ def _denied_response(denied: Answer) -> HttpResponse:
     return response
 
 
-def _view(request: HttpRequest) -> RequestView:
-    """The neutral view of a request to an endpoint the middleware answers (body read
-    for a POST, up to :data:`MAX_ENDPOINT_BODY`; None past it)."""
+def _view(request: HttpRequest, *, read_body: bool = True) -> RequestView:
+    """The neutral view of a request (for an endpoint the middleware answers, body
+    read for a POST, up to :data:`MAX_ENDPOINT_BODY`; None past it).
+
+    The scheme is the one the server saw (``wsgi.url_scheme``, the ASGI scope's),
+    not ``request.scheme``: that one believes ``SECURE_PROXY_SSL_HEADER`` from
+    any client, and proxy headers count here only from ``trusted_proxies``.
+    """
     meta = request.META
     method = request.method or "GET"
     body: bytes | None = b""
-    if method == "POST":
+    if read_body and method == "POST":
         declared = meta.get("CONTENT_LENGTH") or ""
         if declared.isdigit() and int(declared) > MAX_ENDPOINT_BODY:
             body = None
@@ -79,10 +84,19 @@ def _view(request: HttpRequest) -> RequestView:
         request.path_info,
         headers=lambda: wsgi_headers(meta),
         query=meta.get("QUERY_STRING", ""),
-        scheme=request.scheme or "http",
+        scheme=_server_scheme(request),
         client_address=meta.get("REMOTE_ADDR"),
         body=body,
+        find_header=functools.partial(wsgi_header, meta),
     )
+
+
+def _server_scheme(request: HttpRequest) -> str:
+    """The scheme the server saw: an ASGI request's scope, a WSGI request's environ."""
+    scope = getattr(request, "scope", None)  # django.core.handlers.asgi.ASGIRequest
+    if isinstance(scope, dict):
+        return str(scope.get("scheme") or "http")
+    return str(request.META.get("wsgi.url_scheme") or "http")
 
 
 class M2MAuthMiddleware:
@@ -108,6 +122,8 @@ class M2MAuthMiddleware:
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
             meta.get(meta_key),
+            meta.get("REMOTE_ADDR"),  # a key's allowed_cidrs reads it
+            _view(request, read_body=False) if engine.needs_view else None,
         )
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
@@ -127,6 +143,8 @@ class M2MAuthMiddleware:
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
             meta.get(meta_key),
+            meta.get("REMOTE_ADDR"),
+            _view(request, read_body=False) if engine.needs_view else None,
         )
         outcome = engine.gate(*args) if engine.never_blocks else await engine.agate(*args)
         if not outcome.allowed:

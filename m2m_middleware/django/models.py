@@ -28,6 +28,11 @@ def _aware(value: object) -> object:
     return timezone.make_aware(value)
 
 
+def _lines(value: object) -> object:
+    """The allowed_cidrs column (one CIDR per line) as checked_record reads it."""
+    return value.split() if isinstance(value, str) else value
+
+
 if TYPE_CHECKING:
     from typing import TypeAlias
 
@@ -65,6 +70,19 @@ class APIKey(models.Model):
     )
     metadata: models.JSONField[Any, Any] = models.JSONField("metadata", default=dict, blank=True)
     last_used_at: _NullableDateTime = models.DateTimeField("last used", null=True, blank=True)
+    #: Networks the key may be used from, canonical CIDR text, one per line; empty: anywhere.
+    allowed_cidrs: models.TextField[str, str] = models.TextField(
+        "allowed networks",
+        blank=True,
+        default="",
+        help_text="CIDRs (IPv4 or IPv6) the key may be used from, one per line; empty: anywhere.",
+    )
+    signing_public_key: models.TextField[str | None, str | None] = models.TextField(
+        "request-signing public key",
+        null=True,
+        blank=True,
+        help_text="The client's Ed25519 or P-256 public key (PEM) for RFC 9421 signatures.",
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -97,6 +115,8 @@ class APIKey(models.Model):
             remaining_uses=self.remaining_uses,
             metadata=self.metadata,
             last_used_at=_aware(self.last_used_at),
+            allowed_cidrs=_lines(self.allowed_cidrs),
+            signing_public_key=self.signing_public_key or None,
         )
 
     def status(self, now: datetime | None = None) -> str:

@@ -434,6 +434,8 @@ class DjangoKeyStore(KeyStore):
                 remaining_uses=record.remaining_uses,
                 metadata=dict(record.metadata),
                 last_used_at=_to_db(record.last_used_at),
+                allowed_cidrs="\n".join(record.allowed_cidrs),
+                signing_public_key=record.signing_public_key,
             )
 
     def _fetch(self, key_id: str) -> KeyRecord | None:

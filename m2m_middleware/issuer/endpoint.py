@@ -35,6 +35,7 @@ import logging
 import secrets
 import time
 from base64 import b64decode
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote
 
@@ -62,6 +63,7 @@ from ..errors import AuthError, StoreUnavailable, TemporarilyUnavailable
 from ..limiting import StorageDown
 from ..outcome import Allowed, Denied, Served, _description
 from ..syntax import check_scope
+from ..transport import address_in
 
 if TYPE_CHECKING:
     from ..engine import Engine, _CachedKey
@@ -83,6 +85,11 @@ _SECRET_FIELDS = ("client_secret", "client_assertion")
 def _text(description: str) -> str:
     """An error description as RFC 6749 section 5.2 allows it (authlib raises on any other)."""
     return _description(description)
+
+
+#: The client address of the token request being answered (as trusted proxies
+#: report it), for verify_key, which authlib calls without the request view.
+_CLIENT_ADDRESS: ContextVar[str | None] = ContextVar("m2m_token_client_address", default=None)
 
 
 class _Refusal(OAuth2Error):  # type: ignore[misc]
@@ -315,6 +322,14 @@ class TokenService:
         return Served(200, list(self._cache_control), body, "application/jwk-set+json")
 
     def _token(self, view: RequestView) -> Served:
+        # verify_key, called from inside authlib, checks a key's allowed_cidrs against it.
+        reset = _CLIENT_ADDRESS.set(view.client_address)
+        try:
+            return self._token_response(view)
+        finally:
+            _CLIENT_ADDRESS.reset(reset)
+
+    def _token_response(self, view: RequestView) -> Served:
         if view.body is None:
             return _invalid_request("the token request is too large", 413)
         content_type = (view.header("content-type") or "").partition(";")[0].strip().lower()
@@ -430,6 +445,10 @@ class TokenService:
         if entry.dead_at <= time.time():
             reason = "was revoked" if record.revoked_at is not None else "has expired"
             raise _InvalidClient(f"the API key {reason}", self.realm)
+        networks = entry.networks
+        if networks is not None and not address_in(_CLIENT_ADDRESS.get(), networks):
+            # A token would let the key's holder work from anywhere: none is issued.
+            raise _InvalidClient("this key may not be used from this address", self.realm)
         return entry
 
     # -- what a verified client is charged --------------------------------------

@@ -20,9 +20,11 @@ from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
+from ..client_keys import check_allowed_cidrs, check_signing_public_key
 from ..errors import KeyNotFound, UnreadableRow
 from ..redaction import redact
 from ..syntax import check_client_id, check_scope, check_tier
+from ..transport import normalised_cidrs
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -54,6 +56,10 @@ class KeyRecord:
     remaining_uses: int | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     last_used_at: datetime | None = None
+    #: Networks (canonical CIDR text) the key may be used from; empty: anywhere.
+    allowed_cidrs: tuple[str, ...] = ()
+    #: The client's PEM public key (Ed25519 or P-256) for request signatures, if any.
+    signing_public_key: str | None = None
 
     def status(self, now: datetime | None = None) -> str:
         """``"active"``, ``"revoked"``, ``"expired"`` or ``"used_up"`` (no uses left)."""
@@ -85,6 +91,8 @@ class KeyRecord:
             "remaining_uses": self.remaining_uses,
             "metadata": dict(self.metadata),
             "last_used_at": iso(self.last_used_at),
+            "allowed_cidrs": list(self.allowed_cidrs),
+            "signing_public_key": self.signing_public_key,
         }
 
 
@@ -160,6 +168,8 @@ def checked_record(
     remaining_uses: object,
     metadata: object,
     last_used_at: object,
+    allowed_cidrs: object = None,
+    signing_public_key: object = None,
 ) -> KeyRecord:
     """A :class:`KeyRecord` from one row's values, each checked for its type.
 
@@ -210,7 +220,31 @@ def checked_record(
         remaining_uses=remaining_uses,
         metadata=MappingProxyType(dict(metadata)),
         last_used_at=_aware(key_id, "last_used_at", last_used_at),
+        allowed_cidrs=_cidr_tuple(key_id, allowed_cidrs),
+        signing_public_key=_optional_text(key_id, "signing_public_key", signing_public_key),
     )
+
+
+def _cidr_tuple(key_id: str, value: object) -> tuple[str, ...]:
+    """A row's allowed_cidrs: a list of CIDR texts (a JSON text in SQL stores)."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = read_metadata(key_id, value)  # JSON text; same checks as metadata
+        if value is None:
+            return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UnreadableRow(key_id, "allowed_cidrs is not a list of networks")
+    try:
+        return normalised_cidrs(value)
+    except ValueError:
+        raise UnreadableRow(key_id, "allowed_cidrs holds a value that is no network") from None
+
+
+def encode_cidrs(cidrs: Iterable[str]) -> str | None:
+    """allowed_cidrs as SQL stores keep them: a JSON list, NULL for none."""
+    cidrs = list(cidrs)
+    return json.dumps(cidrs, separators=(",", ":")) if cidrs else None
 
 
 class KeyStore(abc.ABC):
@@ -354,7 +388,12 @@ class KeyStore(abc.ABC):
         expires_at: datetime | None = None,
         max_uses: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        allowed_cidrs: Iterable[str] | None = None,
+        signing_public_key: str | bytes | None = None,
     ) -> IssuedKey:
+        """Make a key. ``allowed_cidrs``: the networks it may be used from (any, if
+        none); ``signing_public_key``: the client's PEM public key (Ed25519 or P-256)
+        that its request signatures are verified with. ValueError for a bad value."""
         # What a key carries reaches response headers (scopes, tier) and log
         # lines (client id): refused here, so no stored key can break either.
         check_client_id(client_id)
@@ -367,6 +406,8 @@ class KeyStore(abc.ABC):
             raise ValueError("max_uses must be a positive integer")
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError("expires_at must be timezone-aware")
+        cidrs = check_allowed_cidrs(allowed_cidrs)
+        public_key = check_signing_public_key(signing_public_key)
         plaintext = keyformat.generate_key(self.prefix)
         record = KeyRecord(
             key_id=keyformat.generate_key_id(),
@@ -378,6 +419,8 @@ class KeyStore(abc.ABC):
             expires_at=expires_at,
             remaining_uses=max_uses,
             metadata=MappingProxyType(dict(metadata or {})),
+            allowed_cidrs=cidrs,
+            signing_public_key=public_key,
         )
         self._insert(record, keyformat.hash_key(plaintext))
         # Caches that just refused this (then unknown) hash as a guess must
@@ -439,6 +482,8 @@ class KeyStore(abc.ABC):
             expires_at=old.expires_at,
             max_uses=uses,
             metadata={**old.metadata, "rotated_from": old.key_id},
+            allowed_cidrs=old.allowed_cidrs,
+            signing_public_key=old.signing_public_key,
         )
         ends = utcnow().timestamp() + grace_seconds
         new_expiry = datetime.fromtimestamp(ends, timezone.utc)

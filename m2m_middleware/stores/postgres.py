@@ -120,8 +120,13 @@ _NOTIFY_CHANGED = (
 
 _COLUMNS = (
     "key_id, client_id, name, scopes, tier, created_at, expires_at, revoked_at, "
-    "remaining_uses, metadata, last_used_at"
+    "remaining_uses, metadata, last_used_at, allowed_cidrs, signing_public_key"
 )
+#: Columns added after schema version 1 was released: added, under the schema
+#: lock, to a table that lacks them (older releases name their columns, so they
+#: ignore these). Looked up first: ``ADD COLUMN IF NOT EXISTS`` would take an
+#: ACCESS EXCLUSIVE lock on the table even when there is nothing to add.
+_ADDED_COLUMNS = (("allowed_cidrs", "text[]"), ("signing_public_key", "text"))
 
 _MAX_USES = 2**31 - 1  # remaining_uses is an integer column
 
@@ -222,6 +227,8 @@ def _record(row: TupleRow) -> KeyRecord:
         remaining_uses=row[8],
         metadata=row[9],
         last_used_at=_utc(key_id, "last_used_at", row[10]),
+        allowed_cidrs=row[11],
+        signing_public_key=row[12],
     )
 
 
@@ -411,12 +418,26 @@ class PostgresKeyStore(KeyStore):
                         f"PostgreSQL key store {self.location} has schema version {version}; "
                         f"this release reads up to {SCHEMA_VERSION}: upgrade m2m-middleware"
                     )
+                self._add_missing_columns(conn)
                 store_id = self._read_store_id(conn)
             # Before the first read through this store, so a notice under the
             # id can never miss a key that store put in a cache.
             if store_id is not None:
                 self._learned_store_id(store_id)
             self._schema_ready = True
+
+    @staticmethod
+    def _add_missing_columns(conn: _Conn) -> None:
+        present = {
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'm2m_api_keys' AND table_schema = current_schema()"
+            ).fetchall()
+        }
+        for name, kind in _ADDED_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE m2m_api_keys ADD COLUMN IF NOT EXISTS {name} {kind}")
 
     @staticmethod
     def _read_store_id(conn: _Conn) -> str | None:
@@ -508,14 +529,17 @@ class PostgresKeyStore(KeyStore):
             record.expires_at,
             record.remaining_uses,
             metadata,
+            list(record.allowed_cidrs) or None,
+            record.signing_public_key,
         )
         # Not retried: after a lost connection the row may be in, and a second
         # INSERT would fail on the key id as if the caller had erred.
         self._run(
             lambda conn: conn.execute(
                 "INSERT INTO m2m_api_keys (key_id, key_hash, client_id, name, scopes, tier, "
-                "created_at, expires_at, remaining_uses, metadata) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)",
+                "created_at, expires_at, remaining_uses, metadata, allowed_cidrs, "
+                "signing_public_key) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)",
                 params,
             )
         )

@@ -35,6 +35,7 @@ from .base import (
     KeyStore,
     checked_record,
     each_record,
+    encode_cidrs,
     encode_metadata,
     notify_local,
     read_metadata,
@@ -89,8 +90,18 @@ CREATE TABLE IF NOT EXISTS m2m_key_events (
 
 _COLUMNS = (
     "key_id, client_id, name, scopes, tier, created_at, expires_at, revoked_at, "
-    "remaining_uses, metadata, last_used_at"
+    "remaining_uses, metadata, last_used_at, allowed_cidrs, signing_public_key"
 )
+#: Columns added after schema version 1 was released, with their types: added to
+#: a file that lacks them when it is opened (an older release ignores them).
+_ADDED_COLUMNS = (("allowed_cidrs", "TEXT"), ("signing_public_key", "TEXT"))
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(m2m_api_keys)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE m2m_api_keys ADD COLUMN {name} {kind}")
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -130,6 +141,8 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
         remaining_uses=row[8],
         metadata=read_metadata(key_id, row[9]),
         last_used_at=_time(key_id, "last_used_at", row[10]),
+        allowed_cidrs=row[11],
+        signing_public_key=row[12],
     )
 
 
@@ -296,6 +309,7 @@ class SQLiteKeyStore(KeyStore):
             if not self._schema_ready:
                 try:
                     conn.executescript(_SCHEMA)
+                    _add_missing_columns(conn)
                     (version,) = conn.execute("PRAGMA user_version").fetchone()
                     if version == 0:
                         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -406,7 +420,8 @@ class SQLiteKeyStore(KeyStore):
         with self._db() as db:
             db.execute(
                 "INSERT INTO m2m_api_keys (key_id, key_hash, client_id, name, scopes, tier, "
-                "created_at, expires_at, remaining_uses, metadata) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "created_at, expires_at, remaining_uses, metadata, allowed_cidrs, "
+                "signing_public_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.key_id,
                     key_hash,
@@ -418,6 +433,8 @@ class SQLiteKeyStore(KeyStore):
                     _ts(record.expires_at),
                     record.remaining_uses,
                     encode_metadata(record.metadata),
+                    encode_cidrs(record.allowed_cidrs),
+                    record.signing_public_key,
                 ),
             )
 

@@ -92,11 +92,13 @@ def test_the_redis_benchmark_reports_every_framework_and_one_round_trip_for_ours
 
 @pytest.mark.slow
 def test_the_benchmark_against_a_commit_times_both_versions_in_every_framework() -> None:
+    """Both versions, and now with trusted_proxies + require_https, in one run."""
     out = run_quick("against_commit.py", "--base", "HEAD")
     for framework in ("core", *FRAMEWORKS):
         assert re.search(
             rf"^{framework}: bare .* overhead ours at HEAD: +-?[\d.]+ us +now: +-?[\d.]+ us "
-            r"+now / base: (?:-?[\d.]+|nan)$",
+            r"+now / base: (?:-?[\d.]+|nan) +with trusted_proxies \+ require_https: +-?[\d.]+ us, "
+            r"/ base: (?:-?[\d.]+|nan)$",
             out,
             re.M,
         ), out

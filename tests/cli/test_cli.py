@@ -823,3 +823,96 @@ def test_python_dash_m_list_warns_on_one_line_about_a_row_it_cannot_read(
     assert len(lines) == 1 and lines[0].startswith("m2m: warning: key "), proc.stderr
     assert bad["key_id"] in lines[0] and "metadata" in lines[0]
     assert hash_key(good["key"]) not in proc.stderr
+
+
+# -- networks and request-signing keys ------------------------------------------------------
+
+
+def _pem_files(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    public_file = tmp_path / "client.pub.pem"
+    public_file.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private_file = tmp_path / "client.pem"
+    private_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return public_file, private_file
+
+
+def test_create_with_networks_and_a_signing_key(
+    capsys: pytest.CaptureFixture[str], url: str, tmp_path: Path
+) -> None:
+    public_file, _ = _pem_files(tmp_path)
+    data = create(
+        capsys,
+        url,
+        "--client",
+        "billing",
+        "--allow-cidr",
+        "10.0.0.0/8",
+        "--allow-cidr",
+        "2001:DB8::/32",
+        "--signing-key",
+        str(public_file),
+    )
+    assert data["allowed_cidrs"] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert data["signing_public_key"] == public_file.read_text()
+    [listed] = list_json(capsys, url)
+    assert listed["allowed_cidrs"] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert listed["signing_public_key"] == public_file.read_text()
+    code, out, _ = run(
+        capsys, "keys", "create", "--store", url, "--client", "b", "--allow-cidr", "10.0.0.0/8"
+    )
+    assert code == 0
+    assert "networks:  10.0.0.0/8" in out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--allow-cidr", "10.0.0.1/8", "has host bits set"),
+        ("--allow-cidr", "nonsense", "not a network"),
+        ("--signing-key", "/nonexistent/key.pem", "cannot read"),
+    ],
+)
+def test_bad_networks_or_key_files_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], url: str, option: str, value: str, problem: str
+) -> None:
+    code, out, err = run(capsys, "keys", "create", "--store", url, "--client", "b", option, value)
+    assert code == 2
+    assert option in err and problem in err
+    assert out == ""
+
+
+def test_a_private_signing_key_is_refused_and_never_printed(
+    capsys: pytest.CaptureFixture[str], url: str, db_path: Path, tmp_path: Path
+) -> None:
+    _, private_file = _pem_files(tmp_path)
+    code, out, err = run(
+        capsys,
+        "keys",
+        "create",
+        "--store",
+        url,
+        "--client",
+        "b",
+        "--signing-key",
+        str(private_file),
+    )
+    assert code == 2
+    assert "private key" in err
+    secret_line = private_file.read_text().splitlines()[1]
+    assert secret_line not in out + err
+    with opened(url) as store:
+        assert store.list_keys() == []

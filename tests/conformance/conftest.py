@@ -57,6 +57,8 @@ from m2m_middleware.starlette import require_scopes as starlette_require_scopes
 HeaderInput = Mapping[str, str] | Iterable[tuple[str, str]] | None
 #: What the ``/scoped`` views require, deliberately not in sorted order.
 SCOPED_VIEW_SCOPES = ("reports:read", "orders:read")
+#: The peer address every test client sends from unless told otherwise.
+DEFAULT_PEER = "127.0.0.1"
 #: The body ``/stream`` sends, in two chunks.
 STREAMED = (b"first,", b"second")
 
@@ -118,6 +120,8 @@ class Caller:
     ``prefix`` serves the app below a path prefix, the way each server does it:
     ASGI ``root_path`` (also prepended to ``path``, as uvicorn does), WSGI
     ``SCRIPT_NAME`` for Flask and Django. ``path`` is then relative to it.
+    ``peer`` is the address the request comes from as the server sees it (ASGI
+    ``client``, WSGI ``REMOTE_ADDR``), ``https`` whether the server got it over TLS.
     ``body`` is the request's content, sent with a ``Content-Length`` (a
     ``Content-Type`` among ``headers`` goes where each framework keeps it).
     """
@@ -132,6 +136,8 @@ class Caller:
         *,
         prefix: str = "",
         body: bytes = b"",
+        peer: str = DEFAULT_PEER,
+        https: bool = False,
     ) -> Reply:
         raise NotImplementedError
 
@@ -260,6 +266,8 @@ class StarletteCaller(Caller):
         *,
         prefix: str = "",
         body: bytes = b"",
+        peer: str = DEFAULT_PEER,
+        https: bool = False,
     ) -> Reply:
         raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in _header_list(headers)]
         app: Any = self.app
@@ -269,9 +277,11 @@ class StarletteCaller(Caller):
         async def send() -> httpx.Response:
             # No raise_app_exceptions: a crash must come back as a 500, as it
             # does from the Flask and Django callers.
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, root_path=prefix)
+            transport = httpx.ASGITransport(
+                app=app, raise_app_exceptions=False, root_path=prefix, client=(peer, 50123)
+            )
             async with httpx.AsyncClient(
-                transport=transport, base_url="http://testserver"
+                transport=transport, base_url=f"{'https' if https else 'http'}://testserver"
             ) as client:
                 return await client.request(
                     method, prefix + path, headers=raw, content=body or None
@@ -383,12 +393,15 @@ class FlaskCaller(Caller):
         *,
         prefix: str = "",
         body: bytes = b"",
+        peer: str = DEFAULT_PEER,
+        https: bool = False,
     ) -> Reply:
         response = self.client.open(
             path,
             method=method,
             headers=_header_list(headers),
-            base_url=f"http://localhost{prefix}",
+            base_url=f"{'https' if https else 'http'}://localhost{prefix}",
+            environ_base={"REMOTE_ADDR": peer},
             data=body or None,
         )
         return Reply(response.status_code, Headers(response.headers.items()), response.get_data())
@@ -488,9 +501,11 @@ class DjangoCaller(Caller):
         *,
         prefix: str = "",
         body: bytes = b"",
+        peer: str = DEFAULT_PEER,
+        https: bool = False,
     ) -> Reply:
         with self._settings():
-            return self._send(self.client, method, path, headers, prefix, body)
+            return self._send(self.client, method, path, headers, prefix, body, peer, https)
 
     @staticmethod
     def _send(
@@ -500,6 +515,8 @@ class DjangoCaller(Caller):
         headers: HeaderInput,
         prefix: str,
         body: bytes = b"",
+        peer: str = DEFAULT_PEER,
+        https: bool = False,
     ) -> Reply:
         joined: dict[str, str] = {}
         content_type = "application/octet-stream"  # what Django's client says with no type
@@ -510,7 +527,16 @@ class DjangoCaller(Caller):
             # What a WSGI server does with a repeated header field.
             joined[name] = f"{joined[name]}, {value}" if name in joined else value
         extra = {"SCRIPT_NAME": prefix} if prefix else {}
-        response = client.generic(method, path, body, content_type, headers=joined, **extra)
+        response = client.generic(
+            method,
+            path,
+            body,
+            content_type,
+            headers=joined,
+            secure=https,
+            REMOTE_ADDR=peer,
+            **extra,
+        )
         body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
         return Reply(response.status_code, Headers(response.headers.items()), body)
 

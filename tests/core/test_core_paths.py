@@ -84,7 +84,8 @@ def test_the_refusal_is_problem_json_and_audited(
     assert outcome.content_type == "application/problem+json"
     assert b'"error":"invalid_request"' in outcome.body
     assert "control character" in outcome.detail
-    assert outcome.headers == []  # no challenge: nothing is wrong with the credential
+    # No challenge (nothing is wrong with the credential); what every problem carries.
+    assert outcome.headers == [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
     [record] = [r for r in caplog.records if r.name == "m2m_middleware.audit"]
     assert (record.m2m_status, record.m2m_error) == (400, "invalid_request")  # type: ignore[attr-defined]
     assert record.getMessage() == "denied GET /orders\\n status=400 error=invalid_request client=-"

@@ -249,3 +249,29 @@ def test_invalid_settings_fail_when_the_middleware_loads(store: KeyStore, getter
 def test_the_middleware_is_sync_and_async_capable() -> None:
     assert M2MAuthMiddleware.sync_capable is True
     assert M2MAuthMiddleware.async_capable is True
+
+
+# -- transport: the async path reads the ASGI scope's scheme and client ------------------
+
+
+@pytest.mark.parametrize("view", ["sync", "async"])
+def test_the_async_path_reads_the_scopes_scheme_and_proxy_headers(
+    store: KeyStore, view: str
+) -> None:
+    key = store.create_key("acme", allowed_cidrs=["203.0.113.0/24"]).key
+    settings = {**config(store), "require_https": True, "trusted_proxies": ["127.0.0.1/32"]}
+
+    def get(secure: bool, **headers: str) -> Any:
+        async def go() -> Any:
+            return await AsyncClient().get(
+                f"/{view}/whoami", headers={"X-API-Key": key, **headers}, secure=secure
+            )
+
+        return asyncio.run(go())
+
+    with override_settings(M2M_AUTH=settings):
+        assert_problem(get(False, x_forwarded_for="203.0.113.9"), 403, "https_required")
+        assert_problem(get(True), 403, "address_not_allowed")  # the peer is 127.0.0.1
+        assert get(True, x_forwarded_for="203.0.113.9").status_code == 200
+        proxied = get(False, x_forwarded_for="203.0.113.9", x_forwarded_proto="https")
+        assert proxied.status_code == 200

@@ -541,3 +541,63 @@ def test_without_tiers_only_the_default_limits_can_be_chosen(browser: Client) ->
         response = add_key(browser, tier="gold")
     assert "is not a tier of M2M_AUTH (its tiers: none are configured)." in text(response)
     assert not APIKey.objects.exists()
+
+
+def test_a_key_can_be_made_with_networks_and_a_signing_key(browser: Client) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    form = text(browser.get(ADD))
+    assert 'name="allowed_cidrs"' in form and 'name="signing_public_key"' in form
+    response = add_key(
+        browser, allowed_cidrs="10.0.0.0/8\n2001:DB8::/32", signing_public_key=public
+    )
+    assert response.status_code == 200
+    [row] = APIKey.objects.all()
+    record = row.to_record()
+    assert record.allowed_cidrs == ("10.0.0.0/8", "2001:db8::/32")
+    assert record.signing_public_key == public
+    page = text(browser.get(change_url(row.key_id)))
+    assert "2001:db8::/32" in page and "BEGIN PUBLIC KEY" in page
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"allowed_cidrs": "10.0.0.1/8"}, "has host bits set"),
+        ({"signing_public_key": "not a key"}, "not a PEM public key"),
+    ],
+)
+def test_bad_networks_or_signing_keys_are_form_errors(
+    browser: Client, fields: dict[str, str], error: str
+) -> None:
+    response = add_key(browser, **fields)
+    assert response.status_code == 200
+    assert error in text(response)
+    assert not APIKey.objects.exists()
+
+
+def test_a_private_key_in_the_form_is_refused_and_not_shown_back(browser: Client) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    secret = (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    response = add_key(browser, signing_public_key=secret)
+    page = text(response)
+    assert "private key" in page
+    assert not APIKey.objects.exists()
+    assert secret.splitlines()[1] not in page

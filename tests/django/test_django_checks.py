@@ -329,3 +329,23 @@ def test_a_limit_storage_that_cannot_carry_revocations_is_e002_on_invalidation_u
     assert "key_cache_ttl" in messages[0].msg
     with override_settings(M2M_AUTH={**value, "invalidation_url": ""}):  # the TTL, knowingly
         assert run_checks() == []
+
+
+def deploy_checks() -> list[checks.CheckMessage]:
+    return ours(checks.run_checks(tags=[checks.Tags.security], include_deployment_checks=True))
+
+
+def test_check_deploy_warns_while_require_https_is_off() -> None:
+    with override_settings(M2M_AUTH=VALID):
+        assert "m2m_middleware.W003" not in [m.id for m in run_checks()]  # deploy only
+        [warning] = [m for m in deploy_checks() if m.id == "m2m_middleware.W003"]
+    assert warning.level == checks.WARNING
+    assert "require_https" in warning.msg
+    with override_settings(M2M_AUTH={**VALID, "require_https": True}):
+        assert "m2m_middleware.W003" not in [m.id for m in deploy_checks()]
+
+
+def test_check_deploy_leaves_an_invalid_setting_to_e002() -> None:
+    with override_settings(M2M_AUTH={"require_https": "maybe"}):
+        assert [m.id for m in deploy_checks()].count("m2m_middleware.W003") == 0
+        assert "m2m_middleware.E002" in [m.id for m in deploy_checks()]

@@ -109,3 +109,14 @@ def test_a_negative_expiry_says_it_must_be_in_the_future(
         "manage.py m2m_keys: error: --expires-in: the expiry must be in the future: give a "
         "positive duration such as 30d, got '-1d'\n"
     )
+
+
+def test_create_passes_networks_through(store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = m2m_keys(
+        capsys, "create", "--client", "billing", "--allow-cidr", "2001:db8::/32", "--json"
+    )
+    assert code == 0
+    created = json.loads(out)
+    assert open_key_store(store_url).get_key(created["key_id"]).allowed_cidrs == ("2001:db8::/32",)
+    code, _, err = m2m_keys(capsys, "create", "--client", "b", "--allow-cidr", "10.0.0.1/8")
+    assert code == 2 and "--allow-cidr" in err

@@ -120,3 +120,18 @@ def test_a_negative_expiry_says_it_must_be_in_the_future(app: Flask, given: list
         "flask m2m keys: error: --expires-in: the expiry must be in the future: give a "
         "positive duration such as 30d, got '-1d'\n"
     )
+
+
+def test_create_passes_networks_through(app: Flask) -> None:
+    result = flask_m2m(
+        app, "create", "--client", "billing", "--allow-cidr", "203.0.113.0/24", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.output)
+    assert created["allowed_cidrs"] == ["203.0.113.0/24"]
+    client = app.test_client()
+    headers = {"X-API-Key": created["key"]}
+    inside = client.get("/orders", headers=headers, environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    assert inside.status_code == 200
+    outside = client.get("/orders", headers=headers, environ_base={"REMOTE_ADDR": "1.1.1.1"})
+    assert outside.status_code == 403
