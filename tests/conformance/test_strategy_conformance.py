@@ -74,7 +74,10 @@ def assert_all_or_nothing(
         assert re.fullmatch(r'"default-\d+s";r=0;t=\d+', headers["ratelimit"])
     day, second = engine.limiter.plan(None, ()).limits
     assert len(admitted) >= 5  # more only if the racers took over a second to start
-    assert charged(engine.limiter, second, client_id) <= 5
+    # No refused racer was charged. Within one window that means at most 5; a
+    # race that crosses a window boundary (a loaded machine) admits more, and a
+    # sliding window then rightly holds more than 5 across its two windows.
+    assert charged(engine.limiter, second, client_id) <= len(admitted)
     assert charged(engine.limiter, day, client_id) == len(admitted)
     lefts = []
     for headers in admitted:
