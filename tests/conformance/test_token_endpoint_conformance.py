@@ -821,3 +821,31 @@ def test_a_use_taken_is_given_back_when_the_limit_storage_refuses(
     assert fetch(app, limited).status == 503
     record = store.get_key(limited.record.key_id)
     assert record is not None and record.remaining_uses == 2
+
+
+# -- red team (issue 12): attacks that worked once, in every framework --------------------
+
+
+def test_where_only_tokens_are_accepted_the_exchanged_api_key_is_still_refused(
+    make_app: App, store: KeyStore, issued: IssuedKey
+) -> None:
+    """With ``schemes=["jwt"]`` an API key is a credential for the token endpoint only.
+
+    The attack: post the key to the token endpoint once, then send the key
+    itself as ``Authorization: Bearer <key>`` to any API route. The endpoint
+    had verified the key through the engine's key cache, and the request path
+    reads that cache before it asks whether API keys are accepted at all: the
+    long-lived key passed as a credential for ``key_cache_ttl`` after each
+    token request, on a deployment that had turned API keys off.
+    """
+    app = make_app(config(store, schemes=["jwt"]))
+    as_key = {"Authorization": f"Bearer {issued.key}"}
+    assert app.get("/ping", as_key).status == 401
+    reply = fetch(app, issued)
+    assert reply.status == 200, reply.body
+    token = reply.json()["access_token"]
+    assert app.get("/ping", {"Authorization": f"Bearer {token}"}).status == 200
+    refused = app.get("/ping", as_key)
+    assert refused.status == 401, refused.body
+    assert refused.json()["error"] == "invalid_token"
+    assert fetch(app, issued).status == 200  # and the endpoint still takes the key
