@@ -32,6 +32,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from base64 import b64decode
@@ -127,6 +128,8 @@ class _KeyClient(ClientMixin):  # type: ignore[misc]
         self.service = service
         self.client_id = client_id
         self.entry: _CachedKey | None = None
+        #: The issued token's lifetime, set when it is signed (``expires_in``).
+        self.expires_in = 0
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -201,7 +204,8 @@ class _Server(AuthorizationServer):  # type: ignore[misc]
             "default",
             BearerTokenGenerator(
                 access_token_generator=service.access_token,
-                expires_generator=lambda client, grant_type: service.settings.token_ttl,
+                # What access_token gave this token (never past its key's end).
+                expires_generator=lambda client, grant_type: client.expires_in,
             ),
         )
 
@@ -493,12 +497,21 @@ class TokenService:
         # The keys' clock: the key is chosen for this instant, and a token must
         # not outlive the publication its key's retirement was computed from.
         now = int(self.signing_keys.clock())
+        # Never past the key's own end (expiry, or the end of a rotation's
+        # grace): our engine caps a token there, but a service that trusts us
+        # through the JWKS can only read exp, and the key would live on there.
+        exp = now + self.settings.token_ttl
+        if entry.dead_at < exp:  # dead_at is inf for a key that never ends
+            exp = math.floor(entry.dead_at)
+        if exp <= now:
+            raise _InvalidClient("the API key has expired", self.realm)
+        client.expires_in = exp - now
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": record.client_id,
             "client_id": record.client_id,
             "aud": self.audience,
-            "exp": now + self.settings.token_ttl,
+            "exp": exp,
             "iat": now,
             "jti": secrets.token_urlsafe(16),
             "scope": scope,
