@@ -67,6 +67,7 @@ from ..syntax import check_scope
 if TYPE_CHECKING:
     from ..engine import Engine, _CachedKey
     from ..request_view import RequestView
+    from .signing_keys import SigningKey
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -130,6 +131,8 @@ class _KeyClient(ClientMixin):  # type: ignore[misc]
         self.entry: _CachedKey | None = None
         #: The issued token's lifetime, set when it is signed (``expires_in``).
         self.expires_in = 0
+        #: The key that signs its token, read before the client is charged anything.
+        self.signer: SigningKey | None = None
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -181,7 +184,14 @@ class _ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
 
     def validate_token_request(self) -> None:
         super().validate_token_request()
-        self.server.service.admit(self.request.client)
+        client: _KeyClient = self.request.client
+        service: TokenService = self.server.service
+        # The signing key before the use and the token_limits charge: a key that
+        # cannot be read or unsealed (a store outage, a wrong signing_key_secret)
+        # is a 503 that must cost the client nothing, or each retry it invites
+        # would spend a use of a usage-limited key (tests/redteam).
+        client.signer = service.signing_keys.current_signing_key()
+        service.admit(client)
 
     @hooked  # type: ignore[untyped-decorator]
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
@@ -519,7 +529,8 @@ class TokenService:
         }
         if record.tier is not None:
             claims["tier"] = record.tier
-        return self.signing_keys.current_signing_key().sign(claims)
+        assert client.signer is not None  # validate_token_request read it
+        return client.signer.sign(claims)
 
 
 def _retry_after() -> list[tuple[str, str]]:
