@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -222,7 +223,7 @@ def test_a_token_request_that_cannot_be_signed_takes_no_use(
     from m2m_middleware import open_key_store
 
     store = open_key_store("memory://")
-    common = {
+    common: dict[str, Any] = {
         "key_store": store,
         "rate_limit_storage": "memory://",
         "token_endpoint": "/oauth/token",
