@@ -208,7 +208,8 @@ class KeyCache:
     def get(self, key_hash: str) -> _CachedKey | None:
         return self._entries.get(key_hash)
 
-    def put(self, key_hash: str, record: KeyRecord, generation: int) -> _CachedKey:
+    def entry(self, record: KeyRecord) -> _CachedKey:
+        """A verified key's entry, not (yet) in the cache."""
         client = Client(
             client_id=record.client_id,
             scheme="api_key",
@@ -216,13 +217,16 @@ class KeyCache:
             tier=record.tier,
             key_id=record.key_id,
         )
-        entry = _CachedKey(
+        return _CachedKey(
             record,
             client,
             min(_epoch(record.revoked_at), _epoch(record.expires_at)),
             monotonic() + self.ttl,
             networks=_networks(record),
         )
+
+    def put(self, key_hash: str, record: KeyRecord, generation: int) -> _CachedKey:
+        entry = self.entry(record)
         if self.size and self.ttl and generation == self.generation:
             if len(self._entries) >= self.size:
                 self._evict_oldest()
@@ -596,6 +600,8 @@ class Engine:
         clock = monotonic()
         if clock >= self._next_poll:
             self._poll_changes(clock)
+        if not self._api_keys:
+            return self._uncached_key(key_hash)
         entry = self._cached(key_hash)
         if entry is not None and entry.record is None:  # a JWT's entry: not a key
             raise InvalidToken("the API key is not recognised")
@@ -660,6 +666,29 @@ class Engine:
         if outcome.client is None:
             return self._public_hsts
         return Allowed(outcome.client, [*outcome.headers, self._hsts])
+
+    def _uncached_key(self, key_hash: str) -> _CachedKey:
+        """:meth:`key_entry` where ``schemes`` refuses API keys: from the store, never cached.
+
+        The request path reads the verified-key cache before it asks whether API
+        keys are accepted (that question costs nothing only there), so a key
+        cached here would pass as a Bearer credential on every route for
+        ``key_cache_ttl`` (tests/conformance, "only tokens"). Token requests are
+        few and rate-limited: one store read each is their whole price.
+        """
+        keys = self.keys
+        if key_hash in keys.unknown:
+            raise InvalidToken("the API key is not recognised")
+        generation = keys.generation
+        try:
+            record = self.store.find_by_hash(key_hash)
+        except StoreUnavailable as exc:
+            return self._fallback(exc, None)
+        self._store_ok()
+        if record is None:
+            keys.put_unknown(key_hash, generation)
+            raise InvalidToken("the API key is not recognised")
+        return keys.entry(record)
 
     def _check(
         self,

@@ -32,6 +32,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from base64 import b64decode
@@ -68,6 +69,7 @@ from ..transport import address_in
 if TYPE_CHECKING:
     from ..engine import Engine, _CachedKey
     from ..request_view import RequestView
+    from .signing_keys import SigningKey
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -134,6 +136,10 @@ class _KeyClient(ClientMixin):  # type: ignore[misc]
         self.service = service
         self.client_id = client_id
         self.entry: _CachedKey | None = None
+        #: The issued token's lifetime, set when it is signed (``expires_in``).
+        self.expires_in = 0
+        #: The key that signs its token, read before the client is charged anything.
+        self.signer: SigningKey | None = None
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -185,7 +191,14 @@ class _ClientCredentials(ClientCredentialsGrant):  # type: ignore[misc]
 
     def validate_token_request(self) -> None:
         super().validate_token_request()
-        self.server.service.admit(self.request.client)
+        client: _KeyClient = self.request.client
+        service: TokenService = self.server.service
+        # The signing key before the use and the token_limits charge: a key that
+        # cannot be read or unsealed (a store outage, a wrong signing_key_secret)
+        # is a 503 that must cost the client nothing, or each retry it invites
+        # would spend a use of a usage-limited key (tests/redteam).
+        client.signer = service.signing_keys.current_signing_key()
+        service.admit(client)
 
     @hooked  # type: ignore[untyped-decorator]
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
@@ -208,7 +221,8 @@ class _Server(AuthorizationServer):  # type: ignore[misc]
             "default",
             BearerTokenGenerator(
                 access_token_generator=service.access_token,
-                expires_generator=lambda client, grant_type: service.settings.token_ttl,
+                # What access_token gave this token (never past its key's end).
+                expires_generator=lambda client, grant_type: client.expires_in,
             ),
         )
 
@@ -513,12 +527,21 @@ class TokenService:
         # The keys' clock: the key is chosen for this instant, and a token must
         # not outlive the publication its key's retirement was computed from.
         now = int(self.signing_keys.clock())
+        # Never past the key's own end (expiry, or the end of a rotation's
+        # grace): our engine caps a token there, but a service that trusts us
+        # through the JWKS can only read exp, and the key would live on there.
+        exp = now + self.settings.token_ttl
+        if entry.dead_at < exp:  # dead_at is inf for a key that never ends
+            exp = math.floor(entry.dead_at)
+        if exp <= now:
+            raise _InvalidClient("the API key has expired", self.realm)
+        client.expires_in = exp - now
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": record.client_id,
             "client_id": record.client_id,
             "aud": self.audience,
-            "exp": now + self.settings.token_ttl,
+            "exp": exp,
             "iat": now,
             "jti": secrets.token_urlsafe(16),
             "scope": scope,
@@ -526,7 +549,8 @@ class TokenService:
         }
         if record.tier is not None:
             claims["tier"] = record.tier
-        return self.signing_keys.current_signing_key().sign(claims)
+        assert client.signer is not None  # validate_token_request read it
+        return client.signer.sign(claims)
 
 
 def _retry_after() -> list[tuple[str, str]]:

@@ -830,3 +830,62 @@ def test_the_metadata_urls_keep_the_issuer_s_path(make_app: App, store: KeyStore
     assert metadata["issuer"] == issuer
     assert metadata["token_endpoint"] == issuer + TOKEN_PATH
     assert metadata["jwks_uri"] == issuer + JWKS_PATH
+
+
+# -- red team (issue 12): attacks that worked once, in every framework --------------------
+
+
+def test_where_only_tokens_are_accepted_the_exchanged_api_key_is_still_refused(
+    make_app: App, store: KeyStore, issued: IssuedKey
+) -> None:
+    """With ``schemes=["jwt"]`` an API key is a credential for the token endpoint only.
+
+    The attack: post the key to the token endpoint once, then send the key
+    itself as ``Authorization: Bearer <key>`` to any API route. The endpoint
+    had verified the key through the engine's key cache, and the request path
+    reads that cache before it asks whether API keys are accepted at all: the
+    long-lived key passed as a credential for ``key_cache_ttl`` after each
+    token request, on a deployment that had turned API keys off.
+    """
+    app = make_app(config(store, schemes=["jwt"]))
+    as_key = {"Authorization": f"Bearer {issued.key}"}
+    assert app.get("/ping", as_key).status == 401
+    reply = fetch(app, issued)
+    assert reply.status == 200, reply.body
+    token = reply.json()["access_token"]
+    assert app.get("/ping", {"Authorization": f"Bearer {token}"}).status == 200
+    refused = app.get("/ping", as_key)
+    assert refused.status == 401, refused.body
+    assert refused.json()["error"] == "invalid_token"
+    assert fetch(app, issued).status == 200  # and the endpoint still takes the key
+
+
+@pytest.mark.parametrize("ending", ["expires", "rotated"])
+def test_a_token_never_outlives_the_key_it_was_issued_for(
+    make_app: App, store: KeyStore, ending: str
+) -> None:
+    """A key that ends in 60 s gets a token that ends with it, not ``token_ttl`` (240 s) later.
+
+    The attack: exchange a key just before it expires (or during the grace of
+    a rotation) for a token good for the whole ``token_ttl``. Our engine caps
+    the token at its key's end, but a service that trusts us through the JWKS
+    can only read ``exp``: there the key lived on in its token for up to
+    ``token_ttl`` past the end the issuer knew when it signed.
+    """
+    if ending == "expires":
+        ends = datetime.now(timezone.utc) + timedelta(seconds=60)
+        key = store.create_key("svc-ending", scopes=KEY_SCOPES, expires_at=ends)
+    else:
+        old = store.create_key("svc-ending", scopes=KEY_SCOPES)
+        store.rotate_key(old.record.key_id, grace_seconds=60)
+        record = store.get_key(old.record.key_id)
+        assert record.expires_at is not None
+        key, ends = IssuedKey(old.key, record), record.expires_at
+    app = make_app(config(store))
+    reply = fetch(app, key)
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    claims = verified(body["access_token"], public_jwks(app))
+    assert claims["exp"] <= ends.timestamp()
+    assert body["expires_in"] == claims["exp"] - claims["iat"]
+    assert 0 < body["expires_in"] <= 60

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -187,3 +188,54 @@ def test_token_tier_claims_grow_the_plan_cache_without_bound() -> None:
         token = _hs256(_claims('"c"', exp, f', "tier": "t{i}"'))
         engine.check("GET", "/x", "Bearer " + token, None)
     assert len(engine.limiter._tier_plans) <= 4096
+
+
+# -- issue 12: the token service ---------------------------------------------------------
+
+
+def _token_request(engine: Engine, key_id: str, key: str) -> int:
+    from m2m_middleware.request_view import RequestView
+
+    pair = base64.b64encode(f"{key_id}:{key}".encode()).decode()
+    headers = {
+        "content-type": "application/x-www-form-urlencoded",
+        "authorization": "Basic " + pair,
+    }
+    view = RequestView(
+        "POST", "/oauth/token", headers=headers, body=b"grant_type=client_credentials"
+    )
+    return engine.serve(view).status
+
+
+def test_a_token_request_that_cannot_be_signed_takes_no_use(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An instance that cannot sign answered 503 and still spent a use of the key.
+
+    Reproduction: two instances on one key store, the second deployed with a
+    signing_key_secret that is not the one the signing key was sealed with
+    (or its store failing between the use and the signing-key read). A client
+    with a max_uses=3 key asks for a token: 503 temporarily_unavailable, as it
+    should be, but the use (and a token_limits charge) was taken before the
+    signing key was: each retry the 503's Retry-After invites drained the key,
+    and 3 retries left it used up without a single token issued.
+    """
+    from m2m_middleware import open_key_store
+
+    store = open_key_store("memory://")
+    common: dict[str, Any] = {
+        "key_store": store,
+        "rate_limit_storage": "memory://",
+        "token_endpoint": "/oauth/token",
+        "token_issuer": "https://issuer.example",
+    }
+    signer = Engine(Settings(**common, signing_key_secret="the right signing secret"))
+    signer.token_service.signing_keys.current_signing_key()  # type: ignore[union-attr]
+    wrong = Engine(Settings(**common, signing_key_secret="a wrong signing secret!"))
+    issued = store.create_key("svc", max_uses=3)
+    with caplog.at_level(logging.ERROR, logger="m2m_middleware"):
+        for _ in range(3):
+            assert _token_request(wrong, issued.key_id, issued.key) == 503
+    assert store.get_key(issued.key_id).remaining_uses == 3
+    assert _token_request(signer, issued.key_id, issued.key) == 200
+    assert store.get_key(issued.key_id).remaining_uses == 2
