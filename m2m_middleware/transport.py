@@ -29,6 +29,9 @@ Network = IPv4Network | IPv6Network
 #: Which proxy headers are read: both kinds ("auto"; a request carrying both
 #: ``Forwarded`` and ``X-Forwarded-For``/``-Proto`` is then believed in neither,
 #: since a proxy that writes one passes a client's forgery of the other on), or one.
+#: Believed in neither means an unknown client over plain HTTP, not the proxy's own
+#: request: the proxy's address may be in a key's ``allowed_cidrs`` (an internal
+#: network), and its socket to us may be TLS while the client's was not.
 PROXY_HEADER_CHOICES = ("auto", "forwarded", "x-forwarded")
 #: At most this many hops of a chain are read; a longer one is cut on the left.
 MAX_HOPS = 32
@@ -206,7 +209,7 @@ class Transport:
         https: bool,
     ) -> tuple[str | None, bool]:
         if forwarded is not None and (xff is not None or xfp is not None):
-            return peer, https  # "auto" and both kinds: see PROXY_HEADER_CHOICES
+            return None, False  # "auto" and both kinds: see PROXY_HEADER_CHOICES
         if forwarded is not None:
             return self._from_forwarded(forwarded, peer, https)
         return self._from_x_forwarded(xff, xfp, peer, https)

@@ -82,3 +82,40 @@ def test_an_unclosed_quote_cannot_claim_https(make_app: Make, store: KeyStore) -
     reply = app("GET", "/orders", {**headers, "Forwarded": f"{forged}, {PROXY_HOP}"}, peer=PROXY)
     assert reply.status == 403, reply.body
     assert reply.json()["error"] == "https_required"
+
+
+def test_both_header_kinds_do_not_make_the_request_the_proxys_own(
+    make_app: Make, store: KeyStore
+) -> None:
+    """With ``Forwarded`` and ``X-Forwarded-For`` both present ("auto"), neither was
+    believed and the request was taken as the proxy's own: the client address
+    was the proxy's, 10.0.0.5. A key kept to the internal network (where its
+    callers and the proxy both live) then worked for anyone on the internet who
+    added a ``Forwarded`` header of their own to the proxy's ``X-Forwarded-For``."""
+    app = make_app(config(store))
+    headers = key_from(store, "10.0.0.0/8")
+    internal = {**headers, "X-Forwarded-For": "10.0.0.7"}  # an internal caller, via the proxy
+    assert app("GET", "/orders", internal, peer=PROXY).status == 200
+    outsider = {**headers, "X-Forwarded-For": "198.51.100.66", "Forwarded": "for=10.0.0.7"}
+    reply = app("GET", "/orders", outsider, peer=PROXY)
+    assert reply.status == 403, reply.body
+    assert reply.json()["error"] == "address_not_allowed"
+
+
+def test_both_header_kinds_do_not_take_the_proxys_tls_for_the_clients(
+    make_app: Make, store: KeyStore
+) -> None:
+    """The same request over a proxy that speaks HTTPS to the app: the scheme was the
+    proxy's socket's, so a plain-HTTP client passed ``require_https`` by adding a
+    ``Forwarded`` header to the proxy's ``X-Forwarded-Proto: http``."""
+    app = make_app(config(store, require_https=True))
+    headers = key_from(store)
+    sent = {
+        **headers,
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Proto": "http",
+        "Forwarded": "for=203.0.113.9;proto=https",
+    }
+    reply = app("GET", "/orders", sent, peer=PROXY, https=True)
+    assert reply.status == 403, reply.body
+    assert reply.json()["error"] == "https_required"
