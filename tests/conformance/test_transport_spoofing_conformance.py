@@ -119,3 +119,36 @@ def test_both_header_kinds_do_not_take_the_proxys_tls_for_the_clients(
     reply = app("GET", "/orders", sent, peer=PROXY, https=True)
     assert reply.status == 403, reply.body
     assert reply.json()["error"] == "https_required"
+
+
+def test_a_token_of_a_key_kept_to_its_networks_is_kept_to_them_too(
+    make_app: Make, store: KeyStore
+) -> None:
+    """The token endpoint refuses a key from outside its ``allowed_cidrs``, but a token
+    it issued from inside them worked from anywhere: one leaked token (a log line,
+    a proxy's cache, a compromised internal host passing it on) undid the key's
+    address restriction for the token's lifetime. The token is the key's
+    credential in another form: the key's networks bind it too."""
+    import base64
+
+    issued = store.create_key("svc", scopes=["orders:read"], allowed_cidrs=[CLIENT_NET])
+    app = make_app(
+        config(
+            store,
+            trusted_proxies=[],
+            schemes=["api_key", "jwt"],
+            token_endpoint="/oauth/token",
+            token_issuer="https://issuer.example",
+            signing_key_secret="spoofing tests' signing secret",
+        )
+    )
+    basic = base64.b64encode(f"{issued.key_id}:{issued.key}".encode()).decode()
+    form = {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"}
+    got = app("POST", "/oauth/token", form, body=b"grant_type=client_credentials", peer="203.0.113.9")
+    assert got.status == 200, got.body
+    bearer = {"Authorization": f"Bearer {got.json()['access_token']}"}
+    assert app("GET", "/orders", bearer, peer="203.0.113.9").status == 200
+    for _ in range(2):  # the second from the cache: the check is still made
+        reply = app("GET", "/orders", bearer, peer="198.51.100.66")
+        assert reply.status == 403, reply.body
+        assert reply.json()["error"] == "address_not_allowed"
