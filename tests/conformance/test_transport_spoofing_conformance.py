@@ -11,6 +11,7 @@ network the proxy sits in). The attacker's real address is outside both.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -129,8 +130,6 @@ def test_a_token_of_a_key_kept_to_its_networks_is_kept_to_them_too(
     a proxy's cache, a compromised internal host passing it on) undid the key's
     address restriction for the token's lifetime. The token is the key's
     credential in another form: the key's networks bind it too."""
-    import base64
-
     issued = store.create_key("svc", scopes=["orders:read"], allowed_cidrs=[CLIENT_NET])
     app = make_app(
         config(
@@ -144,7 +143,9 @@ def test_a_token_of_a_key_kept_to_its_networks_is_kept_to_them_too(
     )
     basic = base64.b64encode(f"{issued.key_id}:{issued.key}".encode()).decode()
     form = {"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"}
-    got = app("POST", "/oauth/token", form, body=b"grant_type=client_credentials", peer="203.0.113.9")
+    got = app(
+        "POST", "/oauth/token", form, body=b"grant_type=client_credentials", peer="203.0.113.9"
+    )
     assert got.status == 200, got.body
     bearer = {"Authorization": f"Bearer {got.json()['access_token']}"}
     assert app("GET", "/orders", bearer, peer="203.0.113.9").status == 200
