@@ -244,6 +244,7 @@ class KeyCache:
         ended: str | None = None,
         generation: int | None = None,
         fresh_until: float = math.inf,
+        networks: tuple[Network, ...] | None = None,
     ) -> _CachedKey:
         """A verified JWT: kept until it expires (or the TTL ends) at the latest.
 
@@ -258,10 +259,11 @@ class KeyCache:
         ``key_id`` (a token of our own issuer's) files it under its API key,
         which :meth:`invalidate` drops it with; ``generation`` as for :meth:`put`;
         ``fresh_until`` when its key's state is due a reread, if sooner than the TTL
-        (so what the entry knows of its key is never older than the TTL).
+        (so what the entry knows of its key is never older than the TTL);
+        ``networks`` its API key's ``allowed_cidrs``, which bind its tokens as well.
         """
         fresh_until = min(monotonic() + self.ttl, fresh_until)
-        entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended)
+        entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended, networks)
         if self.size and self.ttl and (generation is None or generation == self.generation):
             if len(self._entries) >= self.size:
                 self._evict_oldest()
@@ -999,6 +1001,7 @@ class Engine:
 
         It takes no use of a usage-limited key (the token request took one),
         and it ends when its ``exp`` does or its key does, whichever is first.
+        It is taken only from the key's ``allowed_cidrs``, as the key is.
         """
         client = verified.client
         record = state.record
@@ -1017,6 +1020,9 @@ class Engine:
             ended=ended,
             generation=generation,
             fresh_until=state.fresh_until,
+            # A token is its key's credential in another form: one leaked from
+            # inside the key's networks must not work from outside them.
+            networks=_networks(record),
         )
 
     def _state_fallback(self, exc: StoreUnavailable, stale: _KeyState | None) -> _KeyState:

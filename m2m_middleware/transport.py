@@ -29,6 +29,9 @@ Network = IPv4Network | IPv6Network
 #: Which proxy headers are read: both kinds ("auto"; a request carrying both
 #: ``Forwarded`` and ``X-Forwarded-For``/``-Proto`` is then believed in neither,
 #: since a proxy that writes one passes a client's forgery of the other on), or one.
+#: Believed in neither means an unknown client over plain HTTP, not the proxy's own
+#: request: the proxy's address may be in a key's ``allowed_cidrs`` (an internal
+#: network), and its socket to us may be TLS while the client's was not.
 PROXY_HEADER_CHOICES = ("auto", "forwarded", "x-forwarded")
 #: At most this many hops of a chain are read; a longer one is cut on the left.
 MAX_HOPS = 32
@@ -114,30 +117,38 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _forwarded_elements(header: str) -> list[dict[str, str]]:
+def _forwarded_elements(header: str) -> list[dict[str, str]] | None:
     """RFC 7239 section 4: elements split on commas outside quoted strings, each a
-    mapping of lower-case parameter -> unquoted value. Unparseable parts are skipped
-    as empty elements (they still count as a hop: an unknown one)."""
+    mapping of lower-case parameter -> unquoted value; None when the header does
+    not follow that grammar anywhere in it.
+
+    Strict, because the header is the client's text with each proxy's element
+    appended: a client that leaves a quote open (``for=203.0.113.9;x="``) makes
+    the proxy's first quote close it, and the proxy's own address is left over
+    as garbage. Skipping the garbage made the client's element the rightmost
+    hop, so it chose its address and ``proto``; a header that does not parse
+    says nothing about who sent it."""
     elements: list[dict[str, str]] = []
     position = 0
     current: dict[str, str] = {}
     length = len(header)
-    while position < length and len(elements) <= 4 * MAX_HOPS:
+    while len(elements) <= 4 * MAX_HOPS:
         match = _PAIR.match(header, position)
-        if match is None:
-            # Skip to the next separator: this part is malformed.
-            cut = re.compile(r"[;,]").search(header, position)
-            if cut is None:
-                break
-            position = cut.start()
-        else:
+        if match is not None:
             current.setdefault(match.group(1).lower(), _unquote(match.group(2)))
             position = match.end()
-        if position < length:
-            if header[position] == ",":
-                elements.append(current)
-                current = {}
-            position += 1
+        else:  # an empty pair (";;", ",,") or not a pair at all: see what follows
+            while position < length and header[position] in " \t":
+                position += 1
+        if position >= length:
+            break
+        separator = header[position]
+        if separator == ",":
+            elements.append(current)
+            current = {}
+        elif separator != ";":
+            return None
+        position += 1
     elements.append(current)
     return elements
 
@@ -198,7 +209,7 @@ class Transport:
         https: bool,
     ) -> tuple[str | None, bool]:
         if forwarded is not None and (xff is not None or xfp is not None):
-            return peer, https  # "auto" and both kinds: see PROXY_HEADER_CHOICES
+            return None, False  # "auto" and both kinds: see PROXY_HEADER_CHOICES
         if forwarded is not None:
             return self._from_forwarded(forwarded, peer, https)
         return self._from_x_forwarded(xff, xfp, peer, https)
@@ -220,7 +231,10 @@ class Transport:
     def _from_forwarded(
         self, header: str, peer: str | None, https: bool
     ) -> tuple[str | None, bool]:
-        elements = _forwarded_elements(header)[-MAX_HOPS:]
+        parsed = _forwarded_elements(header)
+        if parsed is None:
+            return None, False  # unknown, and nothing says the client used HTTPS
+        elements = parsed[-MAX_HOPS:]
         hops = [element.get("for", "") for element in elements]
         index, address = self._walk(hops)
         proto = elements[index].get("proto", "").lower()

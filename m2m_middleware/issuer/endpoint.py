@@ -79,7 +79,13 @@ AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 GRANT_TYPE = "client_credentials"
 #: A token request has a handful of fields; far more is not one.
 MAX_FORM_FIELDS = 16
-_NO_STORE = [("Cache-Control", "no-store"), ("Pragma", "no-cache")]
+#: On every answer of the token endpoint: RFC 6749 5.1's no-store (and Pragma),
+#: and nosniff, as every other refusal of the middleware has (outcome.PROBLEM_HEADERS).
+_NO_STORE = [
+    ("Cache-Control", "no-store"),
+    ("Pragma", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+]
 #: The credentials that must never come in the query string (where logs keep them).
 _SECRET_FIELDS = ("client_secret", "client_assertion")
 
@@ -259,6 +265,7 @@ class _Server(AuthorizationServer):  # type: ignore[misc]
             body.setdefault("scope", "")  # CONTRACT: the granted scope, even when empty
         error = body.get("error", "") if isinstance(body, dict) else ""
         shown = [(n, v) for n, v in headers if n.lower() != "content-type"]
+        shown.append(("X-Content-Type-Options", "nosniff"))  # authlib's carry no-store only
         return Served(
             status, shown, json.dumps(body, separators=(",", ":")).encode(), error=str(error)
         )

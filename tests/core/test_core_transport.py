@@ -76,7 +76,7 @@ TRUSTED = Transport(parse_networks(["10.0.0.0/8", "2001:db8:ffff::/48"]))
         (
             "10.0.0.1",
             {"forwarded": "for=1.1.1.1", "x-forwarded-for": "1.1.1.1"},
-            ("10.0.0.1", False),
+            (None, False),  # not the proxy's own request: an unknown client
         ),
         # An untrusted peer: its headers say nothing.
         (
