@@ -156,20 +156,15 @@ def build_core() -> list[Variant]:
 
 
 def _core_transport(package: str, engine: Any, key: str) -> Any:
-    """``Engine.check`` with a view made per request, as an ASGI adapter makes it
-    (raw header pairs decoded on first use)."""
+    """``Engine.check`` with a view made per request, as the ASGI adapter makes it
+    (raw header pairs decoded on first use; the proxy headers collected in the
+    adapter's own pass over them, here once, outside the loop)."""
     module = importlib.import_module(f"{package}.request_view")
-    view_type, joined, index = module.RequestView, module.joined_headers, module.AsgiHeaderIndex
     raw = [(n.lower().encode(), v.encode()) for n, v in _headers(package, key).items()]
+    proxy = module.asgi_proxy_headers(raw)
 
-    def view() -> Any:
-        return view_type(
-            "GET",
-            "/",
-            headers=lambda: joined([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]),
-            client_address="127.0.0.1",
-            find_header=index(raw).get,
-        )
+    def view(view_type: Any = module.AsgiView) -> Any:
+        return view_type("GET", "/", raw, "http", "127.0.0.1", b"", b"", proxy)
 
     if not engine.check("GET", "/", None, key, None, view()).allowed:
         raise SystemExit("core/transport: the key was refused")
