@@ -94,6 +94,9 @@ class _KeyState:
     record: KeyRecord | None  # None: no such key (deleted, or the token is from elsewhere)
     dead_at: float  # epoch seconds: revoked or expired from then on (-inf: no key)
     fresh_until: float  # monotonic seconds after which the store is asked again
+    #: The key's ``allowed_cidrs``, parsed once per read of the key: its tokens
+    #: may be used from those networks only, as the key itself may.
+    networks: tuple[Network, ...] | None = None
 
 
 def _key_ended(record: KeyRecord | None) -> str:
@@ -240,6 +243,7 @@ class KeyCache:
         ended: str | None = None,
         generation: int | None = None,
         fresh_until: float = math.inf,
+        networks: tuple[Network, ...] | None = None,
     ) -> _CachedKey:
         """A verified JWT: kept until it expires (or the TTL ends) at the latest.
 
@@ -254,10 +258,11 @@ class KeyCache:
         ``key_id`` (a token of our own issuer's) files it under its API key,
         which :meth:`invalidate` drops it with; ``generation`` as for :meth:`put`;
         ``fresh_until`` when its key's state is due a reread, if sooner than the TTL
-        (so what the entry knows of its key is never older than the TTL).
+        (so what the entry knows of its key is never older than the TTL);
+        ``networks`` its API key's ``allowed_cidrs``, which bind the token too.
         """
         fresh_until = min(monotonic() + self.ttl, fresh_until)
-        entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended)
+        entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended, networks)
         if self.size and self.ttl and (generation is None or generation == self.generation):
             if len(self._entries) >= self.size:
                 self._evict_oldest()
@@ -276,7 +281,8 @@ class KeyCache:
             if record is None
             else min(_epoch(record.revoked_at), _epoch(record.expires_at))
         )
-        state = _KeyState(record, dead_at, monotonic() + self.ttl)
+        networks = _networks(record) if record is not None else None
+        state = _KeyState(record, dead_at, monotonic() + self.ttl, networks)
         if self.size and self.ttl and generation == self.generation:
             states = self._states
             states.pop(key_id, None)
@@ -988,6 +994,7 @@ class Engine:
             ended=ended,
             generation=generation,
             fresh_until=state.fresh_until,
+            networks=state.networks,  # else a token would carry its key outside them
         )
 
     def _state_fallback(self, exc: StoreUnavailable, stale: _KeyState | None) -> _KeyState:
