@@ -113,9 +113,10 @@ class RequestView:
 
 # The two views below are what the adapters make per request when a transport
 # setting is on. Each is slotted, takes its arguments positionally and keeps a
-# reference to the server's own structure instead of a closure over it: that
-# took the view from 0.6 us to about 0.25 us (python -m timeit, CPython 3.11),
-# a fifth of what trusted_proxies + require_https cost Engine.check before.
+# reference to the server's own structure instead of a closure, a header index
+# and a bound method made per request. Measured (timeit, best of 9 x 100k,
+# CPython 3.11, a shared 2-core machine, ASGI, 6 headers): the view 1.0 -> 0.36 us;
+# the view plus Transport.resolve through a trusted proxy 2.4 -> 0.95 us.
 
 
 class AsgiView(RequestView):
