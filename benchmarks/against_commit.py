@@ -15,9 +15,12 @@ whose middleware reads one ``settings.M2M_AUTH``, can run both side by side.
 
     python benchmarks/against_commit.py --base 258acd0
     python benchmarks/against_commit.py --base HEAD~3 --only flask --clock cpu
+    python benchmarks/against_commit.py --base 5e65928 --transport-base 4998b39 --clock cpu
 
 The report gives each version's overhead over the bare app, now / base and
-transport / base.
+transport / base. ``--transport-base REV`` adds the package at ``REV`` with the
+transport settings on (``m2m_transport_base``): the transport path before and
+after a change to it, timed in the same run.
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ from overhead import CLIENT_ID, LIMIT, Variant
 
 BASE_PACKAGE = "m2m_base"
 TRANSPORT_PACKAGE = "m2m_transport"
+TRANSPORT_BASE_PACKAGE = "m2m_transport_base"
+_TRANSPORT_PACKAGES = (TRANSPORT_PACKAGE, TRANSPORT_BASE_PACKAGE)
 TRANSPORT_LABEL = "ours now + trusted_proxies, require_https"
 #: What each request of the transport variant carries: it came through the proxy.
 PROXIED = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
 #: The harness's requests come from 127.0.0.1: that is the trusted proxy.
 TRANSPORT_FIELDS = {"trusted_proxies": ["127.0.0.0/8"], "require_https": True}
 _base_revision = "HEAD"
+_transport_base_revision: str | None = None
 
 
 def _add_base_option(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +62,15 @@ def _add_base_option(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="the commit to compare with (anything git rev-parse understands)",
     )
+    parser.add_argument(
+        "--transport-base",
+        default=None,
+        help="also time the package at this commit with the transport settings on",
+    )
 
 
-def load_base(revision: str) -> types.ModuleType:
-    """Import the package as it was at ``revision``, as ``m2m_base``."""
+def load_base(revision: str, name: str = BASE_PACKAGE) -> types.ModuleType:
+    """Import the package as it was at ``revision``, as ``name`` (``m2m_base``)."""
     repo = Path(__file__).resolve().parent.parent
     try:
         archive = subprocess.run(
@@ -74,9 +85,9 @@ def load_base(revision: str) -> types.ModuleType:
     root = Path(tempfile.mkdtemp(prefix="m2m-base-"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
-    (root / "m2m_middleware").rename(root / BASE_PACKAGE)
+    (root / "m2m_middleware").rename(root / name)
     sys.path.insert(0, str(root))
-    return importlib.import_module(BASE_PACKAGE)
+    return importlib.import_module(name)
 
 
 def load_transport_copy() -> types.ModuleType:
@@ -90,26 +101,30 @@ def load_transport_copy() -> types.ModuleType:
 
 def _versions() -> list[tuple[str, str]]:
     """(label, package name) of the versions, base first."""
-    return [
+    versions = [
         (f"ours at {_base_revision}", BASE_PACKAGE),
         ("ours now", "m2m_middleware"),
         (TRANSPORT_LABEL, TRANSPORT_PACKAGE),
     ]
+    if _transport_base_revision is not None:
+        label = f"ours at {_transport_base_revision} + trusted_proxies, require_https"
+        versions.append((label, TRANSPORT_BASE_PACKAGE))
+    return versions
 
 
 def _fields(package: str) -> dict[str, Any]:
-    return dict(TRANSPORT_FIELDS) if package == TRANSPORT_PACKAGE else {}
+    return dict(TRANSPORT_FIELDS) if package in _TRANSPORT_PACKAGES else {}
 
 
 def _headers(package: str, key: str) -> dict[str, str]:
     headers = {"X-API-Key": key}
-    if package == TRANSPORT_PACKAGE:
+    if package in _TRANSPORT_PACKAGES:
         headers.update(PROXIED)
     return headers
 
 
 def _deny_status(package: str) -> int:
-    return 403 if package == TRANSPORT_PACKAGE else 401  # no key, no proto: https_required
+    return 403 if package in _TRANSPORT_PACKAGES else 401  # no key, no proto: https_required
 
 
 def _settings(package: str) -> Any:
@@ -136,7 +151,7 @@ def build_core() -> list[Variant]:
     for label, package in _versions():
         settings, key = _settings(package)
         engine = importlib.import_module(package).Engine(settings)
-        if package == TRANSPORT_PACKAGE:
+        if package in _TRANSPORT_PACKAGES:
             variants.append(Variant("core", label, "ours", _core_transport(package, engine, key)))
             continue
         if not engine.check("GET", "/", None, key).allowed:
@@ -156,20 +171,28 @@ def build_core() -> list[Variant]:
 
 
 def _core_transport(package: str, engine: Any, key: str) -> Any:
-    """``Engine.check`` with a view made per request, as an ASGI adapter makes it
-    (raw header pairs decoded on first use)."""
+    """``Engine.check`` with a view made per request, as the ASGI adapter makes it
+    (raw header pairs decoded on first use; the proxy headers collected in the
+    adapter's own pass over them, here once, outside the loop)."""
     module = importlib.import_module(f"{package}.request_view")
-    view_type, joined, index = module.RequestView, module.joined_headers, module.AsgiHeaderIndex
     raw = [(n.lower().encode(), v.encode()) for n, v in _headers(package, key).items()]
+    if hasattr(module, "AsgiView"):
+        proxy = module.asgi_proxy_headers(raw)
 
-    def view() -> Any:
-        return view_type(
-            "GET",
-            "/",
-            headers=lambda: joined([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]),
-            client_address="127.0.0.1",
-            find_header=index(raw).get,
-        )
+        def view(view_type: Any = module.AsgiView) -> Any:
+            return view_type("GET", "/", raw, "http", "127.0.0.1", b"", b"", proxy)
+
+    else:  # before AsgiView: a closure and a header index per request
+        view_type, joined, index = module.RequestView, module.joined_headers, module.AsgiHeaderIndex
+
+        def view() -> Any:
+            return view_type(
+                "GET",
+                "/",
+                headers=lambda: joined([(n.decode(), v.decode()) for n, v in raw]),
+                client_address="127.0.0.1",
+                find_header=index(raw).get,
+            )
 
     if not engine.check("GET", "/", None, key, None, view()).allowed:
         raise SystemExit("core/transport: the key was refused")
@@ -277,9 +300,12 @@ def build_django() -> list[Variant]:
 def build(
     args: argparse.Namespace, frameworks: list[str], loop: asyncio.AbstractEventLoop
 ) -> list[Variant]:
-    global _base_revision
+    global _base_revision, _transport_base_revision
     _base_revision = args.base
+    _transport_base_revision = args.transport_base
     load_base(args.base)
+    if args.transport_base is not None:
+        load_base(args.transport_base, TRANSPORT_BASE_PACKAGE)
     load_transport_copy()
     variants = build_core()
     if "starlette" in frameworks:
@@ -298,7 +324,8 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
         if not found:
             continue
         bare = found["bare"].median_us
-        (base_label, _), (now_label, _), (transport_label, _) = _versions()
+        versions = _versions()
+        (base_label, _), (now_label, _), (transport_label, _) = versions[:3]
         base = found[base_label].median_us - bare
         now = found[now_label].median_us - bare
         transport = found[transport_label].median_us - bare
@@ -310,6 +337,14 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
             f"with trusted_proxies + require_https: {transport:6.2f} us, "
             f"/ base: {transport_ratio:.3f}"
         )
+        if len(versions) > 3:
+            before_label = versions[3][0]
+            before = found[before_label].median_us - bare
+            before_ratio = before / base if base > 0 else float("nan")
+            lines.append(
+                f"    {before_label}: {before:6.2f} us, / base: {before_ratio:.3f}   "
+                f"transport now / transport then: {transport / before:.3f}"
+            )
         if verbose:
             for variant in found.values():
                 rounds = ", ".join(f"{m:.2f}" for m in variant.round_means_us)

@@ -94,6 +94,9 @@ class _KeyState:
     record: KeyRecord | None  # None: no such key (deleted, or the token is from elsewhere)
     dead_at: float  # epoch seconds: revoked or expired from then on (-inf: no key)
     fresh_until: float  # monotonic seconds after which the store is asked again
+    #: The key's ``allowed_cidrs``, parsed once per read of the key: its tokens
+    #: may be used from those networks only, as the key itself may.
+    networks: tuple[Network, ...] | None = None
 
 
 def _key_ended(record: KeyRecord | None) -> str:
@@ -260,7 +263,7 @@ class KeyCache:
         which :meth:`invalidate` drops it with; ``generation`` as for :meth:`put`;
         ``fresh_until`` when its key's state is due a reread, if sooner than the TTL
         (so what the entry knows of its key is never older than the TTL);
-        ``networks`` its API key's ``allowed_cidrs``, which bind its tokens as well.
+        ``networks`` its API key's ``allowed_cidrs``, which bind the token too.
         """
         fresh_until = min(monotonic() + self.ttl, fresh_until)
         entry = _CachedKey(None, client, dead_at, fresh_until, None, key_id, ended, networks)
@@ -282,7 +285,8 @@ class KeyCache:
             if record is None
             else min(_epoch(record.revoked_at), _epoch(record.expires_at))
         )
-        state = _KeyState(record, dead_at, monotonic() + self.ttl)
+        networks = _networks(record) if record is not None else None
+        state = _KeyState(record, dead_at, monotonic() + self.ttl, networks)
         if self.size and self.ttl and generation == self.generation:
             states = self._states
             states.pop(key_id, None)
@@ -1020,9 +1024,7 @@ class Engine:
             ended=ended,
             generation=generation,
             fresh_until=state.fresh_until,
-            # A token is its key's credential in another form: one leaked from
-            # inside the key's networks must not work from outside them.
-            networks=_networks(record),
+            networks=state.networks,  # else a token would carry its key outside them
         )
 
     def _state_fallback(self, exc: StoreUnavailable, stale: _KeyState | None) -> _KeyState:

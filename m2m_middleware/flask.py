@@ -39,7 +39,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied, status_line
-from .request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
+from .request_view import MAX_ENDPOINT_BODY, RequestView, WsgiView
 from .scopes import ScopeRequirement
 from .settings import Settings, invalidation_url
 
@@ -188,16 +188,7 @@ def wsgi_view(
             body = stream.read(MAX_ENDPOINT_BODY + 1)
             if len(body) > MAX_ENDPOINT_BODY:
                 body = None
-    return RequestView(
-        method,
-        path,
-        headers=lambda: wsgi_headers(environ),
-        query=environ.get("QUERY_STRING", ""),
-        scheme=environ.get("wsgi.url_scheme", "http"),
-        client_address=environ.get("REMOTE_ADDR"),
-        body=body,
-        find_header=functools.partial(wsgi_header, environ),
-    )
+    return WsgiView(method, path, environ, environ.get("wsgi.url_scheme", "http"), body)
 
 
 def _status_code(status_text: str) -> int | None:

@@ -30,7 +30,7 @@ from .audit import audit, ended
 from .client import Client
 from .engine import Engine
 from .outcome import Allowed, Answer, Denied
-from .request_view import MAX_ENDPOINT_BODY, AsgiHeaderIndex, RequestView, joined_headers
+from .request_view import MAX_ENDPOINT_BODY, AsgiView, ProxyHeaders, RequestView
 from .scopes import ScopeRequirement
 from .settings import Settings
 
@@ -78,6 +78,9 @@ class M2MMiddleware:
         self._auth_cache: dict[int, tuple[Client, M2MCredentials]] = {}
         self._anonymous_auth = M2MCredentials((), self.engine.realm)
         self._endpoints = self.engine.endpoints
+        #: trusted_proxies is set: the proxy headers are collected in the one pass
+        #: over the raw headers that finds the credentials, instead of a second one.
+        self._collect_proxy = bool(self.engine.transport.trusted)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -86,13 +89,36 @@ class M2MMiddleware:
             return
         authorization = api_key = None
         key_header = self._key_header
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                text = value.decode("latin-1")
-                authorization = text if authorization is None else f"{authorization}, {text}"
-            elif name == key_header:
-                text = value.decode("latin-1")
-                api_key = text if api_key is None else f"{api_key}, {text}"
+        proxy: ProxyHeaders | None = None
+        if self._collect_proxy:
+            # The loop below plus the three proxy headers: a loop of its own, so
+            # that without trusted_proxies no header pays the extra comparisons.
+            forwarded = xff = xfp = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    text = value.decode("latin-1")
+                    authorization = text if authorization is None else f"{authorization}, {text}"
+                elif name == key_header:
+                    text = value.decode("latin-1")
+                    api_key = text if api_key is None else f"{api_key}, {text}"
+                elif name == b"x-forwarded-for":
+                    text = value.decode("latin-1")
+                    xff = text if xff is None else f"{xff}, {text}"
+                elif name == b"x-forwarded-proto":
+                    text = value.decode("latin-1")
+                    xfp = text if xfp is None else f"{xfp}, {text}"
+                elif name == b"forwarded":
+                    text = value.decode("latin-1")
+                    forwarded = text if forwarded is None else f"{forwarded}, {text}"
+            proxy = (forwarded, xff, xfp)
+        else:
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    text = value.decode("latin-1")
+                    authorization = text if authorization is None else f"{authorization}, {text}"
+                elif name == key_header:
+                    text = value.decode("latin-1")
+                    api_key = text if api_key is None else f"{api_key}, {text}"
         path = scope["path"]
         root_path = scope.get("root_path")
         if root_path and path.startswith(root_path):
@@ -107,7 +133,7 @@ class M2MMiddleware:
             await _send_answer(await engine.aserve(await _view(scope, receive, path)), send)
             return
         if engine.needs_view:  # transport checks: they read more than two headers
-            view = _scope_view(scope, path)
+            view = _scope_view(scope, path, proxy=proxy)
             if engine.never_blocks:
                 outcome = engine.gate(method, path, authorization, api_key, None, view)
             else:
@@ -263,23 +289,22 @@ async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:
     return _scope_view(scope, path, body)
 
 
-def _scope_view(scope: Scope, path: str, body: bytes | None = b"") -> RequestView:
-    """The neutral view of an ASGI request; its headers are decoded on first use."""
+def _scope_view(
+    scope: Scope, path: str, body: bytes | None = b"", proxy: ProxyHeaders | None = None
+) -> RequestView:
+    """The neutral view of an ASGI request; its headers are decoded on first use.
+
+    ``proxy``: the proxy headers, when the caller collected them already."""
     client = scope.get("client")
-    raw_headers = scope["headers"]
-
-    def headers() -> dict[str, str]:
-        return joined_headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers])
-
-    return RequestView(
+    return AsgiView(
         scope.get("method", "GET"),
         path,
-        headers=headers,
-        query=scope.get("query_string", b"").decode("latin-1"),
-        scheme=scope.get("scheme") or ("ws" if scope["type"] == "websocket" else "http"),
-        client_address=client[0] if client else None,
-        body=body,
-        find_header=AsgiHeaderIndex(raw_headers).get,
+        scope["headers"],
+        scope.get("scheme") or ("ws" if scope["type"] == "websocket" else "http"),
+        client[0] if client else None,
+        scope.get("query_string", b""),
+        body,
+        proxy,
     )
 
 

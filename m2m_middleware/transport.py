@@ -42,6 +42,8 @@ _PEERS_CACHED = 1024
 #: most of a cached API-key request's 3.5 us. Cleared when full: distinct
 #: header values cost what they would uncached, and no more memory than this.
 _RESOLVED_CACHED = 4096
+#: The schemes that mean the client's connection to us was encrypted.
+_SECURE = frozenset(("https", "wss"))
 
 #: One RFC 7239 forwarded-pair: token "=" ( token / quoted-string ).
 _PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s"]*)\s*')
@@ -161,7 +163,7 @@ class Transport:
         self.proxy_headers = proxy_headers
         self._peers: dict[str, bool] = {}
         self._resolved: dict[
-            tuple[str, str | None, str | None, str | None], tuple[str | None, bool]
+            tuple[str, bool, str | None, str | None, str | None], tuple[str | None, bool]
         ] = {}
 
     def is_trusted(self, address: str | None) -> bool:
@@ -179,19 +181,26 @@ class Transport:
     def resolve(self, view: RequestView) -> tuple[str | None, bool]:
         """(client address as text, or None when unknown; True when the client used HTTPS)."""
         peer = view.client_address
-        https = view.scheme in ("https", "wss")
-        if peer is None or not self.is_trusted(peer):
+        https = view.scheme in _SECURE
+        if peer is None or not self.trusted:
             return peer, https
-        header = view.header
+        trusted = self._peers.get(peer)
+        if trusted is None:
+            trusted = self.is_trusted(peer)
+        if not trusted:
+            return peer, https
+        forwarded, xff, xfp = view.proxy_headers()
         choice = self.proxy_headers
-        forwarded = header("forwarded") if choice != "x-forwarded" else None
-        xff = xfp = None
-        if choice != "forwarded":
-            xff = header("x-forwarded-for")
-            xfp = header("x-forwarded-proto")
+        if choice != "auto":
+            if choice == "forwarded":
+                xff = xfp = None
+            else:
+                forwarded = None
         if forwarded is None and xff is None and xfp is None:
             return peer, https
-        key = (peer if not https else peer + " https", forwarded, xff, xfp)
+        # A tuple of what the server and the headers said: no string is built to
+        # find a chain resolved before.
+        key = (peer, https, forwarded, xff, xfp)
         found = self._resolved.get(key)
         if found is None:
             found = self._resolve(forwarded, xff, xfp, peer, https)

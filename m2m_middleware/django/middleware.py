@@ -16,7 +16,7 @@ from ..audit import audit, ended
 from ..client import Client
 from ..engine import Engine
 from ..outcome import Allowed, Answer, Denied
-from ..request_view import MAX_ENDPOINT_BODY, RequestView, wsgi_header, wsgi_headers
+from ..request_view import MAX_ENDPOINT_BODY, RequestView, WsgiView
 from ..scopes import ScopeRequirement
 from ..settings import Settings
 
@@ -79,16 +79,7 @@ def _view(request: HttpRequest, *, read_body: bool = True) -> RequestView:
                 body = b""
             if len(body) > MAX_ENDPOINT_BODY:
                 body = None
-    return RequestView(
-        method,
-        request.path_info,
-        headers=lambda: wsgi_headers(meta),
-        query=meta.get("QUERY_STRING", ""),
-        scheme=_server_scheme(request),
-        client_address=meta.get("REMOTE_ADDR"),
-        body=body,
-        find_header=functools.partial(wsgi_header, meta),
-    )
+    return WsgiView(method, request.path_info, meta, _server_scheme(request), body)
 
 
 def _server_scheme(request: HttpRequest) -> str:

@@ -254,3 +254,34 @@ def test_a_token_that_breaks_our_rules_is_401_in_every_framework(
     reply = own.app.get("/orders", bearer(token))
     assert_invalid_token(reply, token, detail)
     assert own.app.get("/orders", bearer(own.token(record))).status == 200  # the control
+
+
+def test_a_token_of_a_key_with_networks_works_only_from_them(
+    make_own: Callable[..., OwnIssuer],
+) -> None:
+    """The token endpoint issues to a key with ``allowed_cidrs`` only from its networks;
+    the token it issues is bound to them too, or it would carry the key outside them."""
+    own = make_own()
+    issued = own.store.create_key(
+        "billing", scopes=["orders:read"], allowed_cidrs=["203.0.113.0/24"]
+    )
+    inside, outside = "203.0.113.9", "198.51.100.9"
+    basic = urlsafe_b64encode(f"{issued.record.key_id}:{issued.key}".encode()).decode()
+    form = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Authorization": f"Basic {basic}",
+    }
+    body = b"grant_type=client_credentials"
+    assert own.app("POST", "/oauth/token", form, body=body, peer=outside).status == 401
+    reply = own.app("POST", "/oauth/token", form, body=body, peer=inside)
+    assert reply.status == 200, reply.body
+    token = reply.json()["access_token"]
+    for _ in range(2):  # the second answered from the cache: the check is still made
+        assert own.app("GET", "/orders", bearer(token), peer=inside).status == 200
+        refused = own.app("GET", "/orders", bearer(token), peer=outside)
+        assert_problem(refused, 403, "address_not_allowed", secrets=(token, issued.key))
+    # A token signed for the key (as the endpoint signs) is bound the same way, cold.
+    signed = own.token(issued.record)
+    refused = own.app("GET", "/orders", bearer(signed), peer=outside)
+    assert_problem(refused, 403, "address_not_allowed", secrets=(signed,))
+    assert own.app("GET", "/orders", bearer(signed), peer=inside).status == 200

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from m2m_middleware import ConfigError, Denied, Engine, Settings, open_key_store
-from m2m_middleware.request_view import RequestView
+from m2m_middleware.request_view import AsgiView, RequestView, WsgiView
 from m2m_middleware.transport import Transport, parse_address, parse_networks
 
 
@@ -270,3 +270,61 @@ def test_the_token_endpoint_over_plain_http_is_refused_with_require_https() -> N
     # The JWKS is public: served over plain HTTP too.
     jwks = RequestView("GET", "/.well-known/jwks.json", headers={}, client_address="1.1.1.1")
     assert engine.serve(jwks).status == 200
+
+
+# -- the adapters' views read what a mapping of the same headers holds ------------------------
+
+RAW_PAIRS = [
+    (b"host", b"api.example"),
+    (b"x-forwarded-for", b"198.51.100.1"),
+    (b"x-forwarded-for", b"203.0.113.9"),  # repeated: one chain, joined in order
+    (b"x-forwarded-proto", b"https"),
+    (b"forwarded", b"for=192.0.2.1"),
+]
+JOINED = {
+    "host": "api.example",
+    "x-forwarded-for": "198.51.100.1, 203.0.113.9",
+    "x-forwarded-proto": "https",
+    "forwarded": "for=192.0.2.1",
+}
+
+
+def test_an_asgi_view_reads_its_raw_pairs_as_a_mapping_would() -> None:
+    view = AsgiView("GET", "/", RAW_PAIRS, "http", "10.0.0.1", b"a=1")
+    assert view.query == "a=1"
+    assert view.header("x-forwarded-for") == JOINED["x-forwarded-for"]
+    assert view.header("authorization") is None
+    assert view.proxy_headers() == ("for=192.0.2.1", JOINED["x-forwarded-for"], "https")
+    assert dict(view.headers) == JOINED
+    assert "203.0.113.9" not in repr(view)
+
+
+def test_a_wsgi_view_reads_its_environ_as_a_mapping_would() -> None:
+    environ = {
+        "REMOTE_ADDR": "10.0.0.1",
+        "QUERY_STRING": "a=1",
+        "HTTP_HOST": "api.example",
+        "HTTP_X_FORWARDED_FOR": JOINED["x-forwarded-for"],
+        "HTTP_X_FORWARDED_PROTO": "https",
+        "HTTP_FORWARDED": "",  # an empty field is no field
+    }
+    view = WsgiView("GET", "/", environ, "http")
+    assert view.client_address == "10.0.0.1"
+    assert view.query == "a=1"
+    assert view.header("host") == "api.example"
+    assert view.proxy_headers() == (None, JOINED["x-forwarded-for"], "https")
+    assert view.headers["x-forwarded-proto"] == "https"
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_the_adapters_views_resolve_as_a_mapping_view_does(kind: str) -> None:
+    pairs = [pair for pair in RAW_PAIRS if pair[0] != b"forwarded"]
+    joined = {name: value for name, value in JOINED.items() if name != "forwarded"}
+    expected = TRUSTED.resolve(view("10.0.0.1", joined))
+    made: RequestView
+    if kind == "asgi":
+        made = AsgiView("GET", "/", pairs, "http", "10.0.0.1")
+    else:
+        environ = {"HTTP_" + n.upper().replace("-", "_"): v for n, v in joined.items()}
+        made = WsgiView("GET", "/", {**environ, "REMOTE_ADDR": "10.0.0.1"}, "http")
+    assert TRUSTED.resolve(made) == expected == ("203.0.113.9", True)
