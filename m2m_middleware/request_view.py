@@ -36,6 +36,7 @@ class RequestView:
         "method",
         "path",
         "query",
+        "raw_path",
         "scheme",
     )
 
@@ -57,6 +58,9 @@ class RequestView:
         self.scheme = scheme
         self.client_address = client_address
         self.body = body
+        #: The path as the client sent it, mount prefix included (a signed request's
+        #: ``@target-uri``); None: ``path`` encoded again stands for it.
+        self.raw_path: str | None = None
         #: One header by lower-case name without decoding them all (an environ
         #: lookup, a scan of raw ASGI pairs): what a check that reads two or
         #: three headers uses, until something has decoded them all anyway.

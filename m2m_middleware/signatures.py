@@ -215,6 +215,11 @@ def target_uri(view: RequestView, *, origin: str | None = None, path: str | None
     return f"{origin}{path}?{query}" if query else f"{origin}{path}"
 
 
+def quoted_path(path: str) -> str:
+    """A decoded path percent-encoded again (UTF-8), as httpx and requests send it."""
+    return quote(path, safe=_PATH_SAFE)
+
+
 def asgi_request_path(scope: Mapping[str, Any]) -> str | None:
     """The path as the client sent it, from an ASGI scope: ``raw_path`` (percent-encoded,
     mount prefix included), or None when the server gives none (then ``target_uri``
