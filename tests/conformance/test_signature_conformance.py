@@ -50,8 +50,9 @@ class Signer:
 
     def __init__(self, store: KeyStore, private: PrivateKey | None = None, **options: Any) -> None:
         self.private = private or ed25519.Ed25519PrivateKey.generate()
+        pem = public_pem(self.private)
         issued = store.create_key(
-            "payments", scopes=["orders:read"], signing_public_key=public_pem(self.private), **options
+            "payments", scopes=["orders:read"], signing_public_key=pem, **options
         )
         self.api_key = issued.key
         self.key_id = issued.record.key_id
@@ -224,7 +225,7 @@ def test_a_bad_signature_takes_no_use_and_no_rate_budget(make_app: Make, store: 
         assert_invalid_signature(app("GET", "/ping", {"X-API-Key": signer.api_key}))
     reply = app("GET", "/ping", signer.headers("GET", "/ping"))
     assert reply.status == 200, reply.body  # its one use, and its rate budget, were left
-    assert reply.headers["RateLimit"].endswith(";r=1;t=60") or "r=1" in reply.headers["RateLimit"]
+    assert "r=1" in reply.headers["RateLimit"]  # the second of its 2/minute
 
 
 def test_a_body_over_max_body_size_is_413(make_app: Make, store: KeyStore) -> None:
