@@ -95,6 +95,8 @@ def test_missing_credentials_and_good_keys_are_not_counted(make_app: Make, store
         assert app("GET", "/orders", key, peer=ATTACKER).status == 200
     fail(app, ATTACKER, 2)
     assert app("GET", "/orders", key, peer=ATTACKER).status == 200  # 2 of 3 spent
+    fail(app, ATTACKER, 1)
+    assert_source_limited(app("GET", "/orders", key, peer=ATTACKER))
 
 
 def test_the_block_ends_with_its_window(make_app: Make, store: KeyStore) -> None:
