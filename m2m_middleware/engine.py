@@ -25,10 +25,12 @@ from .credentials import extract_credential, looks_like_jwt
 from .errors import (
     AddressNotAllowed,
     AuthError,
+    BodyTooLarge,
     ConfigError,
     HttpsRequired,
     InsufficientScope,
     InvalidRequest,
+    InvalidSignature,
     InvalidToken,
     MissingCredentials,
     QuotaExceeded,
@@ -40,6 +42,7 @@ from .limiting import Charge, Limiter, LimitPlan, StorageDown
 from .outcome import PUBLIC, Allowed, Denied, Served, deny
 from .redaction import redact
 from .settings import Route, Settings, invalidation_url
+from .source_limits import SourceLimits, SourceRateLimited
 from .stores import KeyRecord, KeyStore, open_key_store
 from .stores.base import subscribe_invalidations
 from .syntax import CONTROL_CHARACTERS
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from .issuer.endpoint import TokenService
     from .issuer.signing_keys import SigningKeys
     from .request_view import RequestView
+    from .signatures import SignatureVerifier
     from .tokens import TokenVerifier, VerifiedToken
 
 logger = logging.getLogger("m2m_middleware")
@@ -394,6 +398,20 @@ class Engine:
             raise
         bus_url = invalidation_url(settings, self.store)  # before the limiter connects anywhere
         self.limiter = Limiter(settings)
+        #: Checks RFC 9421 signatures, when a route rule or ``require_signatures`` asks
+        #: for them; None otherwise (and adapters then never read a body for it).
+        self.signatures: SignatureVerifier | None = None
+        if settings.signatures_needed:
+            from .signatures import SignatureVerifier, nonce_store
+
+            self.signatures = SignatureVerifier(settings, nonce_store(self.limiter))
+        self._sign_all = settings.require_signatures
+        #: The largest body an adapter reads for a request that must be signed.
+        self.max_body_size = settings.max_body_size
+        #: The budget of failed authentications per address (``source_limits``), or None.
+        self.source_limits: SourceLimits | None = None
+        if settings.source_limit_items:
+            self.source_limits = SourceLimits(settings, self.limiter)
         self.keys = KeyCache(self.store, settings.key_cache_ttl, settings.key_cache_size)
         self.store.watch_changes()
         #: When the store is next asked what other processes changed (monotonic
@@ -414,7 +432,11 @@ class Engine:
         self.endpoints: frozenset[str] = frozenset()
         #: True when adapters must pass a :class:`RequestView` (``view=``): a check reads
         #: more than the credential headers. False: they pass the peer address only.
-        self.needs_view = settings.needs_request_view
+        self.needs_view = (
+            settings.needs_request_view
+            or self.signatures is not None  # headers, the body, the target URI
+            or self.source_limits is not None  # the client's address, as proxies report it
+        )
         self.transport = Transport(settings.trusted_networks, settings.proxy_headers)
         self._require_https = settings.require_https
         self._hsts: tuple[str, str] | None = (
@@ -556,7 +578,16 @@ class Engine:
         https, refused = self._endpoint_transport(view)
         if refused is not None:
             return refused
-        return self._served_hsts(service.serve(view), https)
+        sources = self.source_limits
+        if sources is None:
+            return self._served_hsts(service.serve(view), https)
+        refused = self._source_refused(view.path, view.client_address, view.method)
+        if refused is not None:
+            return refused
+        served = service.serve(view)
+        if served.status == 401:  # invalid_client: a key or secret that is not one
+            sources.failed(view.client_address)
+        return self._served_hsts(served, https)
 
     async def aserve(self, view: RequestView) -> Served | Denied:
         """The async twin of :meth:`serve`: store reads and signing run in a thread
@@ -566,9 +597,58 @@ class Engine:
         https, refused = self._endpoint_transport(view)
         if refused is not None:
             return refused
+        sources = self.source_limits
+        if sources is not None:
+            refused = self._source_refused(view.path, view.client_address, view.method)
+            if refused is not None:
+                return refused
         if self.never_blocks and self.settings.signing_algorithm != "RS256":
-            return self._served_hsts(service.serve(view), https)
-        return self._served_hsts(await self.store.run_blocking(service.serve, view), https)
+            served = service.serve(view)
+        else:
+            served = await self.store.run_blocking(service.serve, view)
+        if sources is not None and served.status == 401:
+            await sources.afailed(view.client_address)
+        return self._served_hsts(served, https)
+
+    def _source_refused(self, path: str, address: str | None, method: str) -> Denied | None:
+        """The 429 of an address that spent its ``source_limits``, on the token endpoint
+        (the JWKS and the metadata are public); None when it may go on."""
+        if path != self.settings.token_endpoint:
+            return None
+        assert self.source_limits is not None
+        try:
+            self.source_limits.check(address)
+        except SourceRateLimited as exc:
+            denied = deny(exc, self.realm, exc.headers)
+            if audit.isEnabledFor(INFO):
+                _audit(denied, method, path)
+            return denied
+        return None
+
+    # -- request signatures: what an adapter reads for them -------------------
+
+    def reads_body(self, method: str, path: str) -> bool:
+        """Whether an adapter must read this request's body (up to :attr:`max_body_size`)
+        into its view: the request may need a signature, whose digest covers the body.
+        Adapters ask only when :attr:`signatures` is set."""
+        if self.signatures is None:
+            return False
+        if self._sign_all:
+            public = self._public
+            return public is None or not (path.isprintable() and public.match(path))
+        return any(route.signed for route in self._matching_routes(method, path))
+
+    def body_too_large(self, method: str, path: str) -> Denied:
+        """413 for a request to be signed whose body is over :attr:`max_body_size` (audited)."""
+        denied = self._deny(
+            BodyTooLarge(
+                f"the request body is over max_body_size ({self.max_body_size} bytes); "
+                "a request that must be signed is read whole to check its digest"
+            )
+        )
+        if audit.isEnabledFor(INFO):
+            _audit(denied, method, path)
+        return denied
 
     def _endpoint_transport(self, view: RequestView) -> tuple[bool, Denied | None]:
         """An endpoint's request as the transport settings see it: whether it came over
@@ -629,7 +709,18 @@ class Engine:
             refused = self._plain_http(path, authorization, api_key)
             if refused is not None:
                 return refused
-        outcome = self._check(method, path, authorization, api_key, address)
+        signed = self._signed_view(view, https) if self.signatures is not None else None
+        sources = self.source_limits
+        if sources is None:
+            outcome = self._check(method, path, authorization, api_key, address, signed)
+        else:
+            limited = self._source_limited(path, address)
+            if limited is not None:
+                outcome = limited
+            else:
+                outcome = self._check(method, path, authorization, api_key, address, signed)
+                if _counts_as_failure(outcome):
+                    sources.failed(address)
         return self._with_hsts(outcome) if https and self._hsts is not None else outcome
 
     async def _acheck_view(
@@ -646,8 +737,40 @@ class Engine:
             refused = self._plain_http(path, authorization, api_key)
             if refused is not None:
                 return refused
-        outcome = await self._acheck(method, path, authorization, api_key, address)
+        signed = self._signed_view(view, https) if self.signatures is not None else None
+        sources = self.source_limits
+        if sources is None:
+            outcome = await self._acheck(method, path, authorization, api_key, address, signed)
+        else:
+            limited = self._source_limited(path, address)
+            if limited is not None:
+                outcome = limited
+            else:
+                outcome = await self._acheck(method, path, authorization, api_key, address, signed)
+                if _counts_as_failure(outcome):
+                    await sources.afailed(address)
         return self._with_hsts(outcome) if https and self._hsts is not None else outcome
+
+    def _source_limited(self, path: str, address: str | None) -> Denied | None:
+        """429 for an address over its ``source_limits``, before its credential is looked
+        at; None when it may go on (always on a public path: it needs no credential)."""
+        assert self.source_limits is not None
+        public = self._public
+        if public is not None and path.isprintable() and public.match(path):
+            return None
+        try:
+            self.source_limits.check(address)
+        except SourceRateLimited as exc:
+            return deny(exc, self.realm, exc.headers)
+        return None
+
+    @staticmethod
+    def _signed_view(view: RequestView, https: bool) -> RequestView:
+        """The view a signature is checked on: its scheme the one the trusted proxies
+        report, which the client's ``@target-uri`` names."""
+        if view.scheme in ("http", "https"):
+            view.scheme = "https" if https else "http"
+        return view
 
     def _plain_http(
         self, path: str, authorization: str | None, api_key: str | None
@@ -703,6 +826,7 @@ class Engine:
         authorization: str | None,
         api_key: str | None,
         address: str | None = None,
+        signed: RequestView | None = None,
     ) -> Allowed | Denied:
         entry = None
         try:
@@ -723,7 +847,7 @@ class Engine:
             now = time()
             plan = entry.plan
             if plan is None or entry.dead_at <= now:
-                return self._decide(entry, method, path, address)
+                return self._decide(entry, method, path, address, signed)
             # The fast lane: a live key without usage limit, no route rules.
             try:
                 charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
@@ -741,10 +865,20 @@ class Engine:
             )
 
     def _decide(
-        self, entry: _CachedKey, method: str, path: str, address: str | None
+        self,
+        entry: _CachedKey,
+        method: str,
+        path: str,
+        address: str | None,
+        signed: RequestView | None = None,
     ) -> Allowed | Denied:
-        """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry, networks."""
+        """Every case the fast lane of :meth:`check` leaves: rules, uses, expiry, networks,
+        signatures."""
         plan, cost = self._authorize(entry, method, path, address)
+        signatures = self.signatures
+        if signatures is not None and self._must_sign(method, path):
+            # The key is known, nothing is spent yet: no use taken, no limit charged.
+            signatures.verify(*self._signature_target(entry, signed))
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -780,6 +914,7 @@ class Engine:
         authorization: str | None,
         api_key: str | None,
         address: str | None = None,
+        signed: RequestView | None = None,
     ) -> Allowed | Denied:
         entry = None
         try:
@@ -800,7 +935,7 @@ class Engine:
             now = time()
             plan = entry.plan
             if plan is None or entry.dead_at <= now or not self.limiter.in_memory:
-                return await self._adecide(entry, method, path, address)
+                return await self._adecide(entry, method, path, address, signed)
             try:
                 charge = self.limiter.charge(plan, entry.client.client_id, 1, now)
             except StorageDown:
@@ -821,9 +956,17 @@ class Engine:
             )
 
     async def _adecide(
-        self, entry: _CachedKey, method: str, path: str, address: str | None
+        self,
+        entry: _CachedKey,
+        method: str,
+        path: str,
+        address: str | None,
+        signed: RequestView | None = None,
     ) -> Allowed | Denied:
         plan, cost = self._authorize(entry, method, path, address)
+        signatures = self.signatures
+        if signatures is not None and self._must_sign(method, path):
+            await signatures.averify(*self._signature_target(entry, signed))
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -1090,7 +1233,7 @@ class Engine:
             if remaining is not None and remaining <= 0:
                 raise QuotaExceeded("this key has no uses left")
             plan = self.limiter.plan(client.tier, ())
-            if remaining is None and networks is None:
+            if remaining is None and networks is None and not self._sign_all:
                 entry.plan = plan  # opens the fast lane for this key
             return plan, 1
         routes = self._matching_routes(method, path)
@@ -1108,6 +1251,33 @@ class Engine:
         if remaining is not None and remaining <= 0:
             raise QuotaExceeded("this key has no uses left")
         return self.limiter.plan(client.tier, routes), cost
+
+    def _must_sign(self, method: str, path: str) -> bool:
+        return self._sign_all or any(route.signed for route in self._matching_routes(method, path))
+
+    @staticmethod
+    def _signature_target(
+        entry: _CachedKey, view: RequestView | None
+    ) -> tuple[RequestView, str, str, str]:
+        """(the view, key_id, its public key, the request's @target-uri) for a request that must be
+        signed, or InvalidSignature when it cannot be (a token, a key without a public key)."""
+        from .signatures import target_uri
+
+        record = entry.record
+        if record is None:
+            raise InvalidSignature(
+                "this request must be signed with an API key's signing key; a token cannot sign it"
+            )
+        if not record.signing_public_key:
+            raise InvalidSignature(
+                "this request must be signed, and this API key has no signing_public_key"
+            )
+        if view is None:
+            raise InvalidSignature(
+                "the request was checked without its RequestView, so its signature cannot be"
+            )
+        uri = target_uri(view, path=view.raw_path)
+        return view, record.key_id, record.signing_public_key, uri
 
     def _matching_routes(self, method: str, path: str) -> tuple[Route, ...]:
         if not self._routes:
@@ -1160,3 +1330,14 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _counts_as_failure(outcome: Allowed | Denied) -> bool:
+    """Whether ``source_limits`` counts this answer: a 401 for a credential (or signature)
+    that did not hold. A request with no credential at all is not counted: it tried
+    nothing, and a browser or a health check sends many such."""
+    return (
+        isinstance(outcome, Denied)
+        and outcome.status == 401
+        and outcome.error != "missing_credentials"
+    )

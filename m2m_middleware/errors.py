@@ -99,6 +99,17 @@ class InvalidRequest(AuthError):
     title = "Invalid request"
 
 
+class BodyTooLarge(InvalidRequest):
+    """A request that must be signed sent a body over ``max_body_size``: 413.
+
+    Its code stays ``invalid_request`` (the client sent what no check reads);
+    the status tells it why.
+    """
+
+    status = 413
+    title = "Request body too large"
+
+
 class InsufficientScope(AuthError):
     status = 403
     error = "insufficient_scope"

@@ -15,6 +15,7 @@ hooks and error handlers do not see refusals; the audit log does.
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any, TypeVar, cast
@@ -82,13 +83,20 @@ class _Gate:
         if engine.endpoints and path in engine.endpoints:
             return _write(engine.serve(wsgi_view(environ, method, path)), start_response)
         if engine.needs_view:  # transport checks: they read more than two headers
+            view = wsgi_view(environ, method, path, read_body=False)
+            if (
+                engine.signatures is not None
+                and engine.reads_body(method, path)
+                and not _read_signed_body(environ, view, engine.max_body_size)
+            ):
+                return _write(engine.body_too_large(method, path), start_response)
             outcome = engine.gate(
                 method,
                 path,
                 environ.get("HTTP_AUTHORIZATION"),
                 environ.get(state.environ_key),
                 None,
-                wsgi_view(environ, method, path, read_body=False),
+                view,
             )
         else:
             outcome = engine.gate(
@@ -166,6 +174,26 @@ def _write(answer: Answer, start_response: StartResponse) -> list[bytes]:
         ],
     )
     return [answer.body]
+
+
+def _read_signed_body(environ: dict[str, Any], view: RequestView, limit: int) -> bool:
+    """Read the body of a request that must be signed into ``view``, and leave it readable
+    for the app (``wsgi.input`` becomes the bytes read); False when it is over ``limit``."""
+    from .signatures import wsgi_request_path
+
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        return False
+    stream = get_input_stream(environ, max_content_length=None)
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        return False
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ.pop("wsgi.input_terminated", None)  # the length is known now
+    view.body = body
+    view.raw_path = wsgi_request_path(environ)
+    return True
 
 
 def wsgi_view(

@@ -45,6 +45,7 @@ class RequestView:
         "client_address",
         "method",
         "path",
+        "raw_path",
         "scheme",
     )
 
@@ -66,6 +67,9 @@ class RequestView:
         self.scheme = scheme
         self.client_address = client_address
         self.body = body
+        #: The path as the client sent it, mount prefix included (a signed request's
+        #: ``@target-uri``); None: ``path`` encoded again stands for it.
+        self.raw_path: str | None = None
         #: One header by lower-case name without decoding them all (an environ
         #: lookup, a scan of raw ASGI pairs): what a check that reads two or
         #: three headers uses, until something has decoded them all anyway.
@@ -147,6 +151,7 @@ class AsgiView(RequestView):
         self.client_address = client_address
         self._raw_query = raw_query
         self.body = body
+        self.raw_path = None
         self._proxy = proxy
         self._headers = None
 
@@ -195,6 +200,7 @@ class WsgiView(RequestView):
         self.scheme = scheme
         self.client_address = environ.get("REMOTE_ADDR")
         self.body = body
+        self.raw_path = None
         self._headers = None
 
     @property

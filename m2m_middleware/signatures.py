@@ -215,6 +215,11 @@ def target_uri(view: RequestView, *, origin: str | None = None, path: str | None
     return f"{origin}{path}?{query}" if query else f"{origin}{path}"
 
 
+def quoted_path(path: str) -> str:
+    """A decoded path percent-encoded again (UTF-8), as httpx and requests send it."""
+    return quote(path, safe=_PATH_SAFE)
+
+
 def asgi_request_path(scope: Mapping[str, Any]) -> str | None:
     """The path as the client sent it, from an ASGI scope: ``raw_path`` (percent-encoded,
     mount prefix included), or None when the server gives none (then ``target_uri``
@@ -232,15 +237,25 @@ def wsgi_request_path(environ: Mapping[str, Any]) -> str:
     server keeps it; else ``SCRIPT_NAME`` + ``PATH_INFO`` encoded again from their
     PEP 3333 form (the bytes as latin-1), which holds the mount prefix too.
     """
+    script = str(environ.get("SCRIPT_NAME", ""))
     for name in ("RAW_URI", "REQUEST_URI"):
         raw = environ.get(name)
         if isinstance(raw, str) and raw.startswith("/"):
-            return raw.partition("?")[0]
-    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+            raw = raw.partition("?")[0]
+            prefix = _pep3333_quoted(script)
+            # A mount prefix the raw URI lacks was taken off before us (werkzeug's test
+            # client, a proxy that strips it and says so, ProxyFix's x_prefix): the
+            # client sent it, so it signed it.
+            return raw if raw.startswith(prefix) else prefix + raw
+    return _pep3333_quoted(script + str(environ.get("PATH_INFO", ""))) or "/"
+
+
+def _pep3333_quoted(path: str) -> str:
+    """A WSGI path (its bytes as latin-1) percent-encoded as a client sends it."""
     try:
-        return quote(path.encode("latin-1"), safe=_PATH_SAFE) or "/"
+        return quote(path.encode("latin-1"), safe=_PATH_SAFE)
     except UnicodeEncodeError:  # not PEP 3333 text: encode it as a client would
-        return quote(path, safe=_PATH_SAFE) or "/"
+        return quote(path, safe=_PATH_SAFE)
 
 
 class _Message:

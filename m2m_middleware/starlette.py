@@ -134,6 +134,14 @@ class M2MMiddleware:
             return
         if engine.needs_view:  # transport checks: they read more than two headers
             view = _scope_view(scope, path, proxy=proxy)
+            if engine.signatures is not None and kind == "http" and engine.reads_body(method, path):
+                body = await _read_body(receive, engine.max_body_size)
+                if body is None:
+                    await _send_denied(engine.body_too_large(method, path), send)
+                    return
+                view.body = body
+                view.raw_path = _raw_path(scope)
+                receive = _replay(body, receive)  # the app reads the body we took
             if engine.never_blocks:
                 outcome = engine.gate(method, path, authorization, api_key, None, view)
             else:
@@ -263,6 +271,46 @@ async def _send_answer(answer: Answer, send: Send, kind: str = "http") -> None:
 
 
 _send_denied = _send_answer
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it is over ``limit`` bytes (a 413)."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # http.disconnect: what came is all there is; its digest will tell
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app after the middleware read the body: the body first, whole,
+    then whatever the server says next (``http.disconnect``)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path the client sent (its ``@target-uri``'s), mount prefix included."""
+    from .signatures import asgi_request_path, quoted_path
+
+    return asgi_request_path(scope) or quoted_path(scope["path"])
 
 
 async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:

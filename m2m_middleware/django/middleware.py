@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings as django_settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.http.request import RawPostDataException
 
@@ -82,6 +83,46 @@ def _view(request: HttpRequest, *, read_body: bool = True) -> RequestView:
     return WsgiView(method, request.path_info, meta, _server_scheme(request), body)
 
 
+def _signed_body(engine: Engine, request: HttpRequest, view: RequestView) -> Denied | None:
+    """Read the body of a request that may need a signature into ``view`` (through
+    ``request.body``, which keeps it for the view), with the path the client sent;
+    the 413 when it is over ``max_body_size``. None: go on."""
+    method = request.method or "GET"
+    if not engine.reads_body(method, request.path_info):
+        return None
+    limit = engine.max_body_size
+    declared = request.META.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        return engine.body_too_large(method, request.path_info)
+    body: bytes | None
+    try:
+        body = request.body
+    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
+        return engine.body_too_large(method, request.path_info)
+    except RawPostDataException:  # a middleware before this one parsed it: no digest to check
+        body = None
+    except OSError:  # UnreadablePostError: the client went away
+        body = b""
+    if body is not None and len(body) > limit:
+        return engine.body_too_large(method, request.path_info)
+    view.body = body
+    view.raw_path = _request_path(request)
+    return None
+
+
+def _request_path(request: HttpRequest) -> str:
+    """The path the client sent (its ``@target-uri``'s): an ASGI request's ``raw_path``,
+    a WSGI server's ``RAW_URI`` / ``REQUEST_URI``, else ``SCRIPT_NAME`` + ``PATH_INFO``."""
+    from ..signatures import asgi_request_path, wsgi_request_path
+
+    scope = getattr(request, "scope", None)  # django.core.handlers.asgi.ASGIRequest
+    if isinstance(scope, dict):
+        raw = asgi_request_path(scope)
+        if raw:
+            return raw
+    return wsgi_request_path(request.META)
+
+
 def _server_scheme(request: HttpRequest) -> str:
     """The scheme the server saw: an ASGI request's scope, a WSGI request's environ."""
     scope = getattr(request, "scope", None)  # django.core.handlers.asgi.ASGIRequest
@@ -108,13 +149,18 @@ class M2MAuthMiddleware:
         if engine.endpoints and request.path_info in engine.endpoints:
             return _denied_response(engine.serve(_view(request)))
         meta = request.META
+        view = _view(request, read_body=False) if engine.needs_view else None
+        if view is not None and engine.signatures is not None:
+            refused = _signed_body(engine, request, view)
+            if refused is not None:
+                return _denied_response(refused)
         outcome = engine.gate(
             request.method or "GET",
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
             meta.get(meta_key),
             meta.get("REMOTE_ADDR"),  # a key's allowed_cidrs reads it
-            _view(request, read_body=False) if engine.needs_view else None,
+            view,
         )
         if not outcome.allowed:
             return _denied_response(cast(Denied, outcome))
@@ -129,13 +175,19 @@ class M2MAuthMiddleware:
         if engine.endpoints and request.path_info in engine.endpoints:
             return _denied_response(await engine.aserve(_view(request)))
         meta = request.META
+        view = _view(request, read_body=False) if engine.needs_view else None
+        if view is not None and engine.signatures is not None:
+            # Django's ASGI handler has spooled the body already: reading it never waits.
+            refused = _signed_body(engine, request, view)
+            if refused is not None:
+                return _denied_response(refused)
         args = (
             request.method or "GET",
             request.path_info,
             meta.get("HTTP_AUTHORIZATION"),
             meta.get(meta_key),
             meta.get("REMOTE_ADDR"),
-            _view(request, read_body=False) if engine.needs_view else None,
+            view,
         )
         outcome = engine.gate(*args) if engine.never_blocks else await engine.agate(*args)
         if not outcome.allowed:

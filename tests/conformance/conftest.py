@@ -16,6 +16,7 @@ Every app has:
   framework's own ``require_scopes(*SCOPED_VIEW_SCOPES)``; echo the client
 - ``GET /boom``: raises :class:`Boom` (the framework answers 500)
 - ``GET /stream``: a streamed 200 body, :data:`STREAMED`, in two chunks
+- ``POST /echo``: answers 200 with the request body as the view read it
 """
 
 from __future__ import annotations
@@ -239,6 +240,10 @@ async def _st_stream(request: Request) -> Response:
     return StreamingResponse(chunks(), media_type="text/plain")
 
 
+async def _st_echo(request: Request) -> Response:
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
 class StarletteCaller(Caller):
     framework = "starlette"
 
@@ -254,6 +259,7 @@ class StarletteCaller(Caller):
                 Route("/scoped-async", _st_scoped_async, methods=["GET"]),
                 Route("/boom", _st_boom, methods=["GET"]),
                 Route("/stream", _st_stream, methods=["GET"]),
+                Route("/echo", _st_echo, methods=["POST"]),
             ]
         )
         self.app.add_middleware(M2MMiddleware, settings=Settings(**config))
@@ -382,6 +388,10 @@ class FlaskCaller(Caller):
         def stream() -> Any:
             return flask.Response(iter(STREAMED), mimetype="text/plain")
 
+        @app.post("/echo")
+        def echo_body() -> Any:
+            return flask.Response(flask.request.get_data(), mimetype="application/octet-stream")
+
         self.app = app
         self.client = app.test_client()
 
@@ -465,6 +475,10 @@ def _dj_stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(iter(STREAMED), content_type="text/plain")
 
 
+def _dj_echo(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(request.read(), content_type="application/octet-stream")
+
+
 DJANGO_URLCONF = "m2m_conformance_urls"
 _urls = types.ModuleType(DJANGO_URLCONF)
 _urls.urlpatterns = [  # type: ignore[attr-defined]
@@ -477,6 +491,7 @@ _urls.urlpatterns = [  # type: ignore[attr-defined]
     django_path("scoped-async", _dj_scoped_async),
     django_path("boom", _dj_boom),
     django_path("stream", _dj_stream),
+    django_path("echo", _dj_echo),
 ]
 sys.modules[DJANGO_URLCONF] = _urls
 

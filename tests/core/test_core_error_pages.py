@@ -47,8 +47,19 @@ def auth_error_classes() -> list[type[AuthError]]:
 
 
 def every_code() -> dict[str, int]:
-    """Each ``error`` code the package can answer, with its status."""
-    return {cls.error: cls.status for cls in auth_error_classes()}
+    """Each ``error`` code the package can answer, with its status (its first class's)."""
+    codes: dict[str, int] = {}
+    for cls in auth_error_classes():
+        codes.setdefault(cls.error, cls.status)
+    return codes
+
+
+def every_status() -> dict[str, set[int]]:
+    """Each code with every status it is answered with (``invalid_request``: 400 and 413)."""
+    statuses: dict[str, set[int]] = {}
+    for cls in auth_error_classes():
+        statuses.setdefault(cls.error, set()).add(cls.status)
+    return statuses
 
 
 # -- the anchors are GitHub's -----------------------------------------------------------
@@ -108,6 +119,8 @@ def test_every_code_has_a_section_a_person_can_act_on(code: str) -> None:
     assert code in sections, f"README has no '### Error `{code}`' section under '## Errors'"
     body = sections[code].body
     assert f"**{every_code()[code]}.**" in body  # the status, first
+    for status in every_status()[code]:  # and every other status the code comes with
+        assert f"**{status}.**" in body
     assert "**Client:**" in body  # what the client should do
     assert "**Operator:**" in body  # what the operator can change
 

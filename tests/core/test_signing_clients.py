@@ -209,6 +209,10 @@ def test_the_request_path_helpers_give_the_path_as_sent() -> None:
     pep3333 = "/caf\u00e9".encode().decode("latin-1")
     assert wsgi_request_path({"SCRIPT_NAME": "/api", "PATH_INFO": pep3333}) == "/api/caf%C3%A9"
     assert wsgi_request_path({"PATH_INFO": "/\u2603"}) == "/%E2%98%83"  # not latin-1 text
+    # A raw URI without the mount prefix (werkzeug's test client; a proxy that strips
+    # the prefix and reports it): the client sent the prefix, so it is put back.
+    assert wsgi_request_path({"SCRIPT_NAME": "/api", "REQUEST_URI": "/echo?x=1"}) == "/api/echo"
+    assert wsgi_request_path({"SCRIPT_NAME": "/api", "RAW_URI": "/api/echo"}) == "/api/echo"
     assert wsgi_request_path({}) == "/"
     assert wsgi_request_path({"RAW_URI": "http://proxy-form/x", "PATH_INFO": "/x"}) == "/x"
 

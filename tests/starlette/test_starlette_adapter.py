@@ -435,7 +435,8 @@ def test_a_blocking_key_store_works_on_the_async_path(tmp_path: Path, calls: Cal
         status, _, body = http(app, "/whoami", {"X-API-Key": key})
         assert status == 200
         assert json.loads(body)["client_id"] == "acme"
-        assert http(app, "/whoami", {"X-API-Key": key[:-1] + "x"})[0] == 401
+        other = "y" if key.endswith("x") else "x"  # a key ending in "x" stayed itself 1 time in 62
+        assert http(app, "/whoami", {"X-API-Key": key[:-1] + other})[0] == 401
     finally:
         sqlite.close()
 
