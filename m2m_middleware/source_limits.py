@@ -69,6 +69,15 @@ return out
 """
 
 
+#: The one budget of every request whose address cannot be known: a peer with
+#: no IP address (a Unix socket), or a chain a trusted proxy passed on that no
+#: one can read (a client's own Forwarded beside the proxy's X-Forwarded-For,
+#: a malformed Forwarded). Found by the transport red team: a client could make
+#: itself unknown on purpose, and unknown addresses were never counted, so it
+#: could guess credentials without a limit. Sharing one budget fails closed.
+UNKNOWN_SOURCE = "unknown"
+
+
 class SourceRateLimited(RateLimited):
     """An address that spent its budget of failed authentications: 429 ``rate_limited``.
 
@@ -153,10 +162,11 @@ class SourceLimits:
     def check(self, address: str | None) -> None:
         """Raise :class:`SourceRateLimited` if ``address`` is over budget; else return.
 
-        One dict lookup for an address that is not blocked.
+        One dict lookup for an address that is not blocked. An unknown address
+        (None) is the shared :data:`UNKNOWN_SOURCE` bucket.
         """
         if address is None:
-            return
+            address = UNKNOWN_SOURCE
         until = self._blocked.get(address)
         if until is None:
             return
@@ -175,8 +185,10 @@ class SourceLimits:
         Never raises: the request is refused already, and a storage outage only
         means this failure goes uncounted (logged once per outage).
         """
-        if address is None or not self.items:
+        if not self.items:
             return
+        if address is None:
+            address = UNKNOWN_SOURCE
         now = self._clock()
         keys = self._keys(address)
         try:
@@ -194,8 +206,10 @@ class SourceLimits:
 
     async def afailed(self, address: str | None) -> None:
         """The async twin of :meth:`failed`, on the limiter's ``redis.asyncio`` client."""
-        if address is None or not self.items:
+        if not self.items:
             return
+        if address is None:
+            address = UNKNOWN_SOURCE
         if self._memory is not None:  # in process: never blocks
             self.failed(address)
             return

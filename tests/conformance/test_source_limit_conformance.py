@@ -163,3 +163,26 @@ def test_two_engines_on_one_redis_share_the_budget(
         assert other("GET", "/orders", key, peer=peer).status == 200  # not told yet...
         fail(other, peer, 1)  # ...until its own next failure from there reads the count
         assert_source_limited(other("GET", "/orders", key, peer=peer))
+
+
+def test_a_client_that_makes_its_address_unknown_still_has_a_budget(
+    make_app: Make, store: KeyStore
+) -> None:
+    """Through a trusted proxy that writes X-Forwarded-For, a client that adds a
+    Forwarded header of its own is an unknown address (no one can tell which
+    header is the proxy's). Unknown addresses share one budget: before, they had
+    none, and guessing keys that way was never limited."""
+    app = make_app(config(store, trusted_proxies=["10.0.0.0/8"]))
+    proxy = "10.0.0.5"
+    for n in range(3):
+        headers = {
+            "X-API-Key": f"m2m_not_a_key_{n}",
+            "X-Forwarded-For": f"203.0.113.{n + 10}",
+            "Forwarded": f"for=198.51.100.{n + 10}",
+        }
+        assert_problem(app("GET", "/orders", headers, peer=proxy), 401, "invalid_token")
+    unknown = {"X-API-Key": GUESS, "X-Forwarded-For": "203.0.113.99", "Forwarded": "for=x"}
+    assert_source_limited(app("GET", "/orders", unknown, peer=proxy))
+    # A client the proxy reports plainly keeps its own budget.
+    key = good_key(store)
+    assert app("GET", "/orders", {**key, "X-Forwarded-For": OTHER}, peer=proxy).status == 200

@@ -68,14 +68,25 @@ def test_the_block_lasts_the_rest_of_the_window_then_a_new_budget_starts() -> No
     assert blocked_for(limits, ADDRESS) is None  # one failure of a fresh budget
 
 
-def test_other_addresses_and_unknown_ones_are_not_affected() -> None:
+def test_other_addresses_are_not_affected() -> None:
     limits = source_limits("1/minute")
     limits.failed(ADDRESS)
     assert blocked_for(limits, ADDRESS) == 60
     assert blocked_for(limits, "203.0.113.8") is None
     assert blocked_for(limits, "2001:db8::1") is None
+    limits.check(None)  # the unknown clients' budget is their own
+
+
+def test_unknown_addresses_share_one_budget_instead_of_none() -> None:
+    """A client that makes its address unknown (through a trusted proxy, a
+    malformed chain) must not guess credentials without a limit."""
+    limits = source_limits("2/minute")
     limits.failed(None)
     limits.check(None)
+    limits.failed(None)
+    with pytest.raises(SourceRateLimited):
+        limits.check(None)
+    limits.check(ADDRESS)  # a known address keeps its own budget
 
 
 def test_with_several_limits_the_longest_spent_window_counts() -> None:
