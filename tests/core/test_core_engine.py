@@ -182,8 +182,12 @@ def test_revocation_through_the_same_store_is_immediate(
     assert isinstance(get(check, engine, other.key), Allowed)
     spy = Spy(store.find_by_hash)
     monkeypatch.setattr(store, "find_by_hash", spy)
+    generation = engine.keys.generation
     assert isinstance(get(check, engine, issued.key), Allowed)
-    assert spy.calls == []  # answered from the cache
+    # Answered from the cache, unless a change notice from elsewhere emptied it
+    # meanwhile: on PostgreSQL the suite's other workers share the database and
+    # its NOTIFY channel, and a notice that any key may have changed clears all.
+    assert spy.calls == [] or engine.keys.generation != generation
     store.revoke_key(issued.key_id)
     assert denied(get(check, engine, issued.key), 401, "invalid_token")
     assert isinstance(get(check, engine, other.key), Allowed)  # only that key was dropped
