@@ -122,7 +122,7 @@ def _bounded_body(request: HttpRequest, limit: int) -> bytes:
     """
     if hasattr(request, "_body"):  # read before us: it is what the view gets
         return request.body
-    if request._read_started:  # a middleware before this one read it: no digest to check
+    if getattr(request, "_read_started", False):  # read before us: no digest to check
         raise RawPostDataException("the request body was read before the signature check")
     body = request.read(limit + 1)
     data_limit = django_settings.DATA_UPLOAD_MAX_MEMORY_SIZE
