@@ -97,7 +97,12 @@ def _signed_body(engine: Engine, request: HttpRequest, view: RequestView) -> Den
         return engine.body_too_large(method, request.path_info)
     body: bytes | None
     try:
-        body = request.body if declared else _bounded_body(request, limit)
+        if declared and not declared.isdigit():
+            # request.body would int() it and raise ValueError (a 500); a body that
+            # cannot be sized is not read, so no digest holds (Flask reads none either).
+            body = None
+        else:
+            body = request.body if declared else _bounded_body(request, limit)
     except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
         return engine.body_too_large(method, request.path_info)
     except RawPostDataException:  # a middleware before this one parsed it: no digest to check

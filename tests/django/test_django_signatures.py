@@ -172,3 +172,20 @@ def _asgi_post(
         finally:
             tracemalloc.stop()
     return sent
+
+
+@pytest.mark.parametrize("length", ["abc", "1e3", "0x10"])
+def test_a_malformed_content_length_on_a_signed_route_is_a_401_not_a_500(
+    signed_site: tuple[str, str, ed25519.Ed25519PrivateKey], length: str
+) -> None:
+    """``request.body`` does ``int(CONTENT_LENGTH)`` and raised ValueError (a 500) before
+    the view; the middleware reads no body it cannot size, so no digest holds."""
+    from django.test import Client
+
+    api_key, key_id, private = signed_site
+    headers = signed(api_key, key_id, private, BODY)
+    reply = Client(raise_request_exception=False).post(
+        "/echo", BODY, content_type="application/json", headers=headers, CONTENT_LENGTH=length
+    )
+    assert reply.status_code == 401, reply.content[:200]
+    assert reply.json()["error"] == "invalid_signature"
