@@ -165,7 +165,7 @@ class SourceLimits:
         One dict lookup for an address that is not blocked. An unknown address
         (None) is the shared :data:`UNKNOWN_SOURCE` bucket.
         """
-        if address is None:
+        if not address:  # None, or a server's empty REMOTE_ADDR (a Unix socket)
             address = UNKNOWN_SOURCE
         until = self._blocked.get(address)
         if until is None:
@@ -187,7 +187,7 @@ class SourceLimits:
         """
         if not self.items:
             return
-        if address is None:
+        if not address:  # None, or a server's empty REMOTE_ADDR (a Unix socket)
             address = UNKNOWN_SOURCE
         now = self._clock()
         keys = self._keys(address)
@@ -208,7 +208,7 @@ class SourceLimits:
         """The async twin of :meth:`failed`, on the limiter's ``redis.asyncio`` client."""
         if not self.items:
             return
-        if address is None:
+        if not address:  # None, or a server's empty REMOTE_ADDR (a Unix socket)
             address = UNKNOWN_SOURCE
         if self._memory is not None:  # in process: never blocks
             self.failed(address)

@@ -204,3 +204,11 @@ def test_the_async_twin_counts_in_the_same_redis(redis_url: str) -> None:
     assert retry is not None and 55 <= retry <= 60
     sync.failed(address)
     assert blocked_for(sync, address) is not None
+
+
+def test_an_empty_address_is_the_unknown_budget_too() -> None:
+    """gunicorn on a Unix socket gives REMOTE_ADDR "": not a budget of its own."""
+    limits = source_limits("1/minute")
+    limits.failed("")
+    with pytest.raises(SourceRateLimited):
+        limits.check(None)
