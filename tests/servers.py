@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -216,6 +217,46 @@ def start_server(
         if "already in use" not in output.lower():
             break
     pytest.fail(f"{name} did not answer on /health within {START_TIMEOUT} s:\n{output}")
+
+
+# -- the command lines of real servers, for start_server ----------------------------------
+
+
+def uvicorn_command(target: str, *options: str) -> Callable[[int], list[str]]:
+    """uvicorn serving ``target`` ("module:app") on 127.0.0.1 at the port given."""
+    return lambda port: [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        *options,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--timeout-graceful-shutdown",
+        "2",
+        target,
+    ]
+
+
+def gunicorn_command(target: str, *options: str, workers: int = 2) -> Callable[[int], list[str]]:
+    """gunicorn (sync workers) serving ``target`` ("module:app") on 127.0.0.1 at the port given."""
+    return lambda port: [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        *options,
+        "--worker-class",
+        "sync",
+        "--workers",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--graceful-timeout",
+        "2",
+        target,
+    ]
 
 
 # -- uvicorn in a thread of the test process ------------------------------------------------

@@ -14,7 +14,6 @@ loopback), so both sides of each trust decision cross a real socket.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+import servers
 
 from m2m_middleware import open_key_store
 
@@ -36,38 +36,11 @@ FORWARDED = {"X-Forwarded-For": CLIENT, "X-Forwarded-Proto": "https"}
 
 
 def uvicorn(*options: str) -> Callable[[int], list[str]]:
-    return lambda port: [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        *options,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--timeout-graceful-shutdown",
-        "2",
-        "transport_starlette_app:app",
-    ]
+    return servers.uvicorn_command("transport_starlette_app:app", *options)
 
 
 def gunicorn(*options: str) -> Callable[[int], list[str]]:
-    return lambda port: [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        *options,
-        "--worker-class",
-        "sync",
-        "--workers",
-        "1",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "2",
-        "transport_flask_app:app",
-    ]
+    return servers.gunicorn_command("transport_flask_app:app", *options, workers=1)
 
 
 class Site:

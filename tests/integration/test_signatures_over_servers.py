@@ -11,7 +11,6 @@ adapter takes the async path, ``averify`` on ``redis.asyncio``).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import requests
+import servers
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -31,39 +31,6 @@ if TYPE_CHECKING:  # the conftest of this folder; only a type here
 
 Serve = Callable[[str, Callable[[int], list[str]], Mapping[str, str]], "Server"]
 BODY = b'{"amount": 1200}'
-
-
-def uvicorn(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--timeout-graceful-shutdown",
-        "2",
-        "signed_apps:starlette_app",
-    ]
-
-
-def gunicorn(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--worker-class",
-        "sync",
-        "--workers",
-        "2",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "2",
-        "signed_apps:flask_app",
-    ]
 
 
 @pytest.fixture(params=["uvicorn", "gunicorn"])
@@ -80,7 +47,11 @@ def site(
         issued = keys.create_key("payments", signing_public_key=pem.decode())
     # gunicorn's two workers share the nonce memory through Redis as well.
     env = {"M2M_TEST_KEY_STORE": url, "M2M_TEST_LIMITS": redis_url}
-    command = uvicorn if request.param == "uvicorn" else gunicorn
+    command = (
+        servers.uvicorn_command("signed_apps:starlette_app")
+        if request.param == "uvicorn"
+        else servers.gunicorn_command("signed_apps:flask_app")
+    )
     server = serve(request.param, command, env)
     return server.url, issued.key, issued.record.key_id, private
 

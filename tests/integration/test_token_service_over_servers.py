@@ -11,7 +11,6 @@ server. Also a chunked token request (no ``Content-Length``) over the wire.
 from __future__ import annotations
 
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import jwt as pyjwt
 import pytest
+import servers
 from authlib.integrations.requests_client import OAuth2Session
 
 from m2m_middleware import open_key_store
@@ -41,38 +41,10 @@ SECRET = "integration tests' signing secret"
 Serve = Callable[[str, Callable[[int], list[str]], Mapping[str, str]], "Server"]
 
 
-def uvicorn_command(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "token_service_apps:starlette_app",
-    ]
-
-
-def gunicorn_command(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--workers",
-        "2",
-        "--worker-class",
-        "sync",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "2",
-        "token_service_apps:flask_app",
-    ]
-
-
-COMMANDS = {"uvicorn": uvicorn_command, "gunicorn": gunicorn_command}
+COMMANDS = {
+    "uvicorn": servers.uvicorn_command("token_service_apps:starlette_app"),
+    "gunicorn": servers.gunicorn_command("token_service_apps:flask_app"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(COMMANDS))
