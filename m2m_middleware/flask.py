@@ -176,17 +176,25 @@ def _write(answer: Answer, start_response: StartResponse) -> list[bytes]:
     return [answer.body]
 
 
+def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
+    """The request body, or None when it is over ``limit`` bytes (then nothing past
+    ``limit + 1`` is read). Through werkzeug's input stream, which honours
+    ``Content-Length`` and a server's chunked ``wsgi.input_terminated`` alike
+    (PEP 3333: never read past the declared length)."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = get_input_stream(environ, max_content_length=None).read(limit + 1)
+    return None if len(body) > limit else body
+
+
 def _read_signed_body(environ: dict[str, Any], view: RequestView, limit: int) -> bool:
     """Read the body of a request that must be signed into ``view``, and leave it readable
     for the app (``wsgi.input`` becomes the bytes read); False when it is over ``limit``."""
     from .signatures import wsgi_request_path
 
-    declared = environ.get("CONTENT_LENGTH") or ""
-    if declared.isdigit() and int(declared) > limit:
-        return False
-    stream = get_input_stream(environ, max_content_length=None)
-    body = stream.read(limit + 1)
-    if len(body) > limit:
+    body = _read_body(environ, limit)
+    if body is None:
         return False
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
@@ -199,23 +207,11 @@ def _read_signed_body(environ: dict[str, Any], view: RequestView, limit: int) ->
 def wsgi_view(
     environ: dict[str, Any], method: str, path: str, *, read_body: bool = True
 ) -> RequestView:
-    """The neutral view of a WSGI request to an endpoint the middleware answers.
-
-    The body is read for a POST, up to :data:`MAX_ENDPOINT_BODY` (None past
-    it), through werkzeug's input stream, which honours ``Content-Length``
-    and a server's chunked ``wsgi.input_terminated`` alike (PEP 3333: never
-    read past the declared length).
-    """
+    """The neutral view of a WSGI request to an endpoint the middleware answers: the
+    body read for a POST, up to :data:`MAX_ENDPOINT_BODY` (None past it)."""
     body: bytes | None = b""
     if read_body and method == "POST":
-        declared = environ.get("CONTENT_LENGTH") or ""
-        if declared.isdigit() and int(declared) > MAX_ENDPOINT_BODY:
-            body = None
-        else:
-            stream = get_input_stream(environ, max_content_length=None)
-            body = stream.read(MAX_ENDPOINT_BODY + 1)
-            if len(body) > MAX_ENDPOINT_BODY:
-                body = None
+        body = _read_body(environ, MAX_ENDPOINT_BODY)
     return WsgiView(method, path, environ, environ.get("wsgi.url_scheme", "http"), body)
 
 

@@ -316,24 +316,7 @@ def _raw_path(scope: Scope) -> str:
 async def _view(scope: Scope, receive: Receive, path: str) -> RequestView:
     """The neutral view of a request to an endpoint the middleware answers, body read
     (up to :data:`MAX_ENDPOINT_BODY`; None past it) for a POST."""
-    body: bytes | None = b""
-    if scope.get("method") == "POST":
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # http.disconnect: nobody is waiting for the answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_ENDPOINT_BODY:
-                body = None
-                break
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        if body is not None:
-            body = b"".join(chunks)
+    body = await _read_body(receive, MAX_ENDPOINT_BODY) if scope.get("method") == "POST" else b""
     return _scope_view(scope, path, body)
 
 
