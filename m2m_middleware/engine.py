@@ -687,7 +687,12 @@ class Engine:
         if clock >= self._next_poll:
             self._poll_changes(clock)
         if not self._api_keys:
-            return self._uncached_key(key_hash)
+            # From the store, never cached: the request path reads the verified-key
+            # cache before it asks whether API keys are accepted (that question costs
+            # nothing only there), so a key cached here would pass as a Bearer
+            # credential on every route for key_cache_ttl (tests/conformance, "only
+            # tokens"). Token requests are few and rate-limited: one read each.
+            return self._find_key(key_hash, None, cache=False)
         entry = self._cached(key_hash)
         if entry is not None and entry.record is None:  # a JWT's entry: not a key
             raise InvalidToken("the API key is not recognised")
@@ -795,29 +800,6 @@ class Engine:
         if outcome.client is None:
             return self._public_hsts
         return Allowed(outcome.client, [*outcome.headers, self._hsts])
-
-    def _uncached_key(self, key_hash: str) -> _CachedKey:
-        """:meth:`key_entry` where ``schemes`` refuses API keys: from the store, never cached.
-
-        The request path reads the verified-key cache before it asks whether API
-        keys are accepted (that question costs nothing only there), so a key
-        cached here would pass as a Bearer credential on every route for
-        ``key_cache_ttl`` (tests/conformance, "only tokens"). Token requests are
-        few and rate-limited: one store read each is their whole price.
-        """
-        keys = self.keys
-        if key_hash in keys.unknown:
-            raise InvalidToken("the API key is not recognised")
-        generation = keys.generation
-        try:
-            record = self.store.find_by_hash(key_hash)
-        except StoreUnavailable as exc:
-            return self._fallback(exc, None)
-        self._store_ok()
-        if record is None:
-            keys.put_unknown(key_hash, generation)
-            raise InvalidToken("the API key is not recognised")
-        return keys.entry(record)
 
     def _check(
         self,
@@ -1024,7 +1006,9 @@ class Engine:
         self._precheck(credential, stale)
         return self._find_key(key_hash, stale)
 
-    def _find_key(self, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
+    def _find_key(
+        self, key_hash: str, stale: _CachedKey | None, *, cache: bool = True
+    ) -> _CachedKey:
         keys = self.keys
         if key_hash in keys.unknown:  # a guess repeated: the store was asked already
             raise InvalidToken("the API key is not recognised")
@@ -1033,7 +1017,7 @@ class Engine:
             record = self.store.find_by_hash(key_hash)
         except StoreUnavailable as exc:
             return self._fallback(exc, stale)
-        return self._accept(key_hash, record, stale, generation)
+        return self._accept(key_hash, record, stale, generation, cache=cache)
 
     async def _alookup(
         self, credential: str, key_hash: str, stale: _CachedKey | None
@@ -1130,7 +1114,13 @@ class Engine:
             raise InvalidToken("the API key is malformed or its checksum does not match")
 
     def _accept(
-        self, key_hash: str, record: KeyRecord | None, stale: _CachedKey | None, generation: int
+        self,
+        key_hash: str,
+        record: KeyRecord | None,
+        stale: _CachedKey | None,
+        generation: int,
+        *,
+        cache: bool = True,
     ) -> _CachedKey:
         self._store_ok()
         if record is None:
@@ -1139,6 +1129,8 @@ class Engine:
             else:
                 self.keys.put_unknown(key_hash, generation)
             raise InvalidToken("the API key is not recognised")
+        if not cache:
+            return self.keys.entry(record)
         return self.keys.put(key_hash, record, generation)
 
     def _own_token(
