@@ -137,7 +137,7 @@ class M2MMiddleware:
             if engine.signatures is not None and kind == "http" and engine.reads_body(method, path):
                 body = await _read_body(receive, engine.max_body_size)
                 if body is None:
-                    await _send_denied(engine.body_too_large(method, path), send)
+                    await _send_answer(engine.body_too_large(method, path), send)
                     return
                 view.body = body
                 view.raw_path = _raw_path(scope)
@@ -157,7 +157,7 @@ class M2MMiddleware:
             if kind == "websocket":
                 await _refuse_websocket(outcome, scope, send)
             else:
-                await _send_denied(outcome, send)
+                await _send_answer(outcome, send)
             return
         client = outcome.client
         if client is None:
@@ -270,9 +270,6 @@ async def _send_answer(answer: Answer, send: Send, kind: str = "http") -> None:
     await send({"type": f"{prefix}.response.body", "body": answer.body})
 
 
-_send_denied = _send_answer
-
-
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None once it is over ``limit`` bytes (a 413)."""
     chunks: list[bytes] = []
@@ -350,7 +347,7 @@ async def _refuse_websocket(denied: Denied, scope: Scope, send: Send) -> None:
     violation), with the error code as the reason.
     """
     if WS_DENIAL_EXTENSION in (scope.get("extensions") or ()):
-        await _send_denied(denied, send, "websocket")
+        await _send_answer(denied, send, "websocket")
     else:
         await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION, "reason": denied.error})
 
