@@ -475,45 +475,35 @@ class TokenService:
     # -- what a verified client is charged --------------------------------------
 
     def admit(self, client: _KeyClient) -> None:
-        """Take a use (a usage-limited key), then charge ``token_limits``: both or neither."""
+        """Take a use (a usage-limited key), then charge ``token_limits``: both or neither.
+
+        The engine's own steps and outage policy (``_use_fallback``, ``_note_uses``,
+        ``_limits_down``), as a request's; only their refusals are spelled in OAuth's way.
+        """
         engine = self.engine
         entry = client.entry
         assert entry is not None and entry.record is not None
         key_id = entry.record.key_id
         took_use = False
-        if entry.record.remaining_uses is not None:
-            try:
-                left = engine.store.take_use(key_id)
-            except StoreUnavailable as exc:
-                engine._store_failed(exc)
-                if not engine._allow_on_outage:
-                    raise _Refusal(
-                        "temporarily_unavailable",
-                        503,
-                        "the key store cannot be reached; try again shortly",
-                        _retry_after(),
-                    ) from None
-                left = -1
-            else:
-                took_use = left is not None
-            try:
-                engine._note_uses(entry, left)
-            except AuthError as error:
-                raise _Refusal(error.error, error.status, error.detail, []) from None
         limiter = engine.limiter
         try:
-            charge = limiter.charge(limiter.token_plan, entry.client.client_id, 1)
-        except StorageDown:
-            if not engine._allow_on_outage:
-                if took_use:
+            if entry.record.remaining_uses is not None:
+                try:
+                    left = engine.store.take_use(key_id)
+                except StoreUnavailable as exc:
+                    left = engine._use_fallback(exc)
+                else:
+                    took_use = left is not None
+                engine._note_uses(entry, left)
+            try:
+                charge = limiter.charge(limiter.token_plan, entry.client.client_id, 1)
+            except StorageDown:
+                if took_use and not engine._allow_on_outage:
                     engine._return_use(key_id)
-                raise _Refusal(
-                    "temporarily_unavailable",
-                    503,
-                    "the rate-limit storage cannot be reached; try again shortly",
-                    _retry_after(),
-                ) from None
-            return
+                charge = engine._limits_down()
+        except AuthError as error:  # QuotaExceeded, TemporarilyUnavailable
+            extra = _retry_after() if isinstance(error, TemporarilyUnavailable) else []
+            raise _Refusal(error.error, error.status, error.detail, extra) from None
         if not charge.allowed:
             if took_use:
                 engine._return_use(key_id)
