@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -11,6 +12,12 @@ from datetime import datetime
 from .base import KeyRecord, KeyStore
 
 _counter = itertools.count()
+#: Names this process's memory stores apart from another process's: a store's
+#: location is what invalidation notices carry over a shared bus, and with a
+#: counter alone "memory://3" here and "memory://3" in another process (another
+#: worker behind one Redis bus) were one name, so that process's revocations
+#: emptied this one's cache (a stale key then got 503 instead of its outage grace).
+_PROCESS = uuid.uuid4().hex[:12]
 
 
 class MemoryKeyStore(KeyStore):
@@ -19,7 +26,7 @@ class MemoryKeyStore(KeyStore):
 
     def __init__(self, **kwargs: str) -> None:
         super().__init__(**kwargs)
-        self.location = f"memory://{next(_counter)}"
+        self.location = f"memory://{_PROCESS}-{next(_counter)}"
         self._lock = threading.Lock()
         self._records: dict[str, KeyRecord] = {}
         self._hashes: dict[str, str] = {}  # key hash -> key id
