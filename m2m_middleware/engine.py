@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from hashlib import sha256
 from logging import INFO
-from time import monotonic, time
+from time import monotonic, perf_counter, time
 from typing import TYPE_CHECKING
 
 from . import keys as keyformat
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from .issuer.signing_keys import SigningKeys
     from .request_view import RequestView
     from .signatures import SignatureVerifier
+    from .telemetry import Telemetry
+    from .telemetry.metrics import Metrics
     from .tokens import TokenVerifier, VerifiedToken
 
 logger = logging.getLogger("m2m_middleware")
@@ -465,6 +467,18 @@ class Engine:
 
             self.token_service = TokenService(self)
             self.endpoints = self.token_service.paths
+        #: Usage, metrics and alerts (m2m_middleware.telemetry); None when all are off.
+        self.telemetry: Telemetry | None = None
+        self._observe: Callable[[Allowed | Denied, str | None, float], None] | None = None
+        self._timed = False
+        if settings.usage or settings.alerts or settings.metrics_path is not None:
+            from .telemetry import Telemetry
+
+            self.telemetry = Telemetry(self)
+            self._observe = self.telemetry.observe
+            self._timed = self.telemetry.timed
+            if self.telemetry.metrics is not None:
+                self.endpoints = self.endpoints | {self.telemetry.metrics.path}
 
     def _verifiers(self, settings: Settings, own_issuer: bool) -> None:
         """The JWT verifier, and with ``token_endpoint`` our issuer's signing keys,
@@ -503,12 +517,16 @@ class Engine:
         For a caller whose request ends with this answer. Adapters, which
         run the application after it, call :meth:`gate` instead.
         """
+        started = perf_counter() if self._timed else 0.0
         if view is None:
             outcome = self._check(method, path, authorization, api_key, peer)
         else:
             outcome = self._check_view(method, path, authorization, api_key, view)
+            peer = view.client_address
         if (outcome.client is not None or not outcome.allowed) and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
+        if self._observe is not None:
+            self._observe(outcome, peer, perf_counter() - started if started else 0.0)
         return outcome
 
     async def acheck(
@@ -521,12 +539,16 @@ class Engine:
         view: RequestView | None = None,
     ) -> Allowed | Denied:
         """The async twin of :meth:`check`: blocking store calls run in a thread."""
+        started = perf_counter() if self._timed else 0.0
         if view is None:
             outcome = await self._acheck(method, path, authorization, api_key, peer)
         else:
             outcome = await self._acheck_view(method, path, authorization, api_key, view)
+            peer = view.client_address
         if (outcome.client is not None or not outcome.allowed) and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
+        if self._observe is not None:
+            self._observe(outcome, peer, perf_counter() - started if started else 0.0)
         return outcome
 
     def gate(
@@ -545,12 +567,16 @@ class Engine:
         (``require_scopes``), so its adapter writes its one record when the
         application has answered (:func:`m2m_middleware.audit.ended`).
         """
+        started = perf_counter() if self._timed else 0.0
         if view is None:
             outcome = self._check(method, path, authorization, api_key, peer)
         else:
             outcome = self._check_view(method, path, authorization, api_key, view)
+            peer = view.client_address
         if not outcome.allowed and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
+        if self._observe is not None:
+            self._observe(outcome, peer, perf_counter() - started if started else 0.0)
         return outcome
 
     async def agate(
@@ -563,16 +589,23 @@ class Engine:
         view: RequestView | None = None,
     ) -> Allowed | Denied:
         """The async twin of :meth:`gate`."""
+        started = perf_counter() if self._timed else 0.0
         if view is None:
             outcome = await self._acheck(method, path, authorization, api_key, peer)
         else:
             outcome = await self._acheck_view(method, path, authorization, api_key, view)
+            peer = view.client_address
         if not outcome.allowed and audit.isEnabledFor(INFO):
             _audit(outcome, method, path)
+        if self._observe is not None:
+            self._observe(outcome, peer, perf_counter() - started if started else 0.0)
         return outcome
 
     def serve(self, view: RequestView) -> Served | Denied:
         """Answer a request for one of :attr:`endpoints` (the adapter read its body)."""
+        metrics = self.telemetry.metrics if self.telemetry is not None else None
+        if metrics is not None and view.path == metrics.path:
+            return self._serve_metrics(metrics, view)
         service = self.token_service
         assert service is not None, "serve() is for the paths in engine.endpoints"
         https, refused = self._endpoint_transport(view)
@@ -592,6 +625,9 @@ class Engine:
     async def aserve(self, view: RequestView) -> Served | Denied:
         """The async twin of :meth:`serve`: store reads and signing run in a thread
         unless nothing can block (an in-memory store and limits, a fast algorithm)."""
+        metrics = self.telemetry.metrics if self.telemetry is not None else None
+        if metrics is not None and view.path == metrics.path:
+            return self._serve_metrics(metrics, view)  # collecting never blocks
         service = self.token_service
         assert service is not None, "aserve() is for the paths in engine.endpoints"
         https, refused = self._endpoint_transport(view)
@@ -609,6 +645,39 @@ class Engine:
         if sources is not None and served.status == 401:
             await sources.afailed(view.client_address)
         return self._served_hsts(served, https)
+
+    def _serve_metrics(self, metrics: Metrics, view: RequestView) -> Served | Denied:
+        """The Prometheus text at ``metrics_path``: over HTTPS under ``require_https``
+        as every other path, and from the client's address as the proxies report it."""
+        if self.needs_view:
+            address, https = self.transport.resolve(view)
+            view.client_address = address
+            if not https and self._require_https:
+                return self._deny(
+                    HttpsRequired(
+                        "this API is served over HTTPS only; send the request to https://"
+                    )
+                )
+            return self._served_hsts(metrics.serve(view), https)
+        return metrics.serve(view)
+
+    # -- usage, metrics and alerts ----------------------------------------------
+
+    def flush(self) -> None:
+        """Write the usage counted so far (and the alerts fired) to the key store now.
+
+        Raises the store's error when it cannot; the counts are then kept for
+        the next attempt. A background thread does this every
+        ``usage_flush_interval`` seconds, and the process at exit.
+        """
+        if self.telemetry is not None:
+            self.telemetry.flush()
+
+    def app_refused(self, denied: Denied) -> None:
+        """An admitted request that the application refused (each framework's
+        ``require_scopes``): usage, metrics and alerts count it as the refusal it is."""
+        if self.telemetry is not None:
+            self.telemetry.refused(denied)
 
     def _source_refused(self, path: str, address: str | None, method: str) -> Denied | None:
         """The 429 of an address that spent its ``source_limits``, on the token endpoint
@@ -710,6 +779,7 @@ class Engine:
     ) -> Allowed | Denied:
         """:meth:`_check` for a request whose transport matters (see :attr:`needs_view`)."""
         address, https = self.transport.resolve(view)
+        view.client_address = address  # the client's, as the trusted proxies report it
         if not https and self._require_https:
             refused = self._plain_http(path, authorization, api_key)
             if refused is not None:
@@ -738,6 +808,7 @@ class Engine:
     ) -> Allowed | Denied:
         """The async twin of :meth:`_check_view`."""
         address, https = self.transport.resolve(view)
+        view.client_address = address  # the client's, as the trusted proxies report it
         if not https and self._require_https:
             refused = self._plain_http(path, authorization, api_key)
             if refused is not None:
@@ -799,7 +870,7 @@ class Engine:
             return replace(outcome, headers=[*outcome.headers, self._hsts])
         if outcome.client is None:
             return self._public_hsts
-        return Allowed(outcome.client, [*outcome.headers, self._hsts])
+        return Allowed(outcome.client, [*outcome.headers, self._hsts], outcome.cost)
 
     def _check(
         self,
@@ -842,9 +913,7 @@ class Engine:
                 self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(
-                error, entry.client if entry is not None and error.status != 401 else None
-            )
+            return self._refuse(error, entry)
 
     def _decide(
         self,
@@ -887,7 +956,7 @@ class Engine:
             charge = self._limits_down()
         if record is not None and store.mark_used(key_id):
             self._flush_last_used()
-        return Allowed(entry.client, charge.headers)
+        return Allowed(entry.client, charge.headers, cost)
 
     async def _acheck(
         self,
@@ -933,9 +1002,7 @@ class Engine:
                     self._flush_last_used()
             return Allowed(entry.client, charge.headers)
         except AuthError as error:
-            return self._deny(
-                error, entry.client if entry is not None and error.status != 401 else None
-            )
+            return self._refuse(error, entry)
 
     async def _adecide(
         self,
@@ -983,7 +1050,7 @@ class Engine:
                 await store.run_blocking(self._flush_last_used)
             else:
                 self._flush_last_used()
-        return Allowed(entry.client, charge.headers)
+        return Allowed(entry.client, charge.headers, cost)
 
     def _lookup(self, credential: str, key_hash: str, stale: _CachedKey | None) -> _CachedKey:
         tokens = self.tokens
@@ -1302,6 +1369,16 @@ class Engine:
             client,
         )
 
+    def _refuse(self, error: AuthError, entry: _CachedKey | None) -> Denied:
+        """The answer to an AuthError: naming the client when its credential held
+        (scopes, limits, uses, addresses), and, for telemetry only, the known
+        client of a credential that did not (a revoked or expired key)."""
+        if entry is None:
+            return self._deny(error)
+        if error.status != 401:
+            return self._deny(error, entry.client)
+        return replace(self._deny(error), tried=entry.client)
+
     def _deny(self, error: AuthError, client: Client | None = None) -> Denied:
         extra = None
         if isinstance(error, TemporarilyUnavailable):
@@ -1321,6 +1398,8 @@ class Engine:
             logger.warning("key store reachable again")
 
     def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()  # writes the last counts while the store is open
         self.store.close()
 
 

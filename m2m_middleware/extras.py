@@ -19,6 +19,7 @@ EXTRA_MODULES = {
     "django": ("django",),
     "issuer": ("cryptography", "authlib"),
     "signatures": ("cryptography", "http_message_signatures"),
+    "metrics": ("prometheus_client",),
 }
 
 

@@ -335,8 +335,10 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
             client = _current_client()
             if requirement.admits(client):
                 return current_app.ensure_sync(view)(*args, **kwargs)
-            denied = requirement.refuse(client, M2MAuth.engine().realm)
+            engine = M2MAuth.engine()
+            denied = requirement.refuse(client, engine.realm)
             request.environ[DENIED_KEY] = denied  # the refusal, for whoever audits the request
+            engine.app_refused(denied)  # usage, metrics and alerts count it refused
             return _denied_response(denied)
 
         return cast(F, wrapper)

@@ -21,12 +21,16 @@ class Allowed:
     request, and a frozen dataclass's ``__init__`` costs several times more.
     """
 
-    __slots__ = ("client", "headers")
+    __slots__ = ("client", "cost", "headers")
     allowed = True
 
-    def __init__(self, client: Client | None, headers: list[Header] | None = None) -> None:
+    def __init__(
+        self, client: Client | None, headers: list[Header] | None = None, cost: int = 1
+    ) -> None:
         self.client = client
         self.headers = headers if headers is not None else []
+        #: The cost units the request was charged (its route's ``cost``), for usage.
+        self.cost = cost
 
     def __repr__(self) -> str:
         return f"Allowed(client={self.client!r}, headers={self.headers!r})"
@@ -50,6 +54,9 @@ class Denied:
     detail: str = ""
     #: Who was refused, when the credential was good (scope, limits, uses).
     client: Client | None = None
+    #: Whose known credential was refused with a 401 (a revoked or expired key, a
+    #: bad signature by a known key): for telemetry only, never an identity.
+    tried: Client | None = None
     #: True when the refused request carried a credential over plain HTTP
     #: (``require_https``): the audit says so, so operators know to rotate it.
     credential_in_clear: bool = False

@@ -39,6 +39,9 @@ STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
 #: strategy all-or-nothing in one round trip (m2m_middleware.limiting).
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
 FAILURE_POLICIES = ("allow", "deny")
+#: The alert rules with a threshold in limits notation: setting ``alert_<rule>``
+#: (m2m_middleware.telemetry.alerts; the traffic-spike rule has settings of its own).
+ALERT_RULES = ("auth_failures", "client_failures", "rate_limited", "ended_keys")
 _HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -265,6 +268,23 @@ class Settings:
     max_body_size: int = 1024 * 1024
     # Failed authentications per source address (m2m_middleware.source_limits).
     source_limits: Any = ()
+    # Knowing what clients do (CONTRACT.md "Usage", "Metrics and alerts";
+    # m2m_middleware.telemetry): usage and alerts on, metrics off by default.
+    usage: bool = True
+    usage_flush_interval: float = 10.0
+    usage_retention_days: int = 90
+    metrics_path: str | None = None
+    metrics_client_labels: bool = False
+    metrics_client_label_limit: int = 100
+    alerts: bool = True
+    on_alert: Any = ()  # a callable or a list of callables, each given an Alert
+    alert_auth_failures: Any = "20/minute"
+    alert_client_failures: Any = "20/minute"
+    alert_rate_limited: Any = "50/minute"
+    alert_ended_keys: Any = "1/hour"
+    alert_traffic_spike: float = 10.0
+    alert_traffic_window: int = 60
+    alert_traffic_minimum: int = 100
 
     # -- derived, filled in by __post_init__ --------------------------------
     default_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
@@ -277,6 +297,14 @@ class Settings:
     token_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
     trusted_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
     source_limit_items: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
+    #: ``on_alert`` as a tuple of callables.
+    alert_callbacks: tuple[Callable[..., object], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    #: Each ``alert_*`` threshold as (count, window seconds), or None when that rule is off.
+    alert_thresholds: Mapping[str, tuple[int, int] | None] = field(
+        init=False, repr=False, compare=False
+    )
     #: Whether any request may need a signature: require_signatures, or a signed route.
     signatures_needed: bool = field(init=False, repr=False, compare=False)
 
@@ -400,6 +428,7 @@ class Settings:
         except ValueError as exc:
             raise ConfigError("realm", str(exc)) from None
         self._validate_transport()
+        self._validate_telemetry()
         _number(
             "max_credential_length",
             self.max_credential_length,
@@ -578,6 +607,83 @@ class Settings:
         if not isinstance(self.require_https, bool):
             raise ConfigError("require_https", "expected true or false")
         _number("hsts_seconds", self.hsts_seconds, minimum=0, maximum=HSTS_MAX, integer=True)
+
+    def _validate_telemetry(self) -> None:
+        set_ = object.__setattr__
+        for name in ("usage", "alerts", "metrics_client_labels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"expected True or False, got {getattr(self, name)!r}")
+        # Below a second the flushes are database writes per request under load;
+        # above an hour a crash loses more than an hour of billing.
+        _number("usage_flush_interval", self.usage_flush_interval, minimum=1, maximum=3600)
+        _number(
+            "usage_retention_days",
+            self.usage_retention_days,
+            minimum=1,
+            maximum=36500,
+            integer=True,
+        )
+        path = self.metrics_path
+        if path is not None:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigError("metrics_path", f"expected a path like '/metrics', got {path!r}")
+            if CONTROL_CHARACTERS.search(path) or not path.isprintable() or "*" in path:
+                raise ConfigError("metrics_path", f"{shown_name(path)} is not a plain path")
+            if path in (
+                self.token_endpoint,
+                "/.well-known/jwks.json",
+                "/.well-known/oauth-authorization-server",
+            ):
+                raise ConfigError("metrics_path", f"{path!r} is already answered by the issuer")
+            require_extra("metrics_path", "serving metrics", "metrics")
+        _number(
+            "metrics_client_label_limit",
+            self.metrics_client_label_limit,
+            minimum=1,
+            maximum=100_000,
+            integer=True,
+        )
+        callbacks = self.on_alert
+        if callable(callbacks):
+            callbacks = (callbacks,)
+        if isinstance(callbacks, (str, bytes, Mapping)) or not isinstance(callbacks, Iterable):
+            raise ConfigError(
+                "on_alert",
+                f"expected a callable or a list of callables, got {shown_name(callbacks)}",
+            )
+        callbacks = tuple(callbacks)
+        for item in callbacks:
+            if not callable(item):
+                raise ConfigError("on_alert", f"{shown_name(item)} is not callable")
+        set_(self, "alert_callbacks", callbacks)
+        thresholds: dict[str, tuple[int, int] | None] = {}
+        for rule in ALERT_RULES:
+            name = f"alert_{rule}"
+            items = parse_limits(name, getattr(self, name))
+            if len(items) > 1:
+                raise ConfigError(name, "expected one threshold, like '20/minute', or '' for off")
+            thresholds[rule] = (items[0].amount, items[0].get_expiry()) if items else None
+        set_(self, "alert_thresholds", thresholds)
+        _number("alert_traffic_spike", self.alert_traffic_spike, minimum=0, maximum=1e6)
+        if 0 < self.alert_traffic_spike <= 1:
+            raise ConfigError(
+                "alert_traffic_spike",
+                "a multiple of the client's own baseline above 1 (e.g. 10), or 0 for off",
+            )
+        _number(
+            "alert_traffic_window",
+            self.alert_traffic_window,
+            minimum=1,
+            maximum=86400,
+            integer=True,
+        )
+        _number(
+            "alert_traffic_minimum",
+            self.alert_traffic_minimum,
+            minimum=1,
+            maximum=1_000_000_000,
+            integer=True,
+        )
 
     @property
     def needs_request_view(self) -> bool:

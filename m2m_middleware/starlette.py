@@ -52,9 +52,11 @@ class M2MCredentials(AuthCredentials):
     :func:`require_scopes` answers in the middleware's realm without a lookup.
     """
 
-    def __init__(self, scopes: Sequence[str], realm: str) -> None:
+    def __init__(self, scopes: Sequence[str], realm: str, engine: Engine | None = None) -> None:
         self.scopes = tuple(scopes)  # type: ignore[assignment]
         self.realm = realm
+        #: The middleware's engine, told of the refusals of ``require_scopes``.
+        self.engine = engine
 
 
 class M2MMiddleware:
@@ -76,7 +78,7 @@ class M2MMiddleware:
         self.engine = engine or Engine(settings or Settings(**fields))
         self._key_header = self.engine.header_name.lower().encode("latin-1")
         self._auth_cache: dict[int, tuple[Client, M2MCredentials]] = {}
-        self._anonymous_auth = M2MCredentials((), self.engine.realm)
+        self._anonymous_auth = M2MCredentials((), self.engine.realm, self.engine)
         self._endpoints = self.engine.endpoints
         #: trusted_proxies is set: the proxy headers are collected in the one pass
         #: over the raw headers that finds the credentials, instead of a second one.
@@ -203,7 +205,7 @@ class M2MMiddleware:
         cached = self._auth_cache.get(id(client))
         if cached is not None and cached[0] is client:
             return cached[1]
-        credentials = M2MCredentials(sorted(client.scopes), self.engine.realm)
+        credentials = M2MCredentials(sorted(client.scopes), self.engine.realm, self.engine)
         if len(self._auth_cache) >= 4096:
             self._auth_cache.clear()
         self._auth_cache[id(client)] = (client, credentials)
@@ -424,6 +426,8 @@ def _refused(
         )
     denied = requirement.refuse(client, auth.realm)
     connection.scope["m2m_denied"] = denied  # the refusal, for whoever audits the request
+    if auth.engine is not None:
+        auth.engine.app_refused(denied)  # usage, metrics and alerts count it refused
     return denied
 
 

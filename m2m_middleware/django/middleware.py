@@ -288,8 +288,10 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
         client = get_client(request)
         if requirement.admits(client):
             return None
-        denied = requirement.refuse(client, current_engine().realm)
+        engine = current_engine()
+        denied = requirement.refuse(client, engine.realm)
         request.m2m_denied = denied  # type: ignore[attr-defined]  # for whoever audits it
+        engine.app_refused(denied)  # usage, metrics and alerts count it refused
         return _denied_response(denied)
 
     def decorator(view: F) -> F:

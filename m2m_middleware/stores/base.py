@@ -17,7 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from .. import keys as keyformat
 from ..client_keys import check_allowed_cidrs, check_signing_public_key
@@ -25,6 +25,9 @@ from ..errors import KeyNotFound, UnreadableRow
 from ..redaction import redact
 from ..syntax import check_client_id, check_scope, check_tier
 from ..transport import normalised_cidrs
+
+if TYPE_CHECKING:
+    from ..telemetry.records import Alert, UsageRow
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -536,6 +539,44 @@ class KeyStore(abc.ABC):
                 break
         reported[bad.key_id] = None
         logger.warning("%s; it is treated as no key until the row is fixed", bad)
+
+    def usage(
+        self,
+        client_id: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        granularity: str = "hour",
+    ) -> list[UsageRow]:
+        """Requests counted per client, key and period (CONTRACT.md "Usage"), oldest first.
+
+        ``since`` and ``until`` are aware datetimes (``since`` rounds down to its
+        period's start; ``until`` is exclusive); ``granularity`` is ``"hour"``,
+        ``"day"`` or ``"month"``. Hourly rows older than ``usage_retention_days``
+        were rolled into days, so they answer ``"day"`` and ``"month"`` only.
+        What processes have counted but not yet flushed is not here yet.
+        """
+        from ..telemetry.records import GRANULARITIES
+        from ..telemetry.tables import usage_table_for
+
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity: expected one of {', '.join(GRANULARITIES)}, got {granularity!r}"
+            )
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+                raise ValueError(f"{name}: expected an aware datetime, got {value!r}")
+        return usage_table_for(self).rows(
+            client_id=client_id, key_id=key_id, since=since, until=until, granularity=granularity
+        )
+
+    def alerts(self, since: datetime | None = None, limit: int = 100) -> list[Alert]:
+        """The newest alerts the engines on this store fired (at most ``limit``), newest first."""
+        from ..telemetry.tables import usage_table_for
+
+        if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
+            raise ValueError(f"since: expected an aware datetime, got {since!r}")
+        return usage_table_for(self).alerts(since=since, limit=limit)
 
     def take_use(self, key_id: str) -> int | None:
         """Take one use of a usage-limited key: the uses left after it, or None if none were."""
