@@ -19,10 +19,12 @@ from .errors import (
 from .outcome import Allowed, Denied
 from .settings import Settings
 from .stores import IssuedKey, KeyRecord, KeyStore, open_key_store
+from .telemetry.records import Alert, UsageRow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
     "Allowed",
     "AuthError",
     "Client",
@@ -37,5 +39,6 @@ __all__ = [
     "M2MError",
     "Settings",
     "StoreUnavailable",
+    "UsageRow",
     "open_key_store",
 ]
