@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
 import time
@@ -56,11 +57,12 @@ class UsageCounter:
         #: Serialises flushes: the thread's, an explicit one and the one at exit.
         self._flushing = threading.Lock()
         self._background = background
+        #: The process's flushing thread once this counter has something to write.
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
         self._closed = False
         self._failing = False
         self._last_roll_up = -1  # the hour of the last roll-up of old hourly rows
+        self._next_flush = math.inf  # monotonic; set when the flushing thread takes it on
         _live.add(self)
 
     # -- the request path ----------------------------------------------------
@@ -179,21 +181,14 @@ class UsageCounter:
     def close(self) -> None:
         """Stop the thread and write what is pending (quietly: the process is ending)."""
         self._closed = True
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
         self.flush_quietly()
 
     # -- the thread ----------------------------------------------------------
 
     def _start(self) -> None:
-        ref = weakref.ref(self)
-        thread = threading.Thread(
-            target=_run, args=(ref, self._wake, self.flush_interval), name="m2m-usage", daemon=True
-        )
-        self._thread = thread
-        thread.start()
+        """Enrol this counter with the process's one flushing thread (started on first use)."""
+        self._thread = _flusher()
+        self._next_flush = time.monotonic() + self.flush_interval
 
     def _forked(self) -> None:
         """In a forked child: the parent's counts are the parent's to write."""
@@ -202,18 +197,33 @@ class UsageCounter:
         self._pending = {}
         self._alerts = []
         self._thread = None
-        self._wake = threading.Event()
 
 
-def _run(ref: weakref.ref[UsageCounter], wake: threading.Event, interval: float) -> None:
-    # Holds the counter weakly between flushes, so an engine dropped without
-    # close() is not kept alive by its thread.
-    while not wake.wait(interval):
-        counter = ref()
-        if counter is None or counter._closed:
-            return
-        counter.flush_quietly()
-        del counter
+#: One thread per process flushes every counter when its interval is due: a
+#: thread per engine would leave hundreds of sleepers in a process that builds
+#: many engines (a test suite), each waking on its own.
+_FLUSHER_TICK = 0.5
+_flusher_thread: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def _flusher() -> threading.Thread:
+    global _flusher_thread
+    with _flusher_lock:
+        if _flusher_thread is None or not _flusher_thread.is_alive():
+            _flusher_thread = threading.Thread(target=_flush_due, name="m2m-usage", daemon=True)
+            _flusher_thread.start()
+        return _flusher_thread
+
+
+def _flush_due() -> None:
+    while True:
+        time.sleep(_FLUSHER_TICK)
+        now = time.monotonic()
+        for counter in list(_live):  # held weakly: a dropped engine's counter goes
+            if counter._thread is not None and not counter._closed and counter._next_flush <= now:
+                counter._next_flush = now + counter.flush_interval
+                counter.flush_quietly()
 
 
 _live: weakref.WeakSet[UsageCounter] = weakref.WeakSet()
@@ -226,6 +236,9 @@ def _flush_at_exit() -> None:
 
 
 def _after_fork() -> None:
+    global _flusher_thread, _flusher_lock
+    _flusher_thread = None  # not running in the child: the next count starts one
+    _flusher_lock = threading.Lock()  # the parent's may have been held at the fork
     for counter in list(_live):
         counter._forked()
 
