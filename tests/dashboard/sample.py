@@ -60,7 +60,7 @@ def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
         tier="free",
         max_uses=40,
     )
-    create("hostile", HOSTILE_CLIENT, name=HOSTILE_NAME, scopes=["x:<b>bold</b>"])
+    create("hostile", HOSTILE_CLIENT, name=HOSTILE_NAME, scopes=["x:<u>u</u>"])
     create("revoked", "legacy-sync", name="old sync job")
     store.revoke_key(sample.key_ids["revoked"])
     for label, ago in (("billing", 1), ("reports", 10 * 3600), ("partner", 300), ("hostile", 7200)):
@@ -141,7 +141,7 @@ def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
                 3,
                 3600,
                 f"revoked key {sample.key_ids['revoked']} was tried 3 times in 3600s",
-                fired_at=now - timedelta(days=1),
+                fired_at=now - timedelta(days=1, hours=1),
             ),
             Alert(
                 "client_failures",
