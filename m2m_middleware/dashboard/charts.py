@@ -28,10 +28,10 @@ SERIES = (
 
 WIDTH = 760
 HEIGHT = 230
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 16, 34, 42
+_LEFT, _RIGHT, _TOP, _BOTTOM = 60, 16, 36, 46
 _STEPS = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 #: Characters of a chart's heading that fit left of the legend.
-_TITLE_ROOM = 44
+_TITLE_ROOM = 34
 #: More x-axis labels than this collide.
 _MAX_LABELS = 8
 
@@ -133,10 +133,10 @@ def usage_chart(
         f'<svg xmlns="http://www.w3.org/2000/svg" class="usage-chart" role="img" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" preserveAspectRatio="xMidYMid meet" '
         f'aria-labelledby="{chart_id}-title {chart_id}-desc" '
-        f'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="11">',
+        f'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="13">',
         f'<title id="{chart_id}-title">{escape(title)}</title>',
         f'<desc id="{chart_id}-desc">{escape(description)}</desc>',
-        f'<text x="{_LEFT}" y="16" font-size="13" font-weight="600" fill="#1f2933">'
+        f'<text x="{_LEFT}" y="16" font-size="15" font-weight="600" fill="#1f2933">'
         f"{escape(_shortened(title))}</text>",
     ]
     parts.extend(_legend())
@@ -153,8 +153,8 @@ def usage_chart(
             f"{escape(shown)}</text>"
         )
     parts.append(
-        f'<text x="14" y="{_TOP + plot_h / 2:.1f}" text-anchor="middle" fill="#52606d" '
-        f'transform="rotate(-90 14 {_TOP + plot_h / 2:.1f})">requests</text>'
+        f'<text x="15" y="{_TOP + plot_h / 2:.1f}" text-anchor="middle" fill="#52606d" '
+        f'transform="rotate(-90 15 {_TOP + plot_h / 2:.1f})">requests</text>'
     )
     # One group per series, so a reader (or a test) finds each one whole.
     for name, label, colour in SERIES:
@@ -181,7 +181,7 @@ def usage_chart(
     for index in range(0, len(data), every):
         x = _LEFT + index * slot + slot / 2
         parts.append(
-            f'<text x="{x:.1f}" y="{base_y + 16}" text-anchor="middle" fill="#52606d">'
+            f'<text x="{x:.1f}" y="{base_y + 18}" text-anchor="middle" fill="#52606d">'
             f"{escape(_label(data[index].start, granularity))}</text>"
         )
     parts.append(
@@ -217,13 +217,13 @@ def _describe_span(data: Sequence[Bucket], granularity: str) -> str:
 
 def _legend() -> list[str]:
     parts = []
-    x = WIDTH - _RIGHT - 330
+    x = WIDTH - _RIGHT - 340
     for _name, label, colour in SERIES:
         parts.append(
-            f'<rect x="{x}" y="7" width="11" height="11" rx="2" fill="{colour}"/>'
-            f'<text x="{x + 15}" y="16" fill="#323f4b">{escape(label)}</text>'
+            f'<rect x="{x}" y="6" width="12" height="12" rx="2" fill="{colour}"/>'
+            f'<text x="{x + 16}" y="16" fill="#323f4b">{escape(label)}</text>'
         )
-        x += 15 + 7 * len(label) + 18
+        x += 16 + 7 * len(label) + 14
     return parts
 
 

@@ -11,9 +11,13 @@ from m2m_middleware.stores import KeyStore, open_key_store
 from m2m_middleware.telemetry.records import Alert, UsageRow
 from m2m_middleware.telemetry.tables import usage_table_for
 
-#: "Now" for the sample: the store stamps revocations with the real clock, so the
-#: sample is laid out around it (to the minute).
-NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+
+def _next_minute() -> datetime:
+    """ "Now" for a sample: after every write the store stamps with the real clock
+    (a revocation), so the page's clock sees them in the past."""
+    return datetime.now(timezone.utc).replace(second=0, microsecond=0) + timedelta(minutes=1)
+
+
 #: A client name a key creator could choose to attack the page.
 HOSTILE_CLIENT = '<img src=x onerror="alert(1)">evil'
 HOSTILE_NAME = "<script>alert('name')</script>"
@@ -25,11 +29,20 @@ class Sample:
     #: Plaintext keys and their hashes: none may ever appear on the page.
     secrets: list[str] = field(default_factory=list)
     key_ids: dict[str, str] = field(default_factory=dict)
+    #: The clock to show the sample with.
+    now: datetime = field(default_factory=_next_minute)
 
 
-def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
+def sample_store(url: str = "memory://", *, hostile: bool = True) -> Sample:
+    """Five clients' keys, a week of hourly usage and four alerts; with ``hostile``,
+    one client id, key name and scope are markup a key creator chose to attack the page."""
     store = open_key_store(url)
     sample = Sample(store)
+    now = sample.now
+    if hostile:
+        odd_client, odd_name, odd_scope = HOSTILE_CLIENT, HOSTILE_NAME, "x:<u>u</u>"
+    else:
+        odd_client, odd_name, odd_scope = "inventory", "inventory sync", "stock:read"
 
     def create(label: str, client: str, **options: object) -> None:
         issued = store.create_key(client, **options)  # type: ignore[arg-type]
@@ -60,7 +73,7 @@ def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
         tier="free",
         max_uses=40,
     )
-    create("hostile", HOSTILE_CLIENT, name=HOSTILE_NAME, scopes=["x:<u>u</u>"])
+    create("hostile", odd_client, name=odd_name, scopes=[odd_scope])
     create("revoked", "legacy-sync", name="old sync job")
     store.revoke_key(sample.key_ids["revoked"])
     for label, ago in (("billing", 1), ("reports", 10 * 3600), ("partner", 300), ("hostile", 7200)):
@@ -109,9 +122,7 @@ def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
             )
         if hour.hour == 12:
             rows.append(
-                UsageRow(
-                    HOSTILE_CLIENT, sample.key_ids["hostile"], hour, allowed=5, denied=2, units=5
-                )
+                UsageRow(odd_client, sample.key_ids["hostile"], hour, allowed=5, denied=2, units=5)
             )
         hour += timedelta(hours=1)
         index += 1
@@ -145,10 +156,10 @@ def sample_store(url: str = "memory://", *, now: datetime = NOW) -> Sample:
             ),
             Alert(
                 "client_failures",
-                HOSTILE_CLIENT,
+                odd_client,
                 12,
                 300,
-                f"{HOSTILE_NAME} failed 12 times",
+                f"{odd_name} failed 12 times",
                 fired_at=now - timedelta(days=2),
             ),
         ]

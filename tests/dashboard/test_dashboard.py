@@ -41,7 +41,7 @@ from m2m_middleware.errors import StoreUnavailable
 from m2m_middleware.stores import KeyStore, open_key_store
 from m2m_middleware.telemetry.records import UsageRow
 
-from .sample import HOSTILE_CLIENT, HOSTILE_NAME, NOW, Sample, sample_store
+from .sample import HOSTILE_CLIENT, HOSTILE_NAME, Sample, sample_store
 
 Answer = tuple[str, dict[str, str], str]
 
@@ -139,15 +139,22 @@ def call(
     return found["status"], found["headers"], body.decode()
 
 
-def app_for(store: KeyStore) -> DashboardApp:
-    return DashboardApp(store, clock=lambda: NOW)
+#: "Now" for the tests that make their own store.
+NOW = datetime(2026, 6, 1, 12, 30, tzinfo=timezone.utc)
+
+
+def app_for(source: Sample | KeyStore) -> DashboardApp:
+    if isinstance(source, Sample):
+        sample = source
+        return DashboardApp(sample.store, clock=lambda: sample.now)
+    return DashboardApp(source, clock=lambda: NOW)
 
 
 # -- the page --------------------------------------------------------------------------
 
 
 def test_the_page_shows_clients_keys_charts_and_alerts(sample: Sample) -> None:
-    status, headers, html = call(app_for(sample.store))
+    status, headers, html = call(app_for(sample))
     assert status == "200 OK"
     assert headers["Content-Type"] == "text/html; charset=utf-8"
     text = " ".join(parsed(html).text)
@@ -157,6 +164,9 @@ def test_the_page_shows_clients_keys_charts_and_alerts(sample: Sample) -> None:
         assert key_id in text
     for shown in ("billing worker", "orders:read", "gold", "revoked", "unlimited", "5000"):
         assert shown in text
+    keys = html[html.index('id="keys"') : html.index('id="alerts"')]
+    revoked_row = keys[keys.index(sample.key_ids["revoked"]) :].split("</tr>")[0]
+    assert "status-revoked" in revoked_row
     # One chart for all clients and one per client that had requests.
     svgs = [attrs for tag, attrs in parsed(html).tags if tag == "svg"]
     assert len(svgs) == 1 + 4
@@ -171,14 +181,14 @@ def test_the_page_shows_clients_keys_charts_and_alerts(sample: Sample) -> None:
 
 def test_no_key_and_no_hash_is_ever_on_the_page(sample: Sample) -> None:
     for query in ("", "days=1", "days=90", "client=billing"):
-        html = call(app_for(sample.store), query=query)[2]
+        html = call(app_for(sample), query=query)[2]
         for secret in sample.secrets:
             assert secret not in html
         assert re.search(r"\bm2m_[0-9A-Za-z]{30,}", html) is None
 
 
 def test_names_chosen_by_key_creators_render_as_text(sample: Sample) -> None:
-    html = call(app_for(sample.store))[2]
+    html = call(app_for(sample))[2]
     tags = parsed(html)
     names = {tag for tag, _ in tags.tags}
     assert names <= PAGE_ELEMENTS  # no <script>, <img> or <u> from the stored text
@@ -204,7 +214,7 @@ def test_an_empty_store_has_a_page_too() -> None:
 
 
 def test_keys_close_to_their_quota_or_expiry_are_listed(sample: Sample) -> None:
-    html = call(app_for(sample.store))[2]
+    html = call(app_for(sample))[2]
     attention = html[html.index('id="attention"') : html.index('id="keys"')]
     assert sample.key_ids["partner"] in attention  # 40 uses left
     assert "40 uses left" in attention
@@ -228,7 +238,7 @@ def test_a_key_is_close_to_its_quota_at_its_own_pace() -> None:
 
 
 def test_the_client_filter_shows_one_client(sample: Sample) -> None:
-    status, _, html = call(app_for(sample.store), query="client=partner-acme")
+    status, _, html = call(app_for(sample), query="client=partner-acme")
     assert status == "200 OK"
     keys = html[html.index('id="keys"') : html.index('id="alerts"')]
     assert sample.key_ids["partner"] in keys
@@ -240,18 +250,18 @@ def test_the_client_filter_shows_one_client(sample: Sample) -> None:
 
 
 def test_an_unknown_client_is_an_empty_page_not_an_error(sample: Sample) -> None:
-    status, _, html = call(app_for(sample.store), query="client=nobody")
+    status, _, html = call(app_for(sample), query="client=nobody")
     assert status == "200 OK"
     assert "No keys." in html
     assert "No requests in this period" in html
 
 
 def test_days_choose_the_window_and_the_bars(sample: Sample) -> None:
-    hourly = call(app_for(sample.store), query="days=1")[2]
+    hourly = call(app_for(sample), query="days=1")[2]
     assert "per hour" in hourly
     assert "No alerts in the last day." not in hourly  # two alerts fired today
     assert "ended_keys" not in hourly  # a day ago and a bit: outside
-    daily = call(app_for(sample.store), query="days=30")[2]
+    daily = call(app_for(sample), query="days=30")[2]
     assert "per day" in daily and "last 30 days" in daily
 
 
@@ -273,7 +283,7 @@ def test_days_choose_the_window_and_the_bars(sample: Sample) -> None:
     ],
 )
 def test_bad_filters_are_400_naming_the_problem(sample: Sample, query: str, message: str) -> None:
-    status, headers, html = call(app_for(sample.store), query=query)
+    status, headers, html = call(app_for(sample), query=query)
     assert status == "400 Bad Request"
     assert charts.escape(message) in html
     assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
@@ -281,7 +291,7 @@ def test_bad_filters_are_400_naming_the_problem(sample: Sample, query: str, mess
 
 
 def test_only_the_page_is_served(sample: Sample) -> None:
-    app = app_for(sample.store)
+    app = app_for(sample)
     for path in ("/favicon.ico", "/index.html", "/admin", "//", "/?"):
         assert call(app, path)[0] == "404 Not Found", path
     for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
@@ -291,14 +301,14 @@ def test_only_the_page_is_served(sample: Sample) -> None:
 
 
 def test_head_answers_the_headers_of_get(sample: Sample) -> None:
-    app = app_for(sample.store)
+    app = app_for(sample)
     status, headers, body = call(app, method="HEAD")
     assert (status, body) == ("200 OK", "")
     assert int(headers["Content-Length"]) == len(call(app)[2].encode())
 
 
 def test_every_answer_carries_the_security_headers(sample: Sample) -> None:
-    app = app_for(sample.store)
+    app = app_for(sample)
     answers = [
         call(app),
         call(app, query="days=x"),
@@ -317,7 +327,7 @@ def test_every_answer_carries_the_security_headers(sample: Sample) -> None:
 def test_the_policy_allows_exactly_the_pages_stylesheet(sample: Sample) -> None:
     # Any other inline style (an attribute, another <style>) would be blocked,
     # so a change to the stylesheet that forgot the hash would show unstyled.
-    html = call(app_for(sample.store))[2]
+    html = call(app_for(sample))[2]
     assert html.count("<style>") == 1
     assert f"<style>{page.STYLE}</style>" in html
     assert " style=" not in html
@@ -326,13 +336,13 @@ def test_the_policy_allows_exactly_the_pages_stylesheet(sample: Sample) -> None:
 
 def test_a_page_elsewhere_cannot_reach_it_by_a_name_of_its_own(sample: Sample) -> None:
     # DNS rebinding: evil.example resolving to 127.0.0.1 would otherwise read the page.
-    app = app_for(sample.store)
+    app = app_for(sample)
     status, _, html = call(app, host="evil.example:8300")
     assert status == "400 Bad Request"
     assert "billing" not in html
     for host in ("127.0.0.1:8300", "localhost:8300", "[::1]:8300", "LOCALHOST"):
         assert call(app, host=host)[0] == "200 OK", host
-    public = DashboardApp(sample.store, allowed_hosts=None, clock=lambda: NOW)
+    public = DashboardApp(sample.store, allowed_hosts=None, clock=lambda: sample.now)
     assert call(public, host="dash.example.com")[0] == "200 OK"
 
 
@@ -356,7 +366,7 @@ def test_a_store_that_is_down_is_a_503_page(
 
     monkeypatch.setattr(sample.store, "list_keys", down)
     with caplog.at_level(logging.WARNING, "m2m_middleware.dashboard"):
-        status, headers, html = call(app_for(sample.store))
+        status, headers, html = call(app_for(sample))
     assert status == "503 Service Unavailable"
     assert headers["Retry-After"] == "5"
     assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
@@ -422,7 +432,7 @@ def test_a_chart_has_its_series_axes_and_accessible_titles() -> None:
             "preserveaspectratio": "xMidYMid meet",
             "aria-labelledby": "c1-title c1-desc",
             "font-family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
-            "font-size": "11",
+            "font-size": "13",
         },
     )
     assert '<title id="c1-title">a &amp; &lt;b&gt;</title>' in svg
@@ -442,7 +452,7 @@ def test_a_long_heading_is_shortened_but_titled_whole() -> None:
         [], start=start, end=start, granularity="day", title=title, chart_id="x"
     )
     assert f'<title id="x-title">{title}</title>' in svg
-    assert "c" * 43 + "\u2026" in svg
+    assert "c" * 33 + "\u2026" in svg
 
 
 # -- the command -----------------------------------------------------------------------
@@ -546,7 +556,7 @@ def test_the_store_url_is_shown_without_its_password(
 
 
 def test_run_serves_until_interrupted_on_a_free_port(sample: Sample) -> None:
-    server = make_dashboard_server(sample.store, port=0, clock=lambda: NOW)
+    server = make_dashboard_server(sample.store, port=0, clock=lambda: sample.now)
     port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()

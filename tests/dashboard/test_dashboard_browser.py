@@ -20,7 +20,7 @@ import servers
 
 from m2m_middleware.dashboard.server import make_dashboard_server
 
-from .sample import HOSTILE_CLIENT, HOSTILE_NAME, NOW, Sample, sample_store
+from .sample import HOSTILE_CLIENT, HOSTILE_NAME, Sample, sample_store
 from .test_dashboard import PAGE_ELEMENTS, parsed
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Sample]]:
     sample = sample_store()
-    server = make_dashboard_server(sample.store, port=0, clock=lambda: NOW)
+    server = make_dashboard_server(sample.store, port=0, clock=lambda: sample.now)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
