@@ -351,7 +351,7 @@ class APIKeyAdmin(_ModelAdmin):
             start=start,
             end=now,
             granularity="day",
-            title=f"Requests with {key_id}, last {USAGE_CHART_DAYS} days",
+            title=f"Requests, last {USAGE_CHART_DAYS} days",
             chart_id="m2m-key-usage",
         )
         by_day = {row.period_start.date(): row for row in rows}
