@@ -618,3 +618,36 @@ def test_the_command_serves_the_page_and_stops_on_ctrl_c(db_url: str, tmp_path: 
     assert process.returncode == 0
     assert err == ""
     assert out == "Stopped.\n"
+
+
+# -- real stores -----------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_the_page_of_a_postgresql_store(postgres_url: str) -> None:
+    sample = sample_store(postgres_url)
+    try:
+        status, _, html = call(app_for(sample))
+        assert status == "200 OK"
+        for key_id in sample.key_ids.values():
+            assert key_id in html
+        assert html.count("<svg") == 5
+        for secret in sample.secrets:
+            assert secret not in html
+    finally:
+        sample.store.close()
+
+
+@pytest.mark.slow
+def test_an_unreachable_postgresql_store_is_a_503_page(caplog: pytest.LogCaptureFixture) -> None:
+    store = open_key_store("postgresql://app:hunter2@127.0.0.1:1/test?connect_timeout=1")
+    try:
+        with caplog.at_level(logging.WARNING, "m2m_middleware.dashboard"):
+            status, _, html = call(app_for(store))
+    finally:
+        store.close()
+    assert status == "503 Service Unavailable"
+    assert "hunter2" not in html and "127.0.0.1:1" not in html
+    (record,) = caplog.records
+    assert "no connection" in record.getMessage()
+    assert "hunter2" not in record.getMessage()
