@@ -5,6 +5,7 @@
     m2m keys revoke key_... [--notify redis://...]
     m2m keys rotate key_... --grace 1h [--notify redis://...]
     m2m demo [--once] [--port 8000] [--host 127.0.0.1] [--store URL]
+    m2m dashboard [--store URL] [--port 8300] [--host 127.0.0.1] [--public]
 
 Every ``keys`` command takes ``--store URL`` (default: ``$M2M_KEY_STORE``,
 else ``sqlite:///m2m_keys.db``). A plaintext key is printed once, on standard
@@ -536,6 +537,49 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+# -- dashboard -------------------------------------------------------------------
+
+
+def add_dashboard_command(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="serve a read-only page of the key store: keys, usage charts, alerts",
+        description="Serve a read-only page of the key store on 127.0.0.1 until Ctrl-C.",
+    )
+    dashboard.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+    )
+    dashboard.add_argument(
+        "--port", type=parse_port, default=8300, metavar="N", help="port (default: 8300)"
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    dashboard.add_argument(
+        "--public",
+        action="store_true",
+        help="allow a non-loopback --host: the page has no login, so only behind your own auth",
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard.server import DashboardError, run
+    from .redaction import redact_url
+
+    url = _store_url(args)
+    store = _open_store(url)
+    try:
+        _require_existing(store)
+        return run(
+            store, host=args.host, port=args.port, public=args.public, store_label=redact_url(url)
+        )
+    except DashboardError as exc:
+        raise CommandError(str(exc), exc.exit_code) from None
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
 _KeysCommand = Callable[[argparse.Namespace, KeyStore], int]
 
 
@@ -832,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="key store for the demo keys (default: a temporary SQLite file, removed at exit)",
     )
+    add_dashboard_command(commands)
     return parser
 
 
@@ -843,6 +888,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return cmd_demo(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "dashboard":
+        return cmd_dashboard(args)
     handler: _KeysCommand = args.handler
     return _run_keys_command(args, handler)
 
