@@ -535,3 +535,40 @@ def test_metrics_is_the_engines(memory_store: KeyStore) -> None:
     assert isinstance(engine.telemetry.metrics, Metrics)
     assert engine.telemetry.metrics.multiprocess_directory is None
     assert "/metrics" in engine.endpoints
+
+
+def test_a_decision_on_a_bucket_bound_is_in_that_bucket(memory_store: KeyStore) -> None:
+    key = memory_store.create_key("acme").key
+    engine = metrics_engine(memory_store)
+    outcome = engine.check("GET", "/x", None, key)
+    metrics = engine.telemetry.metrics  # type: ignore[union-attr]
+    assert metrics is not None
+    for seconds in (0.00001, 0.0005, 2.0):
+        metrics.observe(outcome, seconds)
+    got = samples(engine)
+
+    def bucket(le: str) -> float:
+        return got[("m2m_decision_seconds_bucket", _labels(le=le))]
+
+    assert bucket("1e-05") >= 1  # exactly 10 us is "<= 1e-05"
+    assert bucket("0.0005") - bucket("0.00025") >= 1
+    assert bucket("+Inf") - bucket("1.0") == 1  # above the last bound: only +Inf
+    assert got[("m2m_decision_seconds_count", frozenset())] == 4
+
+
+def test_counts_are_exact_under_threads(memory_store: KeyStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [memory_store.create_key(f"c{n}").key for n in range(4)]
+    engine = metrics_engine(memory_store, metrics_client_labels=True)
+
+    def send(key: str) -> None:
+        for _ in range(500):
+            engine.check("GET", "/x", None, key)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(send, keys * 2))
+    assert requests_total(engine) == 4000
+    for n in range(4):
+        assert requests_total(engine, client=f"c{n}") == 1000
+    assert samples(engine)[("m2m_decision_seconds_count", frozenset())] == 4000
