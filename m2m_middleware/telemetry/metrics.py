@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -105,6 +106,16 @@ class _Tally:
         self._requests: dict[RequestKey, int] = {}
         self._refusals: dict[RefusalKey, int] = {}
         self._buckets = [0] * (len(DECISION_BUCKETS) + 1)  # not cumulative; the last is +Inf
+        self._seconds = 0.0
+
+    def forked(self) -> None:
+        """In a forked child: the parent's counts are the parent's to report (each
+        worker of a pre-forking server reports its own), and its lock may have
+        been held at the fork."""
+        self._lock = threading.Lock()
+        self._requests = {}
+        self._refusals = {}
+        self._buckets = [0] * len(self._buckets)
         self._seconds = 0.0
 
     def request(self, key: RequestKey, seconds: float) -> None:
@@ -268,6 +279,8 @@ class Metrics:
         self._client_limit = settings.metrics_client_label_limit
         self._clients: set[str] = set()
         self._clients_lock = threading.Lock()
+        self._tally: _Tally | None = None
+        _live.add(self)
         self.multiprocess_directory = multiprocess_directory()
         #: What ``metrics_path`` serves.
         self.registry = CollectorRegistry()
@@ -275,7 +288,7 @@ class Metrics:
         jwks = tokens.jwks if tokens is not None else None
         if self.multiprocess_directory is None:
             instruments = _Instruments(self._by_client)
-            tally = _Tally(self._by_client)
+            tally = self._tally = _Tally(self._by_client)
             self.registry.register(tally)
             self._record = tally.request
             self._refuse = tally.refusal
@@ -306,6 +319,12 @@ class Metrics:
             self._token_requests = instruments.token_requests
             self._token_requests.labels("issued", "")
             engine.token_service.on_token = self._token_answered
+
+    def _forked(self) -> None:
+        self._clients_lock = threading.Lock()
+        self._clients = set()
+        if self._tally is not None:
+            self._tally.forked()
 
     # -- the request path ---------------------------------------------------------------
 
@@ -408,3 +427,18 @@ class Metrics:
             if forwarded or forwarded_for or view.header("x-real-ip"):
                 return False
         return True
+
+
+#: Every engine's metrics in this process, for the at-fork hook.
+_live: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    for metrics in list(_live):
+        metrics._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork)

@@ -572,3 +572,31 @@ def test_counts_are_exact_under_threads(memory_store: KeyStore) -> None:
     for n in range(4):
         assert requests_total(engine, client=f"c{n}") == 1000
     assert samples(engine)[("m2m_decision_seconds_count", frozenset())] == 4000
+
+
+def test_a_forked_child_reports_its_own_requests(memory_store: KeyStore, tmp_path: Path) -> None:
+    """A pre-forking server's worker (no PROMETHEUS_MULTIPROC_DIR) starts from zero:
+    what the parent counted before the fork is the parent's."""
+    import warnings
+
+    key = memory_store.create_key("acme").key
+    engine = metrics_engine(memory_store)
+    for _ in range(3):
+        engine.check("GET", "/x", None, key)
+    result = tmp_path / "child.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: forking with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            before = requests_total(engine)
+            engine.check("GET", "/x", None, key)
+            result.write_text(json.dumps([before, requests_total(engine)]))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(result.read_text()) == [0, 1]
+    assert requests_total(engine) == 3
