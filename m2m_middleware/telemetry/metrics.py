@@ -1,8 +1,9 @@
 """Prometheus metrics (extra ``metrics``): counters, a histogram and health gauges.
 
-Everything is prometheus_client's, the library Prometheus users already run:
-its counters and histogram, its text exposition, and its multiprocess mode
-under a pre-forking server. What is ours:
+Built on prometheus_client, the library Prometheus users already run: its
+registry, metric families and text exposition, its counters for the rare
+events (JWKS fetches, tokens), and its multiprocess mode under a pre-forking
+server. What is ours, and why:
 
 - One :class:`~prometheus_client.CollectorRegistry` per engine, so that a
   process with several engines (a test suite, two apps) reports each apart.
