@@ -27,17 +27,25 @@ the ``alert_*`` settings in limits notation; None turns a rule off):
 Fixed windows, not sliding ones: a subject's state is its window's number and
 a count, so a request costs a dictionary lookup and an addition, and the
 threshold is crossed exactly once per window: the request whose count *equals*
-it fires. Every update happens under one lock: an unlocked ``count += 1`` can
-be lost (harmless) but two threads could also both see the count equal the
-threshold and fire twice (not harmless). Alerts fire after the lock is let go,
-so a slow or re-entrant ``on_alert`` callable holds up no other request.
+it fires. The four refusal rules update under one lock: unlocked, a lost
+``count += 1`` would be harmless, but two threads could both see the count
+equal the threshold and fire twice. The traffic rule, on every admitted
+request, takes its lock only to start a window or to fire (see
+:meth:`_Traffic.hit`). Alerts fire after the locks are let go, so a slow or
+re-entrant ``on_alert`` callable holds up no other request.
 
-Memory is bounded: each rule tracks at most :data:`MAX_SUBJECTS` subjects,
-least recently seen dropped first, so an attacker rotating source addresses
-keeps its own short-lived entries cycling while an address that keeps failing
-stays tracked. A subject dropped and seen again in the same window starts from
-zero: only when more than that many subjects are active in one window can one
-fire twice in it.
+Memory is bounded: each rule tracks at most :data:`MAX_SUBJECTS` subjects.
+The refusal rules drop the least recently seen first, so an attacker rotating
+source addresses keeps only its own short-lived entries cycling, and an
+address that keeps failing stays tracked; the traffic rule drops the client
+whose window began longest ago. A subject dropped and seen again in the same
+window starts from zero: only when more than that many subjects are active in
+one window can one fire twice in it.
+
+Hand-written rather than on the ``limits`` counters the rate limits use:
+their memory storage keeps every key until its window expires (no cap on the
+subjects one window can hold), reads the time itself (no clock to inject), and
+answers only whether a limit is exhausted, not which request crossed it.
 """
 
 from __future__ import annotations
@@ -128,34 +136,51 @@ class _Traffic:
     from its third window on, once one full window is behind it.
     """
 
-    __slots__ = ("cap", "minimum", "seen", "spike", "window")
+    __slots__ = ("cap", "lock", "minimum", "seen", "spike", "window")
 
     def __init__(self, spike: float, minimum: int, window: int, cap: int) -> None:
         self.spike = spike
         self.minimum = minimum
         self.window = window
         self.cap = cap
-        #: client id -> its traffic, least recently seen first.
+        #: client id -> its traffic, the client whose window began longest ago first.
         self.seen: OrderedDict[str, _Usual] = OrderedDict()
+        #: Taken only to add a client, start its new window, or fire: every admitted
+        #: request passes here, and most of them just add one to their window's count.
+        self.lock = threading.Lock()
 
     def hit(self, subject: str, now: float) -> tuple[int, float] | None:
-        """Count one request; (count, baseline) when this one crosses the spike."""
+        """Count one request; (count, baseline) when this one crosses the spike.
+
+        Unlocked, two threads' additions can lose one (harmless for a heuristic);
+        the window's start and its firing are under the lock, so no window fires twice.
+        """
         number = int(now // self.window)
+        usual = self.seen.get(subject)
+        if usual is None or usual.number != number:
+            with self.lock:
+                usual = self._window(subject, number)
+        usual.count += 1
+        if usual.count < usual.fires_at:
+            return None
+        with self.lock:
+            if usual.count < usual.fires_at:
+                return None  # another thread fired this window
+            usual.fires_at = math.inf  # once per window
+            return usual.count, usual.baseline
+
+    def _window(self, subject: str, number: int) -> _Usual:
+        """``subject``'s traffic in window ``number``, started if it is new. Under the lock."""
         seen = self.seen
         usual = seen.get(subject)
         if usual is None:
             if len(seen) >= self.cap:
                 seen.popitem(last=False)
             seen[subject] = usual = _Usual(number)
-        else:
+        elif number > usual.number:  # never back: a thread late with an older clock reading
+            self._roll(usual, number)
             seen.move_to_end(subject)
-            if usual.number != number:
-                self._roll(usual, number)
-        usual.count += 1
-        if usual.count >= usual.fires_at:
-            usual.fires_at = math.inf  # once per window
-            return usual.count, usual.baseline
-        return None
+        return usual
 
     def _roll(self, usual: _Usual, number: int) -> None:
         """A new window: the one that ended becomes part of the baseline."""
@@ -203,24 +228,18 @@ class Alerts:
         """One decision of the middleware: ``address`` is the client's, as the trusted
         proxies report it (None when unknown)."""
         client = outcome.client
+        traffic = self._traffic
+        if client is not None and traffic is not None:
+            crossed = traffic.hit(client.client_id, self._clock())
+            if crossed is not None:
+                self._fire(self._spike_alert(client.client_id, *crossed))
         if outcome.allowed:  # the hot path: only the traffic rule looks at it
-            traffic = self._traffic
-            if traffic is not None and client is not None:
-                with self._lock:
-                    crossed = traffic.hit(client.client_id, self._clock())
-                if crossed is not None:
-                    self._spiked(client.client_id, *crossed)
             return
         denied: Denied = outcome  # type: ignore[assignment]
         fired: list[Alert] = []
         with self._lock:
             now = self._clock()
             if client is not None:
-                traffic = self._traffic
-                if traffic is not None:
-                    crossed = traffic.hit(client.client_id, now)
-                    if crossed is not None:
-                        fired.append(self._spike_alert(client.client_id, *crossed))
                 error = denied.error
                 if error == "rate_limited":
                     rule = self._limited
@@ -259,7 +278,8 @@ class Alerts:
         :data:`MAX_SUBJECTS`): what an operator or a test looks at for memory."""
         with self._lock:
             counts = {kind: len(rule.seen) for kind, rule in self._rules.items()}
-            if self._traffic is not None:
+        if self._traffic is not None:
+            with self._traffic.lock:
                 counts["traffic_spike"] = len(self._traffic.seen)
         return counts
 
@@ -328,9 +348,6 @@ class Alerts:
             f"over {traffic.spike:g} times its usual {baseline:.1f}",
         )
 
-    def _spiked(self, client_id: str, count: int, baseline: float) -> None:
-        self._fire(self._spike_alert(client_id, count, baseline))
-
     def _forked(self) -> None:
         """In a forked child: the parent's lock may have been held at the fork,
         and its windows are the parent's requests."""
@@ -338,6 +355,7 @@ class Alerts:
         for rule in self._rules.values():
             rule.seen = OrderedDict()
         if self._traffic is not None:
+            self._traffic.lock = threading.Lock()
             self._traffic.seen = OrderedDict()
 
 

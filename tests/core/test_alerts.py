@@ -613,6 +613,31 @@ def test_threads_hammering_one_subject_fire_exactly_once(store: KeyStore, clock:
     assert fired.kinds() == ["auth_failures"]
 
 
+def test_threads_admitted_at_once_fire_one_spike_per_window(store: KeyStore, clock: Clock) -> None:
+    fired = Fired()
+    settings = Settings(key_store=store, alert_traffic_spike=10, alert_traffic_minimum=50)
+    alerts = Alerts(settings, fired.append, clock)
+    admitted = Allowed(Client("acme", "api_key", key_id="k1"))
+    for count in (1, 2):  # the first window part way, then a baseline of 2
+        for _ in range(count):
+            alerts.observe(admitted, ADDRESS)
+        clock.advance(60)
+    start = threading.Barrier(8)
+
+    def hammer() -> None:
+        start.wait(timeout=5)
+        for _ in range(2000):
+            alerts.observe(admitted, ADDRESS)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fired.kinds() == ["traffic_spike"]
+    assert alerts.tracked()["traffic_spike"] == 1
+
+
 # -- reporting: the log record, on_alert, log-safe subjects -------------------------------
 
 
