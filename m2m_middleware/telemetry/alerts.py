@@ -256,7 +256,9 @@ class Alerts:
                         if denied.key_ended and tried.key_id is not None:
                             rule = self._ended
                             if rule is not None and rule.hit(tried.key_id, now):
-                                fired.append(self._ended_alert(tried.key_id, tried.client_id))
+                                fired.append(
+                                    self._ended_alert(tried.key_id, tried.client_id, denied.detail)
+                                )
             elif denied.error == "rate_limited":  # source_limits shut this address out
                 self._auth_failed(address, now, fired)
         for alert in fired:
@@ -324,16 +326,18 @@ class Alerts:
             f"client {client_id} was rate limited {rule.limit} times within {rule.window}s",
         )
 
-    def _ended_alert(self, key_id: str, client_id: str) -> Alert:
+    def _ended_alert(self, key_id: str, client_id: str, reason: str) -> Alert:
         rule = self._ended
         assert rule is not None
+        # ``reason`` is the engine's own refusal text ("the API key was revoked"),
+        # which the client was sent: never the key.
         return Alert(
             "ended_keys",
             key_id,
             rule.limit,
             rule.window,
-            f"a revoked or expired key of client {client_id} was tried "
-            f"{rule.limit} time(s) within {rule.window}s",
+            f"a key of client {client_id} tried {rule.limit} time(s) within "
+            f"{rule.window}s after it ended: {reason}",
         )
 
     def _spike_alert(self, client_id: str, count: int, baseline: float) -> Alert:

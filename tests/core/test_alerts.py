@@ -296,7 +296,10 @@ def test_a_revoked_key_tried_fires_ended_keys_once_an_hour(
     (alert,) = fired.of("ended_keys")
     assert alert.subject == issued.key_id
     assert (alert.count, alert.window_seconds) == (1, 3600)
-    assert "acme" in alert.detail  # names the client
+    assert alert.detail == (
+        "a key of client acme tried 1 time(s) within 3600s after it ended: "
+        "the API key was revoked"
+    )
     assert issued.key not in alert.detail and issued.key[-16:] not in alert.detail
     for _ in range(30):
         get(engine, issued.key)
@@ -312,6 +315,7 @@ def test_an_expired_key_tried_fires_ended_keys(build: Build, store: KeyStore) ->
     issued = store.create_key("acme", expires_at=past)
     assert get(engine, issued.key).error == "invalid_token"
     assert [(a.kind, a.subject) for a in fired] == [("ended_keys", issued.key_id)]
+    assert fired[0].detail.endswith(": the API key has expired")
 
 
 def test_an_unknown_key_is_no_ended_key(build: Build, store: KeyStore) -> None:
