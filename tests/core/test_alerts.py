@@ -297,8 +297,7 @@ def test_a_revoked_key_tried_fires_ended_keys_once_an_hour(
     assert alert.subject == issued.key_id
     assert (alert.count, alert.window_seconds) == (1, 3600)
     assert alert.detail == (
-        "a key of client acme tried 1 time(s) within 3600s after it ended: "
-        "the API key was revoked"
+        "a key of client acme tried 1 time(s) within 3600s after it ended: the API key was revoked"
     )
     assert issued.key not in alert.detail and issued.key[-16:] not in alert.detail
     for _ in range(30):
