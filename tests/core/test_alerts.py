@@ -234,6 +234,27 @@ def test_refusals_of_a_known_client_fire_client_failures(build: Build, store: Ke
     assert key not in alert.detail
 
 
+def test_client_failures_fire_once_per_window_and_again_in_the_next(
+    build: Build, store: KeyStore, clock: Clock
+) -> None:
+    engine, fired = build(
+        alert_client_failures="2/minute", routes=[{"path": "/orders", "scopes": ["orders:read"]}]
+    )
+    key = store.create_key("acme").key
+    other = store.create_key("other").key
+    get(engine, key, path="/orders")
+    get(engine, other, path="/orders")
+    assert fired == []  # one each: below the threshold
+    for _ in range(6):
+        get(engine, key, path="/orders")
+    assert [a.subject for a in fired] == ["acme"]
+    clock.advance(60)
+    get(engine, key, path="/orders")
+    assert len(fired) == 1
+    get(engine, key, path="/orders")
+    assert [a.subject for a in fired] == ["acme", "acme"]
+
+
 def test_a_require_scopes_refusal_counts_for_client_failures(build: Build, store: KeyStore) -> None:
     engine, fired = build(alert_client_failures="2/minute")
     key = store.create_key("acme").key
@@ -725,3 +746,26 @@ def test_no_alert_holds_a_secret(build: Build, store: KeyStore) -> None:
         assert issued.key not in text and issued.key[-16:] not in text
         assert issued.key[4:20] not in text
         assert record.key_id == issued.key_id
+
+
+def test_a_forked_child_starts_with_its_own_windows_and_lock(store: KeyStore, clock: Clock) -> None:
+    """The parent's lock may be held by one of its threads at the fork, which the
+    child does not have; and the parent's counts are the parent's requests."""
+    fired = Fired()
+    alerts = Alerts(Settings(key_store=store, alert_auth_failures="2/minute"), fired.append, clock)
+    guess = deny(InvalidToken("the API key is not recognised"), "api")
+    alerts.observe(guess, ADDRESS)
+    alerts.observe(Allowed(Client("acme", "api_key")), ADDRESS)
+    alerts._lock.acquire()  # as a parent thread would hold it at the fork
+    alerts_module._after_fork()
+    assert alerts.tracked() == {
+        "auth_failures": 0,
+        "client_failures": 0,
+        "rate_limited": 0,
+        "ended_keys": 0,
+        "traffic_spike": 0,
+    }
+    alerts.observe(guess, ADDRESS)
+    assert fired == []  # the parent's one failure is not the child's
+    alerts.observe(guess, ADDRESS)
+    assert fired.kinds() == ["auth_failures"]
