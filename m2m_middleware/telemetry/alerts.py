@@ -113,7 +113,7 @@ class _Usual:
 
     __slots__ = ("baseline", "count", "ended", "fires_at", "number")
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: float) -> None:
         self.number = number
         self.count = 0
         #: Windows of the client's that have ended (counted up to 2: all that matters).
@@ -155,7 +155,7 @@ class _Traffic:
         Unlocked, two threads' additions can lose one (harmless for a heuristic);
         the window's start and its firing are under the lock, so no window fires twice.
         """
-        number = int(now // self.window)
+        number = now // self.window  # a float: int() would cost every request a call
         usual = self.seen.get(subject)
         if usual is None or usual.number != number:
             with self.lock:
@@ -169,7 +169,7 @@ class _Traffic:
             usual.fires_at = math.inf  # once per window
             return usual.count, usual.baseline
 
-    def _window(self, subject: str, number: int) -> _Usual:
+    def _window(self, subject: str, number: float) -> _Usual:
         """``subject``'s traffic in window ``number``, started if it is new. Under the lock."""
         seen = self.seen
         usual = seen.get(subject)
@@ -182,7 +182,7 @@ class _Traffic:
             seen.move_to_end(subject)
         return usual
 
-    def _roll(self, usual: _Usual, number: int) -> None:
+    def _roll(self, usual: _Usual, number: float) -> None:
         """A new window: the one that ended becomes part of the baseline."""
         if usual.ended == 1:
             usual.baseline = float(usual.count)
