@@ -32,6 +32,7 @@ from .errors import (
     InvalidRequest,
     InvalidSignature,
     InvalidToken,
+    KeyEnded,
     MissingCredentials,
     QuotaExceeded,
     RateLimited,
@@ -1212,7 +1213,9 @@ class Engine:
         client = verified.client
         record = state.record
         if record is None or state.dead_at <= time():
-            raise InvalidToken(_key_ended(record))
+            if record is None:
+                raise InvalidToken(_key_ended(record))
+            raise KeyEnded(_key_ended(record), client)
         if record.client_id != client.client_id:
             raise InvalidToken("the token's client is not the client of its API key")
         dead_at, ended = verified.dead_at, None
@@ -1280,9 +1283,11 @@ class Engine:
         record = entry.record
         if entry.dead_at <= time():
             if record is None:
-                raise InvalidToken(entry.ended or "the token has expired")
+                if entry.ended is not None:
+                    raise KeyEnded(entry.ended)
+                raise InvalidToken("the token has expired")
             reason = "was revoked" if record.revoked_at is not None else "has expired"
-            raise InvalidToken(f"the API key {reason}")
+            raise KeyEnded(f"the API key {reason}")
         networks = entry.networks
         if networks is not None and not address_in(address, networks):
             raise AddressNotAllowed("this key may not be used from this address")
@@ -1373,6 +1378,9 @@ class Engine:
         """The answer to an AuthError: naming the client when its credential held
         (scopes, limits, uses, addresses), and, for telemetry only, the known
         client of a credential that did not (a revoked or expired key)."""
+        if isinstance(error, KeyEnded):
+            tried = error.client or (entry.client if entry is not None else None)
+            return replace(self._deny(error), tried=tried, key_ended=True)
         if entry is None:
             return self._deny(error)
         if error.status != 401:

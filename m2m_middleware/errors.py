@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .redaction import redact
+
+if TYPE_CHECKING:
+    from .client import Client
 
 
 class M2MError(Exception):
@@ -78,6 +83,17 @@ class InvalidToken(AuthError):
     status = 401
     error = "invalid_token"
     title = "Invalid credentials"
+
+
+class KeyEnded(InvalidToken):
+    """A revoked or expired API key, or a token issued from one: answered as any
+    other invalid token; the class only lets the alerts tell a dead key still in
+    use from a guess (``Denied.key_ended``). ``client`` is the key's, when the
+    refusal has no cached entry to name it."""
+
+    def __init__(self, detail: str, client: Client | None = None) -> None:
+        super().__init__(detail)
+        self.client = client
 
 
 class InvalidSignature(AuthError):

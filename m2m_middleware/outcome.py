@@ -60,6 +60,8 @@ class Denied:
     #: True when the refused request carried a credential over plain HTTP
     #: (``require_https``): the audit says so, so operators know to rotate it.
     credential_in_clear: bool = False
+    #: True when ``tried``'s API key is revoked or expired (the ``ended_keys`` alert).
+    key_ended: bool = False
 
     allowed = False
 

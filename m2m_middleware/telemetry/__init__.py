@@ -103,19 +103,22 @@ class Telemetry:
 
             alert = replace(alert, fired_at=datetime.fromtimestamp(self._clock(), timezone.utc))
         subject = log_safe(alert.subject)
+        # The detail is the line's free text after the fields: it must stay on one
+        # line, and its spaces may stay spaces (each word escaped as a field would be).
+        detail = " ".join(log_safe(word) for word in alert.detail.split(" "))
         alerts_logger.warning(
             "alert %s subject=%s count=%d window=%ds: %s",
             alert.kind,
             subject,
             alert.count,
             alert.window_seconds,
-            log_safe(alert.detail),
+            detail,
             extra={
                 "m2m_alert": alert.kind,
                 "m2m_subject": subject,
                 "m2m_count": alert.count,
                 "m2m_window_seconds": alert.window_seconds,
-                "m2m_detail": log_safe(alert.detail),
+                "m2m_detail": detail,
             },
         )
         for callback in self._callbacks:
