@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from typing import TypeVar
 
 from django.db import IntegrityError, connections, transaction
 from django.db.models import F, QuerySet
@@ -34,6 +35,7 @@ from .tables import (
 )
 
 _COUNTS = ("allowed", "denied", "rate_limited", "units")
+T = TypeVar("T")
 
 
 def _aware(table: str) -> Callable[[object], datetime]:
@@ -51,6 +53,16 @@ def _aware(table: str) -> Callable[[object], datetime]:
 _USAGE = UsageCount._meta.db_table
 _usage_time = _aware(_USAGE)
 _alert_time = _aware(AlertRecord._meta.db_table)
+
+
+def _read(table: str, query: Callable[[], list[T]]) -> list[T]:
+    """``query()``, a value Django cannot convert (a text in a time column on SQLite,
+    ``'infinity'`` on PostgreSQL) made a KeyStoreError naming the table. Inside the
+    store's ``_db()``, which would call a DataError an error of the store."""
+    try:
+        return query()
+    except _UNCONVERTIBLE:
+        raise bad_row(table, "a column holds what Django cannot read") from None
 
 
 class DjangoUsageTable:
@@ -138,11 +150,11 @@ class DjangoUsageTable:
             found = found.filter(period_start__lt=_to_db(upper_bound(until, granularity)))
         # Summed in Python: truncating to days and months in UTC is per vendor
         # (and with USE_TZ = False the column is local time).
-        try:
-            with self._db():
-                values = list(found.values_list("client_id", "key_id", "period_start", *_COUNTS))
-        except _UNCONVERTIBLE:
-            raise bad_row(UsageCount._meta.db_table, "a column Django cannot read") from None
+        with self._db():
+            values = _read(
+                _USAGE,
+                lambda: list(found.values_list("client_id", "key_id", "period_start", *_COUNTS)),
+            )
         table = UsageCount._meta.db_table
         read = [
             usage_row(client, key, _usage_time(start), counts, table=table)
@@ -159,14 +171,16 @@ class DjangoUsageTable:
                 # SQLite: a write first takes the database's write lock for the
                 # whole transaction (a read first could not be upgraded).
                 old.update(allowed=F("allowed"))
-            try:
-                moved = list(old.values_list("id", "client_id", "key_id", "period_start", *_COUNTS))
-                picked = [
-                    usage_row(client, key, _usage_time(start), counts, table=_USAGE)
-                    for _, client, key, start, *counts in moved
-                ]
-            except _UNCONVERTIBLE:
-                raise bad_row(UsageCount._meta.db_table, "a column Django cannot read") from None
+            moved = _read(
+                _USAGE,
+                lambda: list(
+                    old.values_list("id", "client_id", "key_id", "period_start", *_COUNTS)
+                ),
+            )
+            picked = [
+                usage_row(client, key, _usage_time(start), counts, table=_USAGE)
+                for _, client, key, start, *counts in moved
+            ]
             for row in summed(picked, "day"):
                 self._add_into("day", row)
             # By id: exactly the rows added into days, none flushed in meanwhile.
@@ -203,15 +217,12 @@ class DjangoUsageTable:
         found = self._alerts().order_by("-fired_at", "-id")
         if since is not None:
             found = found.filter(fired_at__gte=_to_db(since))
-        try:
-            with self._db():
-                values = list(
-                    found.values_list(
-                        "fired_at", "kind", "subject", "count", "window_seconds", "detail"
-                    )[: max(limit, 0)]
-                )
-        except _UNCONVERTIBLE:
-            raise bad_row(AlertRecord._meta.db_table, "a column Django cannot read") from None
+        columns = ("fired_at", "kind", "subject", "count", "window_seconds", "detail")
+        with self._db():
+            values = _read(
+                AlertRecord._meta.db_table,
+                lambda: list(found.values_list(*columns)[: max(limit, 0)]),
+            )
         return [
             alert_of(row, times=_alert_time, table=AlertRecord._meta.db_table) for row in values
         ]
