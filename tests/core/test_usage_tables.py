@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from contextlib import closing
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -444,3 +446,86 @@ def test_the_sqlite_table_holds_no_secret(tmp_path: Path) -> None:
     store.close()
     assert "m2m_usage" in dumped
     assert issued.key not in dumped and issued.key[4:-6] not in dumped
+
+
+# -- PostgreSQL: an additive write is tried again only when it cannot have committed ----
+
+
+def _kill_connections(base_url: str, app: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            (app,),
+        )
+        deadline = time.monotonic() + 10
+        while admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "terminated backends did not exit"
+            time.sleep(0.01)
+
+
+@pytest.mark.postgres
+def test_a_flush_on_a_killed_connection_is_tried_again_and_counted_once(
+    postgres_url: str, postgres_base_url: str
+) -> None:
+    import servers
+
+    app = servers.unique("m2m_usage")
+    sep = "&" if "?" in postgres_url else "?"
+    store = open_key_store(f"{postgres_url}{sep}application_name={app}")
+    try:
+        table = usage_table_for(store)
+        table.add([row(allowed=1)])
+        _kill_connections(postgres_base_url, app)  # a failover between two flushes
+        table.add([row(allowed=1)])  # refused before BEGIN was sent: nothing ran
+        assert [r.allowed for r in store.usage()] == [2]
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_flush_whose_commit_is_unknown_is_reported_not_repeated(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    store = open_key_store(postgres_url)
+    table = usage_table_for(store)
+    table.add([row(allowed=1)])
+    commits: list[int] = []
+
+    class LostAtCommit:
+        """A connection that commits, then loses the answer (the server went away)."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+        @contextmanager
+        def transaction(self) -> Iterator[Any]:
+            with self._conn.transaction() as tx:
+                yield tx
+            commits.append(1)
+            self._conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    real_run = store._run  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        store,
+        "_run",
+        lambda work, retry=False: real_run(lambda c: work(LostAtCommit(c)), retry=retry),
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            table.add([row(allowed=1)])
+        assert commits == [1]  # not tried a second time on a fresh connection
+        monkeypatch.undo()
+        assert [r.allowed for r in store.usage()] == [2]  # applied once, as committed
+    finally:
+        store.close()
