@@ -487,45 +487,61 @@ def test_a_flush_on_a_killed_connection_is_tried_again_and_counted_once(
         store.close()
 
 
-@pytest.mark.postgres
-def test_a_flush_whose_commit_is_unknown_is_reported_not_repeated(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import psycopg
+class LostAtCommit:
+    """A connection whose COMMIT answer is lost (the server went away): it
+    committed (``commits``) or it did not (``rolls_back``)."""
 
+    def __init__(self, conn: Any, *, rolls_back: bool, commits: list[int]) -> None:
+        self._conn = conn
+        self._rolls_back = rolls_back
+        self._commits = commits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        import psycopg
+
+        with self._conn.transaction() as tx:
+            yield tx
+            if self._rolls_back:
+                raise psycopg.Rollback()
+        self._commits.append(0 if self._rolls_back else 1)
+        self._conn.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("rolls_back", [False, True], ids=["committed", "rolled_back"])
+def test_a_flush_whose_commit_answer_is_lost_is_never_repeated(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, rolls_back: bool
+) -> None:
     store = open_key_store(postgres_url)
     table = usage_table_for(store)
     table.add([row(allowed=1)])
     commits: list[int] = []
-
-    class LostAtCommit:
-        """A connection that commits, then loses the answer (the server went away)."""
-
-        def __init__(self, conn: Any) -> None:
-            self._conn = conn
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._conn, name)
-
-        @contextmanager
-        def transaction(self) -> Iterator[Any]:
-            with self._conn.transaction() as tx:
-                yield tx
-            commits.append(1)
-            self._conn.close()
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-
     real_run = store._run  # type: ignore[attr-defined]
-    monkeypatch.setattr(
-        store,
-        "_run",
-        lambda work, retry=False: real_run(lambda c: work(LostAtCommit(c)), retry=retry),
-    )
+    calls = iter([True])  # only the flush's own transaction loses its answer
+
+    def run(work: Any, retry: bool = False) -> Any:
+        if next(calls, False):
+            return real_run(
+                lambda c: work(LostAtCommit(c, rolls_back=rolls_back, commits=commits)),
+                retry=retry,
+            )
+        return real_run(work, retry=retry)
+
+    monkeypatch.setattr(store, "_run", run)
     try:
-        with pytest.raises(StoreUnavailable):
-            table.add([row(allowed=1)])
-        assert commits == [1]  # not tried a second time on a fresh connection
-        monkeypatch.undo()
-        assert [r.allowed for r in store.usage()] == [2]  # applied once, as committed
+        if rolls_back:
+            # Not applied: the store's error, and the counter keeps the counts
+            # for its next flush, which adds them once.
+            with pytest.raises(StoreUnavailable):
+                table.add([row(allowed=1)])
+        else:
+            table.add([row(allowed=1)])  # applied: asked, and found committed
+        assert len(commits) == 1  # never tried a second time
+        assert [r.allowed for r in store.usage()] == [1 if rolls_back else 2]
     finally:
         store.close()
