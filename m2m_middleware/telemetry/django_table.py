@@ -8,13 +8,21 @@ hour at once would lose one's counts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import TypeVar
 
-from django.db import IntegrityError, connections, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -24,6 +32,7 @@ from ..errors import KeyStoreError
 from ..stores.base import utcnow
 from .records import Alert, UsageRow
 from .tables import (
+    _STATUS_TRIES,
     ALERTS_KEPT,
     _hours,
     alert_of,
@@ -92,6 +101,50 @@ class DjangoUsageTable:
                     raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
             raise
 
+    @contextmanager
+    def _once(self) -> Iterator[None]:
+        """``transaction.atomic()``, applied once or not at all as far as can be known.
+
+        The usage counter adds what a failed write held to its next one, so a
+        write that committed but reported an error (the answer to COMMIT lost
+        with the connection) would count twice. PostgreSQL can say what became
+        of the transaction (``txid_status``, as the psycopg table asks); other
+        databases are local files (SQLite) or say nothing, and their error stands.
+        """
+        connection = connections[self._using]
+        outermost = not connection.in_atomic_block  # else the caller's COMMIT decides
+        txid: int | None = None
+        committing = False
+        try:
+            with transaction.atomic(using=self._using):
+                if outermost and connection.vendor == "postgresql":
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT txid_current()")
+                        (txid,) = cursor.fetchone()
+                yield
+                committing = True
+        except (OperationalError, InterfaceError):
+            if committing and txid is not None and self._committed(txid):
+                return
+            raise
+
+    def _committed(self, txid: int) -> bool:
+        """Whether transaction ``txid`` committed; False when it did not or cannot be told."""
+        self._store._drop_broken_connection()  # so the question goes on a fresh one
+        for _ in range(_STATUS_TRIES):
+            try:
+                with connections[self._using].cursor() as cursor:
+                    cursor.execute("SELECT txid_status(%s)", [txid])
+                    found = cursor.fetchone()
+            except DatabaseError:
+                self._store._drop_broken_connection()
+                return False  # the database is gone again: the error stands
+            status = None if found is None else found[0]
+            if status != "in progress":  # else its backend is still ending it: ask again
+                return bool(status == "committed")
+            time.sleep(0.05)
+        return False
+
     def _add_into(self, span: str, row: UsageRow) -> None:
         """Add ``row``'s counts to its row of ``span``, made if missing (inside a transaction).
 
@@ -126,7 +179,7 @@ class DjangoUsageTable:
         hours = _hours(rows)  # sorted: processes take the rows' locks in one order
         if not hours:
             return
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             for row in hours:
                 self._add_into("hour", row)
 
@@ -163,7 +216,7 @@ class DjangoUsageTable:
         return summed(read, granularity)
 
     def roll_up(self, before: datetime) -> None:
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             old = self._usage().filter(span="hour", period_start__lt=_to_db(before))
             if connections[self._using].features.has_select_for_update:
                 old = old.select_for_update()  # a second roll-up waits, then finds them gone
@@ -189,7 +242,7 @@ class DjangoUsageTable:
     def add_alerts(self, alerts: Sequence[Alert]) -> None:
         if not alerts:
             return
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             self._alerts().bulk_create(
                 [
                     AlertRecord(

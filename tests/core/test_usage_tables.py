@@ -545,3 +545,35 @@ def test_a_flush_whose_commit_answer_is_lost_is_never_repeated(
         assert [r.allowed for r in store.usage()] == [1 if rolls_back else 2]
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("rolls_back", [False, True], ids=["committed", "rolled_back"])
+def test_a_django_flush_whose_commit_answer_is_lost_is_never_repeated(
+    django_postgres_key_store: Any, monkeypatch: pytest.MonkeyPatch, rolls_back: bool
+) -> None:
+    from django.db import OperationalError, connections
+
+    store = django_postgres_key_store
+    table = usage_table_for(store)
+    table.add([row(allowed=1)])
+    connection = connections[store.using]
+    commits: list[int] = []
+
+    def lost() -> None:
+        if rolls_back:
+            connection._rollback()
+        else:
+            connection._commit()
+        commits.append(1)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connection, "commit", lost)
+    if rolls_back:
+        with pytest.raises(StoreUnavailable):
+            table.add([row(allowed=1)])
+    else:
+        table.add([row(allowed=1)])  # applied: asked, and found committed
+    monkeypatch.undo()
+    assert commits == [1]
+    assert [r.allowed for r in store.usage()] == [1 if rolls_back else 2]
