@@ -96,9 +96,11 @@ class DjangoUsageTable:
                 yield
         except KeyStoreError as exc:
             text = str(exc)
-            for table in (UsageCount._meta.db_table, AlertRecord._meta.db_table):
-                if table in text and "migrate" not in text:
-                    raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
+            # SQLite: "no such table", PostgreSQL: "does not exist", MySQL: "doesn't exist".
+            missing = any(m in text for m in ("no such table", "does not exist", "doesn't exist"))
+            named = any(t in text for t in (UsageCount._meta.db_table, AlertRecord._meta.db_table))
+            if missing and named and "migrate" not in text:
+                raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
             raise
 
     @contextmanager
