@@ -433,6 +433,19 @@ def test_every_call_shares_one_table_per_store(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_store_with_a_usage_table_is_still_freed(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    usage_table_for(store).add([row(allowed=1)])
+    store.close()
+    dropped = weakref.ref(store)
+    del store
+    gc.collect()
+    assert dropped() is None  # the tables kept per store do not keep their store
+
+
 def test_the_sqlite_table_holds_no_secret(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     store = open_key_store(sqlite_url(path))
