@@ -257,7 +257,14 @@ def _django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     from django.db import connections
 
     from m2m_middleware import open_key_store
-    from m2m_middleware.django.models import APIKey, KeyChange, SigningKey, StoreMeta
+    from m2m_middleware.django.models import (
+        AlertRecord,
+        APIKey,
+        KeyChange,
+        SigningKey,
+        StoreMeta,
+        UsageCount,
+    )
 
     alias = "m2m_postgres"
     parts = urlsplit(postgres_url)
@@ -275,7 +282,7 @@ def _django_postgres_key_store(postgres_url: str) -> Iterator[Any]:
     )[alias]
     try:
         with connections[alias].schema_editor() as editor:
-            for model in (APIKey, KeyChange, StoreMeta, SigningKey):
+            for model in (APIKey, KeyChange, StoreMeta, SigningKey, UsageCount, AlertRecord):
                 editor.create_model(model)
         store = open_key_store(f"django://{alias}")
         yield store

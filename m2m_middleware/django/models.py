@@ -193,3 +193,66 @@ class SigningKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kid} ({self.algorithm})"
+
+
+class UsageCount(models.Model):
+    """Requests of one client with one key in one hour or day (``m2m_middleware.telemetry``).
+
+    Written only by additive updates (``F() + n``) from every process's usage
+    flush, so several processes sum exactly. ``key_id`` is empty for a token
+    from an outside identity provider. Read through ``store.usage()``.
+    """
+
+    client_id: models.CharField[str, str] = models.CharField("client id", max_length=255)
+    key_id: models.CharField[str, str] = models.CharField(
+        "key id", max_length=64, blank=True, default=""
+    )
+    span: models.CharField[str, str] = models.CharField(
+        "span", max_length=4, choices=[("hour", "hour"), ("day", "day")]
+    )
+    period_start: models.DateTimeField[datetime, datetime] = models.DateTimeField(
+        "period start", db_index=True
+    )
+    allowed: models.BigIntegerField[int, int] = models.BigIntegerField("allowed", default=0)
+    denied: models.BigIntegerField[int, int] = models.BigIntegerField("denied", default=0)
+    rate_limited: models.BigIntegerField[int, int] = models.BigIntegerField(
+        "rate limited", default=0
+    )
+    units: models.BigIntegerField[int, int] = models.BigIntegerField("cost units", default=0)
+
+    class Meta:
+        verbose_name = "usage count"
+        verbose_name_plural = "usage counts"
+        constraints = (
+            models.UniqueConstraint(
+                fields=["client_id", "key_id", "span", "period_start"],
+                name="m2m_usage_one_row_per_period",
+            ),
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.client_id} {self.key_id or '-'} {self.span} {self.period_start:%Y-%m-%d %H:%M}"
+        )
+
+
+class AlertRecord(models.Model):
+    """An alert the engines fired, kept for the dashboard (at most ``ALERTS_KEPT``)."""
+
+    id: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
+
+    fired_at: models.DateTimeField[datetime, datetime] = models.DateTimeField(
+        "fired at", db_index=True
+    )
+    kind: models.CharField[str, str] = models.CharField("kind", max_length=64)
+    subject: models.CharField[str, str] = models.CharField("subject", max_length=255)
+    count: models.BigIntegerField[int, int] = models.BigIntegerField("count")
+    window_seconds: models.BigIntegerField[int, int] = models.BigIntegerField("window (seconds)")
+    detail: models.TextField[str, str] = models.TextField("detail")
+
+    class Meta:
+        verbose_name = "alert"
+        verbose_name_plural = "alerts"
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.subject}"
