@@ -29,7 +29,7 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -744,6 +744,19 @@ def add_usage_arguments(
     )
     parser.add_argument("--store", metavar="URL", help=store_help)
     parser.set_defaults(handler=cmd_usage)
+
+
+def usage_with_options(options: Mapping[str, Any], *, prog: str, store: KeyStore | str) -> int:
+    """``m2m usage`` with options another parser read (``manage.py m2m_usage``, whose
+    parser is Django's): the names of :func:`add_usage_arguments`, missing ones default."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_usage_arguments(parser)
+    args = parser.parse_args([])
+    for name in ("client", "key", "since", "until", "by", "per", "json", "csv", "store"):
+        if options.get(name) is not None:
+            setattr(args, name, options[name])
+    args.app_store, args.prog = store, prog
+    return _guarded(prog, lambda: _run_keys_command(args, cmd_usage))
 
 
 def usage_main(argv: Sequence[str], *, prog: str, store: KeyStore | str) -> int:

@@ -7,13 +7,12 @@ defaulting to ``settings.M2M_AUTH["key_store"]``.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ....cli import usage_main
+from ....cli import add_usage_arguments, usage_with_options
 from ....errors import ConfigError
 from ....settings import Settings
 from ....stores import open_key_store
@@ -22,16 +21,13 @@ from ....stores import open_key_store
 class Command(BaseCommand):
     help = (
         "Requests counted per client, key and period in the key store of settings.M2M_AUTH: "
-        "the same options as `m2m usage` (try `m2m_usage --help`)."
+        "the same options and output as `m2m usage`."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "args",
-            nargs=argparse.REMAINDER,
-            metavar="OPTION ...",
-            help="--client, --key, --since, --until, --by, --per, --json or --csv",
-        )
+        # On Django's own parser, so --help lists them beside Django's options and
+        # call_command("m2m_usage", by="month", csv=True) works.
+        add_usage_arguments(parser, store_help="key-store URL (default: M2M_AUTH's key_store)")
 
     def handle(self, *args: str, **options: Any) -> None:
         try:
@@ -40,10 +36,10 @@ class Command(BaseCommand):
         except ConfigError as exc:
             raise CommandError(f"M2M_AUTH is invalid: {exc}", returncode=2) from None
         try:
-            code = usage_main(args, prog="manage.py m2m_usage", store=store)
+            code = usage_with_options(options, prog="manage.py m2m_usage", store=store)
         finally:
             if store is not config.key_store:  # opened here: close it again
                 store.close()
         if code:
-            # usage_main has already said what went wrong, on stderr.
+            # usage_with_options has already said what went wrong, on stderr.
             raise SystemExit(code)
