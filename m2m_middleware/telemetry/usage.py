@@ -130,13 +130,16 @@ class UsageCounter:
                     for (client_id, key_id, hour), counts in pending.items()
                     if any(counts)
                 ]
-                try:
-                    if rows:
+                if rows:
+                    try:
                         self.table.add(rows)
-                except BaseException:
-                    self._keep(pending)
-                    raise
-            self._roll_up()
+                    except BaseException:
+                        self._keep(pending)
+                        raise
+                    # Only after a write: a process that counted nothing (a
+                    # command, a worker that served nothing) touches no table,
+                    # not even at exit.
+                    self._roll_up()
 
     def _keep(self, pending: dict[_Bucket, list[int]]) -> None:
         with self._lock:

@@ -587,3 +587,17 @@ def test_old_hours_are_rolled_into_days_after_the_retention(
         (HOUR + timedelta(days=3), 1),
     ]
     assert [r.allowed for r in store.usage(granularity="month")] == [2]
+
+
+def test_a_flush_with_nothing_counted_touches_no_table(
+    store: KeyStore, clock: WallClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_for(store, clock)
+    assert engine.telemetry is not None and engine.telemetry.usage is not None
+    table = engine.telemetry.usage.table
+    touched: list[str] = []
+    for name in ("add", "roll_up", "add_alerts"):
+        monkeypatch.setattr(table, name, lambda *a, _n=name, **k: touched.append(_n))
+    engine.flush()
+    usage_module._flush_at_exit()  # what the process does as it ends
+    assert touched == []
