@@ -241,6 +241,14 @@ def flush_due(now: float) -> None:
 _live: weakref.WeakSet[UsageCounter] = weakref.WeakSet()
 
 
+def close_counters_of(store: KeyStore) -> None:
+    """``store`` is closing: its counters write what they hold now, and nothing after
+    (a store is not used once closed; at exit its file may be gone, as the demo's is)."""
+    for counter in list(_live):
+        if counter.store is store and not counter._closed:
+            counter.close()
+
+
 def _flush_at_exit() -> None:
     for counter in list(_live):
         if not counter._closed:

@@ -601,3 +601,26 @@ def test_a_flush_with_nothing_counted_touches_no_table(
     engine.flush()
     usage_module._flush_at_exit()  # what the process does as it ends
     assert touched == []
+
+
+def test_closing_the_store_writes_its_counts_and_then_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = sqlite_url(tmp_path / "closing.db")
+    store = open_key_store(url)
+    issued = store.create_key("acme")
+    engine = Engine(Settings(key_store=store, rate_limit_storage="memory://"))
+    admitted = get(engine, issued.key)
+    assert admitted.client is not None
+    assert engine.telemetry is not None and engine.telemetry.usage is not None
+    counter = engine.telemetry.usage
+    table = counter.table
+    store.close()  # the engine is left open, as an app's shutdown may leave it
+    reader = open_key_store(url)
+    assert [r.allowed for r in reader.usage()] == [1]
+    reader.close()
+    touched: list[str] = []
+    monkeypatch.setattr(table, "add", lambda rows: touched.append("add"))
+    counter.count(admitted.client, usage_module.ALLOWED)  # a request still in flight
+    usage_module._flush_at_exit()  # a store closed is not written to again (its file may be gone)
+    assert touched == []
