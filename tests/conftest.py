@@ -170,12 +170,14 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup: None, django_db_blocker: DjangoDbBlocker) -> Iterator[None]:
     """pytest-django's test databases, and before they go, what a process exit
-    would write back (last_used_at of stores the tests left open), written
-    while the test database still exists."""
+    would write back (last_used_at and usage counts of stores and engines the
+    tests left open), written while the test database still exists."""
     yield
     from m2m_middleware.stores.base import _flush_at_exit
+    from m2m_middleware.telemetry.usage import _flush_at_exit as _flush_usage_at_exit
 
     with django_db_blocker.unblock():
+        _flush_usage_at_exit()  # the usage counts of engines the tests left open
         _flush_at_exit()
 
 

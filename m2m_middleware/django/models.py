@@ -203,6 +203,9 @@ class UsageCount(models.Model):
     from an outside identity provider. Read through ``store.usage()``.
     """
 
+    # Big and explicit: an hour per client and key adds up, and a project's
+    # DEFAULT_AUTO_FIELD must not ask for a migration of its own.
+    id: models.BigAutoField[int, int] = models.BigAutoField(primary_key=True)
     client_id: models.CharField[str, str] = models.CharField("client id", max_length=255)
     key_id: models.CharField[str, str] = models.CharField(
         "key id", max_length=64, blank=True, default=""

@@ -8,12 +8,21 @@ hour at once would lose one's counts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from typing import TypeVar
 
-from django.db import IntegrityError, connections, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -23,6 +32,7 @@ from ..errors import KeyStoreError
 from ..stores.base import utcnow
 from .records import Alert, UsageRow
 from .tables import (
+    _STATUS_TRIES,
     ALERTS_KEPT,
     _hours,
     alert_of,
@@ -34,6 +44,7 @@ from .tables import (
 )
 
 _COUNTS = ("allowed", "denied", "rate_limited", "units")
+T = TypeVar("T")
 
 
 def _aware(table: str) -> Callable[[object], datetime]:
@@ -51,6 +62,16 @@ def _aware(table: str) -> Callable[[object], datetime]:
 _USAGE = UsageCount._meta.db_table
 _usage_time = _aware(_USAGE)
 _alert_time = _aware(AlertRecord._meta.db_table)
+
+
+def _read(table: str, query: Callable[[], list[T]]) -> list[T]:
+    """``query()``, a value Django cannot convert (a text in a time column on SQLite,
+    ``'infinity'`` on PostgreSQL) made a KeyStoreError naming the table. Inside the
+    store's ``_db()``, which would call a DataError an error of the store."""
+    try:
+        return query()
+    except _UNCONVERTIBLE:
+        raise bad_row(table, "a column holds what Django cannot read") from None
 
 
 class DjangoUsageTable:
@@ -79,6 +100,50 @@ class DjangoUsageTable:
                 if table in text and "migrate" not in text:
                     raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
             raise
+
+    @contextmanager
+    def _once(self) -> Iterator[None]:
+        """``transaction.atomic()``, applied once or not at all as far as can be known.
+
+        The usage counter adds what a failed write held to its next one, so a
+        write that committed but reported an error (the answer to COMMIT lost
+        with the connection) would count twice. PostgreSQL can say what became
+        of the transaction (``txid_status``, as the psycopg table asks); other
+        databases are local files (SQLite) or say nothing, and their error stands.
+        """
+        connection = connections[self._using]
+        outermost = not connection.in_atomic_block  # else the caller's COMMIT decides
+        txid: int | None = None
+        committing = False
+        try:
+            with transaction.atomic(using=self._using):
+                if outermost and connection.vendor == "postgresql":
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT txid_current()")
+                        (txid,) = cursor.fetchone()
+                yield
+                committing = True
+        except (OperationalError, InterfaceError):
+            if committing and txid is not None and self._committed(txid):
+                return
+            raise
+
+    def _committed(self, txid: int) -> bool:
+        """Whether transaction ``txid`` committed; False when it did not or cannot be told."""
+        self._store._drop_broken_connection()  # so the question goes on a fresh one
+        for _ in range(_STATUS_TRIES):
+            try:
+                with connections[self._using].cursor() as cursor:
+                    cursor.execute("SELECT txid_status(%s)", [txid])
+                    found = cursor.fetchone()
+            except DatabaseError:
+                self._store._drop_broken_connection()
+                return False  # the database is gone again: the error stands
+            status = None if found is None else found[0]
+            if status != "in progress":  # else its backend is still ending it: ask again
+                return bool(status == "committed")
+            time.sleep(0.05)
+        return False
 
     def _add_into(self, span: str, row: UsageRow) -> None:
         """Add ``row``'s counts to its row of ``span``, made if missing (inside a transaction).
@@ -114,7 +179,7 @@ class DjangoUsageTable:
         hours = _hours(rows)  # sorted: processes take the rows' locks in one order
         if not hours:
             return
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             for row in hours:
                 self._add_into("hour", row)
 
@@ -138,11 +203,11 @@ class DjangoUsageTable:
             found = found.filter(period_start__lt=_to_db(upper_bound(until, granularity)))
         # Summed in Python: truncating to days and months in UTC is per vendor
         # (and with USE_TZ = False the column is local time).
-        try:
-            with self._db():
-                values = list(found.values_list("client_id", "key_id", "period_start", *_COUNTS))
-        except _UNCONVERTIBLE:
-            raise bad_row(UsageCount._meta.db_table, "a column Django cannot read") from None
+        with self._db():
+            values = _read(
+                _USAGE,
+                lambda: list(found.values_list("client_id", "key_id", "period_start", *_COUNTS)),
+            )
         table = UsageCount._meta.db_table
         read = [
             usage_row(client, key, _usage_time(start), counts, table=table)
@@ -151,7 +216,7 @@ class DjangoUsageTable:
         return summed(read, granularity)
 
     def roll_up(self, before: datetime) -> None:
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             old = self._usage().filter(span="hour", period_start__lt=_to_db(before))
             if connections[self._using].features.has_select_for_update:
                 old = old.select_for_update()  # a second roll-up waits, then finds them gone
@@ -159,14 +224,16 @@ class DjangoUsageTable:
                 # SQLite: a write first takes the database's write lock for the
                 # whole transaction (a read first could not be upgraded).
                 old.update(allowed=F("allowed"))
-            try:
-                moved = list(old.values_list("id", "client_id", "key_id", "period_start", *_COUNTS))
-                picked = [
-                    usage_row(client, key, _usage_time(start), counts, table=_USAGE)
-                    for _, client, key, start, *counts in moved
-                ]
-            except _UNCONVERTIBLE:
-                raise bad_row(UsageCount._meta.db_table, "a column Django cannot read") from None
+            moved = _read(
+                _USAGE,
+                lambda: list(
+                    old.values_list("id", "client_id", "key_id", "period_start", *_COUNTS)
+                ),
+            )
+            picked = [
+                usage_row(client, key, _usage_time(start), counts, table=_USAGE)
+                for _, client, key, start, *counts in moved
+            ]
             for row in summed(picked, "day"):
                 self._add_into("day", row)
             # By id: exactly the rows added into days, none flushed in meanwhile.
@@ -175,7 +242,7 @@ class DjangoUsageTable:
     def add_alerts(self, alerts: Sequence[Alert]) -> None:
         if not alerts:
             return
-        with self._db(), transaction.atomic(using=self._using):
+        with self._db(), self._once():
             self._alerts().bulk_create(
                 [
                     AlertRecord(
@@ -203,15 +270,12 @@ class DjangoUsageTable:
         found = self._alerts().order_by("-fired_at", "-id")
         if since is not None:
             found = found.filter(fired_at__gte=_to_db(since))
-        try:
-            with self._db():
-                values = list(
-                    found.values_list(
-                        "fired_at", "kind", "subject", "count", "window_seconds", "detail"
-                    )[: max(limit, 0)]
-                )
-        except _UNCONVERTIBLE:
-            raise bad_row(AlertRecord._meta.db_table, "a column Django cannot read") from None
+        columns = ("fired_at", "kind", "subject", "count", "window_seconds", "detail")
+        with self._db():
+            values = _read(
+                AlertRecord._meta.db_table,
+                lambda: list(found.values_list(*columns)[: max(limit, 0)]),
+            )
         return [
             alert_of(row, times=_alert_time, table=AlertRecord._meta.db_table) for row in values
         ]

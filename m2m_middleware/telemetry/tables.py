@@ -444,11 +444,17 @@ class SQLiteUsageTable:
 
 
 class _MaybeApplied(Exception):
-    """A PostgreSQL error met at COMMIT: whether the write was applied is unknown."""
+    """A PostgreSQL error met at COMMIT: whether transaction ``txid`` committed is unknown."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, txid: int) -> None:
         super().__init__(str(error))
         self.error = error
+        self.txid = txid
+
+
+#: How long a write whose COMMIT answer was lost is looked up (its backend may
+#: still be finishing it), in tries 50 ms apart.
+_STATUS_TRIES = 40
 
 
 class PostgresUsageTable:
@@ -499,25 +505,29 @@ class PostgresUsageTable:
             self._ready = True
 
     def _write_once(self, work: Callable[[Any], None]) -> None:
-        """``work(conn)`` in one transaction, tried again only when it provably did
-        not commit: an additive write applied twice would count twice.
+        """``work(conn)`` in one transaction, applied once or not at all, as far as
+        can be known: an additive write applied twice would count twice, and the
+        usage counter adds what a failed write held to its next one.
 
-        A connection found dead before COMMIT rolled the transaction back (the
-        server never commits what it was not told to), so a fresh connection
-        may try again; an error at COMMIT itself leaves it unknown, and that is
-        reported, never repeated.
+        A connection found dead before COMMIT was sent rolled the transaction
+        back, so a fresh connection may try again (``_run``'s retry). When the
+        answer to COMMIT itself is lost, PostgreSQL's ``txid_status`` tells
+        whether it committed (the function exists for exactly this): committed
+        is success; aborted, or not to be found out, is the store's error.
         """
         import psycopg
 
         def run(conn: Any) -> None:
             committing = False
+            txid = 0
             try:
                 with conn.transaction():
+                    (txid,) = conn.execute("SELECT txid_current()").fetchone()
                     work(conn)
                     committing = True
             except psycopg.Error as exc:
                 if committing:
-                    raise _MaybeApplied(exc) from exc
+                    raise _MaybeApplied(exc, txid) from exc
                 raise
 
         try:
@@ -525,7 +535,27 @@ class PostgresUsageTable:
         except _MaybeApplied as unknown:
             error = unknown.error
             assert isinstance(error, psycopg.Error)  # only ever made from one
+            if self._committed(unknown.txid):
+                return
             raise self._store._translate(error) from error
+
+    def _committed(self, txid: int) -> bool:
+        """Whether transaction ``txid`` committed; False when it did not or cannot be told."""
+        import time
+
+        def status(conn: Any) -> object:
+            found = conn.execute("SELECT txid_status(%s)", (txid,)).fetchone()
+            return None if found is None else found[0]
+
+        for _ in range(_STATUS_TRIES):
+            try:
+                found = self._store._run(status, retry=True)
+            except KeyStoreError:
+                return False  # the database is gone again: the error stands
+            if found != "in progress":  # else its backend is still ending it: ask again
+                return found == "committed"
+            time.sleep(0.05)
+        return False
 
     def add(self, rows: Sequence[UsageRow]) -> None:
         self._prepare()

@@ -26,12 +26,7 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="UsageCount",
             fields=[
-                (
-                    "id",
-                    models.AutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
                 ("client_id", models.CharField(max_length=255, verbose_name="client id")),
                 (
                     "key_id",
