@@ -315,6 +315,21 @@ def test_a_client_id_a_spreadsheet_would_run_is_quoted_in_csv(
     assert json.loads(out)[0]["client_id"] == '=HYPERLINK("http://evil")'  # JSON as stored
 
 
+def test_stored_text_cannot_steer_the_terminal(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    from m2m_middleware import UsageRow
+    from m2m_middleware.telemetry.tables import usage_table_for
+
+    store = open_key_store(url)
+    # As a row written by hand, or by an older version, might hold it.
+    usage_table_for(store).add([UsageRow("evil\x1b[2J\nTOTAL", None, MARCH_14_09, 1)])
+    store.close()
+    _, out, _ = run(capsys, "usage", "--store", url, "--since", "all")
+    assert "\x1b" not in out
+    assert [line.split()[0] for line in out.splitlines()].count("TOTAL") == 1
+
+
 # -- bad input: one line, never a traceback ---------------------------------------------
 
 
@@ -328,6 +343,8 @@ def test_a_client_id_a_spreadsheet_would_run_is_quoted_in_csv(
         (["--until", "-1d"], "--until"),
         (["--since", "2026-03-15", "--until", "2026-03-14"], "--until"),
         (["--since", "1d", "--until", "2d"], "--until"),
+        (["--since", "999999d"], "--since"),
+        (["--since", "2026-02-30"], "--since"),
         (["--by", "week"], "--by"),
         (["--per", "team"], "--per"),
         (["--json", "--csv"], "--csv"),
