@@ -6,6 +6,7 @@
     m2m keys rotate key_... --grace 1h [--notify redis://...]
     m2m usage [--client ID] [--key KEY_ID] [--since 7d] [--by hour|day|month] [--json | --csv]
     m2m demo [--once] [--port 8000] [--host 127.0.0.1] [--store URL]
+    m2m dashboard [--store URL] [--port 8300] [--host 127.0.0.1] [--public]
 
 Every ``keys`` command and ``usage`` take ``--store URL`` (default: ``$M2M_KEY_STORE``,
 else ``sqlite:///m2m_keys.db``). A plaintext key is printed once, on standard
@@ -776,6 +777,49 @@ def usage_main(argv: Sequence[str], *, prog: str, store: KeyStore | str) -> int:
     return _guarded(prog, run)
 
 
+# -- dashboard -------------------------------------------------------------------
+
+
+def add_dashboard_command(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="serve a read-only page of the key store: keys, usage charts, alerts",
+        description="Serve a read-only page of the key store on 127.0.0.1 until Ctrl-C.",
+    )
+    dashboard.add_argument(
+        "--store",
+        metavar="URL",
+        help=f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+    )
+    dashboard.add_argument(
+        "--port", type=parse_port, default=8300, metavar="N", help="port (default: 8300)"
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    dashboard.add_argument(
+        "--public",
+        action="store_true",
+        help="allow a non-loopback --host: the page has no login, so only behind your own auth",
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard.server import DashboardError, run
+    from .redaction import redact_url
+
+    url = _store_url(args)
+    store = _open_store(url)
+    try:
+        _require_existing(store)
+        return run(
+            store, host=args.host, port=args.port, public=args.public, store_label=redact_url(url)
+        )
+    except DashboardError as exc:
+        raise CommandError(str(exc), exc.exit_code) from None
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
 _KeysCommand = Callable[[argparse.Namespace, KeyStore], int]
 
 
@@ -1080,6 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="key store for the demo keys (default: a temporary SQLite file, removed at exit)",
     )
+    add_dashboard_command(commands)
     return parser
 
 
@@ -1091,6 +1136,8 @@ def _dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return cmd_demo(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "dashboard":
+        return cmd_dashboard(args)
     handler: _KeysCommand = args.handler
     return _run_keys_command(args, handler)
 

@@ -289,6 +289,9 @@ class JWKSClient:
         #: The last good key set, or None before the first successful fetch.
         self.ring: KeyRing | None = None
         self.fetches = 0
+        #: Called with "ok" or "error" as each fetch lands (the engine's metrics count
+        #: them); it must not raise. None: nobody is counting.
+        self.on_fetch: Callable[[str], None] | None = None
         self._fresh_until = -1.0
         # Fetches that are not the scheduled refresh (an unknown kid, a retry
         # after a failure) wait until this monotonic time.
@@ -401,6 +404,8 @@ class JWKSClient:
             )
         elif ring is not None and was_failing:
             logger.warning("JWKS %s fetched again", self.shown_url)
+        if self.on_fetch is not None:
+            self.on_fetch("error" if ring is None else "ok")
         with self._lock:
             self._flight = None
             self._flight_for_unknown_kid = False

@@ -101,6 +101,7 @@ _ALL_STATUS_TEXT = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
     415: "Unsupported Media Type",

@@ -29,6 +29,17 @@ from .syntax import (
 )
 from .transport import PROXY_HEADER_CHOICES, Network, parse_networks
 
+#: Who may read ``metrics_path`` unless told otherwise: loopback and the private
+#: ranges a Prometheus server scrapes from (RFC 1918, RFC 4193), never the internet.
+METRICS_NETWORKS = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
 SCHEMES = ("api_key", "jwt")
 #: Ten years: browsers cap max-age lower anyway; anything longer is a typo.
 HSTS_MAX = 10 * 365 * 86400
@@ -276,6 +287,7 @@ class Settings:
     metrics_path: str | None = None
     metrics_client_labels: bool = False
     metrics_client_label_limit: int = 100
+    metrics_allowed_networks: Sequence[str] = METRICS_NETWORKS
     alerts: bool = True
     on_alert: Any = ()  # a callable or a list of callables, each given an Alert
     alert_auth_failures: Any = "20/minute"
@@ -643,6 +655,18 @@ class Settings:
             maximum=100_000,
             integer=True,
         )
+        allowed = self.metrics_allowed_networks
+        if isinstance(allowed, str):
+            allowed = [n for n in re.split(r"[\s,]+", allowed) if n]  # "10.0.0.0/8, ::1"
+        if not isinstance(allowed, Iterable):
+            raise ConfigError(
+                "metrics_allowed_networks", f"expected a list of CIDRs, got {shown_name(allowed)}"
+            )
+        try:
+            networks = parse_networks(allowed)
+        except ValueError as exc:
+            raise ConfigError("metrics_allowed_networks", str(exc)) from None
+        set_(self, "metrics_allowed_networks", tuple(str(n) for n in networks))
         callbacks = self.on_alert
         if callable(callbacks):
             callbacks = (callbacks,)

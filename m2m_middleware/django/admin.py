@@ -8,6 +8,7 @@ with ``Cache-Control: no-store``. Never a redirect and never a message
 no later request, page or log can show it again. Records are read-only here:
 a change form saved back would also overwrite counters the middleware keeps
 moving (uses left, last use), so changes happen only through the actions.
+A key's page also shows its recent usage: the dashboard's chart and a table.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.cache import patch_cache_control
+from django.utils.safestring import mark_safe
 
 from .. import keys as keyformat
 from ..client_keys import check_allowed_cidrs, check_signing_public_key
+from ..dashboard.charts import usage_chart
 from ..errors import ConfigError, KeyNotFound, KeyStoreError
 from ..settings import Settings
 from ..stores.base import IssuedKey, KeyStore
@@ -51,6 +54,10 @@ STATUS_LABELS = {
     "expired": "expired",
     "used_up": "used up",
 }
+
+#: The days of usage a key's page shows: the chart, and the table of the latest ones.
+USAGE_CHART_DAYS = 14
+USAGE_TABLE_DAYS = 7
 
 GRACE_CHOICES = [
     (0, "None: the old keys stop working now"),
@@ -276,6 +283,7 @@ class APIKeyAdmin(_ModelAdmin):
     readonly_fields = fields
     actions = ("revoke_selected", "rotate_selected")
 
+    change_form_template = "admin/m2m_middleware/apikey/change_form.html"
     create_key_template = "admin/m2m_middleware/apikey/create_key.html"
     issued_template = "admin/m2m_middleware/apikey/issued.html"
     rotate_template = "admin/m2m_middleware/apikey/rotate_confirmation.html"
@@ -315,6 +323,55 @@ class APIKeyAdmin(_ModelAdmin):
         if obj is not None:
             return False
         return super().has_change_permission(request)
+
+    # -- a key's page: its recent usage -------------------------------------------
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        usage = self.usage_context(object_id) if request.method in ("GET", "HEAD") else {}
+        return super().change_view(request, object_id, form_url, {**usage, **(extra_context or {})})
+
+    def usage_context(self, key_id: str) -> dict[str, Any]:
+        """The chart and the table of the key's last days; a note when usage cannot be read."""
+        now = timezone.now()
+        start = (now - timedelta(days=USAGE_CHART_DAYS - 1)).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        try:
+            rows = self.key_store().usage(key_id=key_id, since=start, granularity="day")
+        except Exception as exc:  # a usage table that cannot be read must not hide the key
+            return {"usage_error": f"Usage cannot be read: {type(exc).__name__}."}
+        chart = usage_chart(
+            rows,
+            start=start,
+            end=now,
+            granularity="day",
+            title=f"Requests, last {USAGE_CHART_DAYS} days",
+            chart_id="m2m-key-usage",
+        )
+        by_day = {row.period_start.date(): row for row in rows}
+        days = [(now - timedelta(days=back)).date() for back in range(USAGE_TABLE_DAYS)]
+        return {
+            # Safe: usage_chart escapes every text it draws (charts.escape).
+            "usage_chart": mark_safe(chart),  # noqa: S308
+            "usage_days": [
+                {
+                    "day": day,
+                    "allowed": by_day[day].allowed if day in by_day else 0,
+                    "denied": by_day[day].denied if day in by_day else 0,
+                    "rate_limited": by_day[day].rate_limited if day in by_day else 0,
+                    "units": by_day[day].units if day in by_day else 0,
+                }
+                for day in days
+            ],
+            "usage_total": sum(row.requests for row in rows),
+            "usage_chart_days": USAGE_CHART_DAYS,
+        }
 
     # -- creating a key: its plaintext on this one page ----------------------------
 

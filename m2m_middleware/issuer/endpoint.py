@@ -36,6 +36,7 @@ import math
 import secrets
 import time
 from base64 import b64decode
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, unquote
@@ -303,11 +304,20 @@ class TokenService:
             metadata["scopes_supported"] = scopes
         self._metadata = json.dumps(metadata, separators=(",", ":")).encode()
         self._cache_control = [("Cache-Control", f"public, max-age={settings.jwks_max_age}")]
+        #: Called with each answer of the token endpoint (the engine's metrics count
+        #: tokens issued and refused); it must not raise. None: nobody is counting.
+        self.on_token: Callable[[Served], None] | None = None
 
     # -- dispatch -------------------------------------------------------------
 
     def serve(self, view: RequestView) -> Served:
         """The answer for one of :attr:`paths`. Never raises for anything a client sent."""
+        served = self._serve(view)
+        if self.on_token is not None and view.path == self.token_path:
+            self.on_token(served)
+        return served
+
+    def _serve(self, view: RequestView) -> Served:
         path = view.path
         try:
             if path == self.token_path:
