@@ -772,7 +772,16 @@ def _open_store(url: str | None, stack: contextlib.ExitStack) -> tuple[KeyStore,
         problem = exc.problem if exc.field == "key_store" else str(exc)
         raise DemoError(f"--store: {problem}", exit_code=2) from None
     stack.callback(store.close)
+    # The usage counted during the run is written now, while the store (and its
+    # temporary directory) is still there: the flush at process exit would be too late.
+    stack.callback(_write_usage)
     return store, label
+
+
+def _write_usage() -> None:
+    from .telemetry.usage import _flush_at_exit
+
+    _flush_at_exit()
 
 
 def _first_signing_key(settings: Settings, store: KeyStore) -> None:

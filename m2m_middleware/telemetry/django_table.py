@@ -9,6 +9,7 @@ hour at once would lose one's counts.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -37,6 +38,7 @@ from .tables import (
     _hours,
     alert_of,
     bad_row,
+    held,
     period_of,
     summed,
     upper_bound,
@@ -76,7 +78,11 @@ def _read(table: str, query: Callable[[], list[T]]) -> list[T]:
 
 class DjangoUsageTable:
     def __init__(self, store: DjangoKeyStore) -> None:
-        self._store = store
+        self._store_ref = weakref.ref(store)
+
+    @property
+    def _store(self) -> DjangoKeyStore:
+        return held(self._store_ref)
 
     @property
     def _using(self) -> str:
@@ -96,9 +102,11 @@ class DjangoUsageTable:
                 yield
         except KeyStoreError as exc:
             text = str(exc)
-            for table in (UsageCount._meta.db_table, AlertRecord._meta.db_table):
-                if table in text and "migrate" not in text:
-                    raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
+            # SQLite: "no such table", PostgreSQL: "does not exist", MySQL: "doesn't exist".
+            missing = any(m in text for m in ("no such table", "does not exist", "doesn't exist"))
+            named = any(t in text for t in (UsageCount._meta.db_table, AlertRecord._meta.db_table))
+            if missing and named and "migrate" not in text:
+                raise type(exc)(f'{text} (has "manage.py migrate" run?)') from exc
             raise
 
     @contextmanager

@@ -13,9 +13,9 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..errors import ConfigError, KeyStoreError
+from ..errors import ConfigError, KeyStoreError, StoreUnavailable
 from ..stores.base import KeyStore
 from ..stores.memory import MemoryKeyStore
 from ..stores.sqlite import SQLiteKeyStore
@@ -247,6 +247,18 @@ def _hours(rows: Sequence[UsageRow]) -> list[UsageRow]:
     ]
 
 
+S = TypeVar("S", bound=KeyStore)
+
+
+def held(ref: weakref.ReferenceType[S]) -> S:
+    """The store a table was made for. Held weakly: the tables are kept per store
+    in a WeakKeyDictionary, whose values must not keep their keys alive."""
+    store = ref()
+    if store is None:  # only a table kept past its store's life
+        raise StoreUnavailable("the key store of this usage table is gone")
+    return store
+
+
 def fired_at(alert: Alert) -> datetime:
     """When ``alert`` fired; now for one that says nothing (the table needs a time)."""
     return alert.fired_at or datetime.now(timezone.utc)
@@ -306,8 +318,12 @@ class SQLiteUsageTable:
     """
 
     def __init__(self, store: SQLiteKeyStore) -> None:
-        self._store = store
+        self._store_ref = weakref.ref(store)
         self._ready = False
+
+    @property
+    def _store(self) -> SQLiteKeyStore:
+        return held(self._store_ref)
 
     def _prepare(self) -> None:
         if not self._ready:
@@ -488,8 +504,12 @@ class PostgresUsageTable:
     )
 
     def __init__(self, store: PostgresKeyStore) -> None:
-        self._store = store
+        self._store_ref = weakref.ref(store)
         self._ready = False
+
+    @property
+    def _store(self) -> PostgresKeyStore:
+        return held(self._store_ref)
 
     def _prepare(self) -> None:
         if not self._ready:

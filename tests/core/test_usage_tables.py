@@ -433,6 +433,19 @@ def test_every_call_shares_one_table_per_store(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_store_with_a_usage_table_is_still_freed(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    store = open_key_store(sqlite_url(tmp_path / "k.db"))
+    usage_table_for(store).add([row(allowed=1)])
+    store.close()
+    dropped = weakref.ref(store)
+    del store
+    gc.collect()
+    assert dropped() is None  # the tables kept per store do not keep their store
+
+
 def test_the_sqlite_table_holds_no_secret(tmp_path: Path) -> None:
     path = tmp_path / "k.db"
     store = open_key_store(sqlite_url(path))
@@ -577,3 +590,30 @@ def test_a_django_flush_whose_commit_answer_is_lost_is_never_repeated(
     monkeypatch.undo()
     assert commits == [1]
     assert [r.allowed for r in store.usage()] == [1 if rolls_back else 2]
+
+
+def test_a_django_create_that_loses_to_a_concurrent_one_adds_instead(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not kind_of(store).startswith("django"):
+        pytest.skip("the ORM's create-if-missing path")
+    from django.db.models import QuerySet
+
+    table = usage_table_for(store)
+    table.add([row(allowed=1)])
+    real_update = QuerySet.update
+    raced: list[int] = []
+
+    def update_after_another_process_inserted(self: Any, **changes: Any) -> int:
+        # The first update ran before the other process's row was there: 0 rows,
+        # so the create that follows meets that row (IntegrityError), and adds.
+        if not raced:
+            raced.append(1)
+            return 0
+        return real_update(self, **changes)
+
+    monkeypatch.setattr(QuerySet, "update", update_after_another_process_inserted)
+    table.add([row(allowed=2, units=1)])
+    monkeypatch.undo()
+    assert raced == [1]
+    assert counts(store.usage()) == [("client-a", "key_a", T, 3, 0, 0, 1)]
