@@ -4,10 +4,11 @@
     m2m keys list [--client billing] [--json]
     m2m keys revoke key_... [--notify redis://...]
     m2m keys rotate key_... --grace 1h [--notify redis://...]
+    m2m usage [--client ID] [--key KEY_ID] [--since 7d] [--by hour|day|month] [--json | --csv]
     m2m demo [--once] [--port 8000] [--host 127.0.0.1] [--store URL]
     m2m dashboard [--store URL] [--port 8300] [--host 127.0.0.1] [--public]
 
-Every ``keys`` command takes ``--store URL`` (default: ``$M2M_KEY_STORE``,
+Every ``keys`` command and ``usage`` take ``--store URL`` (default: ``$M2M_KEY_STORE``,
 else ``sqlite:///m2m_keys.db``). A plaintext key is printed once, on standard
 output, by ``create`` and ``rotate``, and is written nowhere else.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import importlib
 import json
 import logging
@@ -28,7 +30,7 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -37,6 +39,7 @@ from .client_keys import MAX_PUBLIC_KEY_PEM, check_allowed_cidrs, check_signing_
 from .errors import ConfigError, M2MError
 from .stores import KeyRecord, KeyStore, SQLiteKeyStore, open_key_store
 from .syntax import check_client_id, check_scope, check_tier
+from .telemetry.records import UsageRow
 
 PROG = "m2m"
 STORE_ENV = "M2M_KEY_STORE"
@@ -95,6 +98,8 @@ def parse_duration(text: str) -> float:
 _DURATION_OPTIONS = {
     "--expires-in": "the expiry must be in the future: give a positive duration such as 30d",
     "--grace": "the grace period cannot be negative: give a duration such as 1h, or 0",
+    "--since": "give how long ago as a positive duration such as 7d, or a date",
+    "--until": "give how long ago as a positive duration such as 1d, or a date",
 }
 _NEGATIVE_VALUE = re.compile(r"-[0-9.]")
 
@@ -537,6 +542,241 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+# -- usage ---------------------------------------------------------------------------
+
+#: ``--since 2026-03``: a month, the billing period (``fromisoformat`` wants a day too).
+_YEAR_MONTH_RE = re.compile(r"([0-9]{4})-([0-9]{2})")
+_MOMENT_HINT = (
+    "how long ago, such as 7d, 12h or 2w, or a UTC date or time, such as 2026-03, "
+    "2026-03-14 or 2026-03-14T09:00Z"
+)
+_USAGE_FIELDS = ("allowed", "denied", "rate_limited", "units")
+#: How each granularity's period is written in the text table.
+_PERIOD_FORMATS = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}
+#: Cells a spreadsheet would run as a formula (OWASP "CSV injection"); client ids
+#: from an outside identity provider are whatever its ``sub`` says.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _moment_option(option: str, text: str, now: datetime) -> datetime:
+    """``--since`` / ``--until``: a duration back from now, or a UTC date or time."""
+    value = text.strip()
+    if value.startswith("-"):
+        raise UsageError(f"{option}: give {_MOMENT_HINT}; got {text!r}")
+    try:
+        return now - timedelta(seconds=parse_duration(value))
+    except ValueError:
+        pass
+    month = _YEAR_MONTH_RE.fullmatch(value)
+    try:
+        if month is not None:
+            moment = datetime(int(month[1]), int(month[2]), 1)
+        else:
+            moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option}: expected {_MOMENT_HINT}; got {text!r}") from None
+    if moment.tzinfo is None:  # the store counts in UTC hours
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def _usage_window(args: argparse.Namespace) -> tuple[datetime | None, datetime | None]:
+    now = _utcnow()
+    since: datetime | None
+    if args.since is None:
+        # Months are what a billing export asks for: all of them. Hours and days
+        # would list every row ever kept; a week is what one looks at.
+        since = None if args.by == "month" else now - timedelta(days=7)
+    elif args.since.strip().lower() == "all":
+        since = None
+    else:
+        since = _moment_option("--since", args.since, now)
+    until = None if args.until is None else _moment_option("--until", args.until, now)
+    if since is not None and until is not None and until <= since:
+        raise UsageError(f"--until ({_when(until)}) must be later than --since ({_when(since)})")
+    return since, until
+
+
+def _usage_rows(args: argparse.Namespace, store: KeyStore) -> list[UsageRow]:
+    client = args.client
+    if client is not None:
+        _checked("--client", check_client_id, client)
+    key = _non_empty("--key", args.key)
+    since, until = _usage_window(args)
+    if not _require_existing(store, allow_missing_file=True):
+        return []  # no file: nothing was ever counted (and none is made by looking)
+    rows = store.usage(client_id=client, key_id=key, since=since, until=until, granularity=args.by)
+    if args.per == "client":
+        rows = _per_client(rows)
+    return rows
+
+
+def _per_client(rows: Sequence[UsageRow]) -> list[UsageRow]:
+    """Each client's keys (and tokens) added up per period: what an invoice lists."""
+    totals: dict[tuple[datetime, str], list[int]] = {}
+    for row in rows:
+        found = totals.setdefault((row.period_start, row.client_id), [0, 0, 0, 0])
+        for index, name in enumerate(_USAGE_FIELDS):
+            found[index] += getattr(row, name)
+    return [
+        UsageRow(client_id, None, start, *values)
+        for (start, client_id), values in sorted(totals.items())
+    ]
+
+
+def _usage_dict(row: UsageRow, per_client: bool) -> dict[str, Any]:
+    shown = row.to_dict()
+    if per_client:
+        del shown["key_id"]  # not None: None is a token of an outside identity provider
+    return shown
+
+
+def _spreadsheet_safe(text: str) -> str:
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
+def _print_usage_csv(rows: Sequence[UsageRow], per_client: bool) -> None:
+    # "\n", not the csv module's "\r\n": the export goes through pipes and
+    # shells first; spreadsheets read either.
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    names = ["period_start", "client_id", *(() if per_client else ("key_id",)), *_USAGE_FIELDS]
+    writer.writerow(names)
+    for row in rows:
+        cells: list[object] = [row.period_start.isoformat(), _spreadsheet_safe(row.client_id)]
+        if not per_client:
+            cells.append(_spreadsheet_safe(row.key_id or ""))
+        cells.extend(getattr(row, name) for name in _USAGE_FIELDS)
+        writer.writerow(cells)
+
+
+def _print_usage_table(
+    rows: Sequence[UsageRow], args: argparse.Namespace, per_client: bool
+) -> None:
+    if not rows:
+        print(
+            "No usage recorded for this selection. Counts reach the store within the "
+            "app's usage_flush_interval (10 s by default) and when it exits."
+        )
+        return
+    columns = [
+        "PERIOD",
+        "CLIENT",
+        *(() if per_client else ("KEY",)),
+        "ALLOWED",
+        "DENIED",
+        "RATE LIMITED",
+        "UNITS",
+    ]
+    numbers = len(_USAGE_FIELDS)
+    table = [columns]
+    for row in rows:
+        table.append(
+            [
+                row.period_start.strftime(_PERIOD_FORMATS[args.by]),
+                _printable(row.client_id),
+                *(() if per_client else (_printable(row.key_id or "(token)"),)),
+                *(f"{getattr(row, name):,}" for name in _USAGE_FIELDS),
+            ]
+        )
+    totals = [sum(getattr(row, name) for row in rows) for name in _USAGE_FIELDS]
+    text_columns = len(columns) - numbers
+    table.append(["TOTAL", *([""] * (text_columns - 1)), *(f"{t:,}" for t in totals)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+
+    def line(cells: Sequence[str]) -> str:
+        text = [c.ljust(w) for c, w in zip(cells[:text_columns], widths, strict=False)]
+        figures = [
+            c.rjust(w) for c, w in zip(cells[text_columns:], widths[text_columns:], strict=True)
+        ]
+        return "  ".join([*text, *figures]).rstrip()
+
+    for cells in table[:-1]:
+        print(line(cells))
+    print("  ".join("-" * w for w in widths))
+    print(line(table[-1]))
+
+
+def cmd_usage(args: argparse.Namespace, store: KeyStore) -> int:
+    rows = _usage_rows(args, store)
+    per_client = args.per == "client"
+    if args.json:
+        _emit_json([_usage_dict(row, per_client) for row in rows])
+    elif args.csv:
+        _print_usage_csv(rows, per_client)
+    else:
+        _print_usage_table(rows, args, per_client)
+    return 0
+
+
+def add_usage_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    store_help: str = f"key-store URL (default: ${STORE_ENV}, else {DEFAULT_STORE})",
+) -> None:
+    """The options of ``m2m usage``, ``flask m2m usage`` and ``manage.py m2m_usage``."""
+    parser.add_argument("--client", metavar="ID", help="only this client")
+    parser.add_argument("--key", metavar="KEY_ID", help="only this key")
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="from this moment (rounded down to its period): how long ago, such as 7d or "
+        "12h, or a UTC date or time, such as 2026-03 or 2026-03-14T09:00Z; 'all' for "
+        "everything kept (default: 7d; with --by month: all)",
+    )
+    parser.add_argument(
+        "--until", metavar="WHEN", help="up to, not including, this moment (same forms)"
+    )
+    parser.add_argument(
+        "--by",
+        choices=("hour", "day", "month"),
+        default="hour",
+        help="one row per client, key and hour, day or month (default: hour)",
+    )
+    parser.add_argument(
+        "--per",
+        choices=("key", "client"),
+        default="key",
+        help="'client' adds each client's keys and tokens up: the invoice lines (default: key)",
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    output.add_argument(
+        "--csv", action="store_true", help="print CSV with a header line (the billing export)"
+    )
+    parser.add_argument("--store", metavar="URL", help=store_help)
+    parser.set_defaults(handler=cmd_usage)
+
+
+def usage_with_options(options: Mapping[str, Any], *, prog: str, store: KeyStore | str) -> int:
+    """``m2m usage`` with options another parser read (``manage.py m2m_usage``, whose
+    parser is Django's): the names of :func:`add_usage_arguments`, missing ones default."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_usage_arguments(parser)
+    args = parser.parse_args([])
+    for name in ("client", "key", "since", "until", "by", "per", "json", "csv", "store"):
+        if options.get(name) is not None:
+            setattr(args, name, options[name])
+    args.app_store, args.prog = store, prog
+    return _guarded(prog, lambda: _run_keys_command(args, cmd_usage))
+
+
+def usage_main(argv: Sequence[str], *, prog: str, store: KeyStore | str) -> int:
+    """``m2m usage`` on an app's own store: ``flask m2m usage`` and ``manage.py
+    m2m_usage``. The same options and output; ``--store`` defaults to the app's."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Requests counted per client, key and period in this app's key store.",
+    )
+    add_usage_arguments(parser, store_help="key-store URL (default: the app's key_store)")
+    parser.set_defaults(app_store=store, prog=prog)
+
+    def run() -> int:
+        args = parser.parse_args(_negative_values_attached(argv))
+        return _run_keys_command(args, args.handler)
+
+    return _guarded(prog, run)
+
+
 # -- dashboard -------------------------------------------------------------------
 
 
@@ -852,6 +1092,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
     add_keys_commands(keys)
+
+    usage = commands.add_parser(
+        "usage",
+        help="requests counted per client, key and period (text, --json or --csv)",
+        description="Requests counted per client, key and period: allowed, denied, "
+        "rate limited, and the cost units charged.",
+    )
+    add_usage_arguments(usage)
 
     signing_keys = commands.add_parser(
         "signing-keys", help="list and rotate the token issuer's signing keys"

@@ -367,7 +367,15 @@ class KeyCache:
 
 
 class Engine:
-    def __init__(self, settings: Settings | None = None, *, store: KeyStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: KeyStore | None = None,
+        telemetry_clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``telemetry_clock``: Unix seconds for usage hours and alert times (a test's
+        clock; default ``time.time``). Nothing else in the engine reads it."""
         if settings is not None and not isinstance(settings, Settings):
             # A dict here would fail later as an AttributeError deep inside.
             raise ConfigError(
@@ -475,7 +483,7 @@ class Engine:
         if settings.usage or settings.alerts or settings.metrics_path is not None:
             from .telemetry import Telemetry
 
-            self.telemetry = Telemetry(self)
+            self.telemetry = Telemetry(self, clock=telemetry_clock or time)
             self._observe = self.telemetry.observe
             self._timed = self.telemetry.timed
             if self.telemetry.metrics is not None:

@@ -255,8 +255,8 @@ class M2MAuth:
         return state.engine
 
 
-#: ``flask m2m ...``: key management on the app's own store.
-m2m_cli = AppGroup("m2m", help="m2m-middleware: API keys in this app's key store.")
+#: ``flask m2m ...``: key management and usage on the app's own store.
+m2m_cli = AppGroup("m2m", help="m2m-middleware: API keys and usage in this app's key store.")
 
 
 @m2m_cli.command(
@@ -277,6 +277,18 @@ def _keys_command(args: tuple[str, ...]) -> None:
         tiers=engine.settings.tier_limit_items,
     )
     raise SystemExit(code)
+
+
+@m2m_cli.command(
+    "usage",
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def _usage_command(args: tuple[str, ...]) -> None:
+    """Requests counted per client, key and period, as `m2m usage` (see --help)."""
+    from .cli import usage_main
+
+    raise SystemExit(usage_main(args, prog="flask m2m usage", store=M2MAuth.engine().store))
 
 
 def _attach_client() -> None:

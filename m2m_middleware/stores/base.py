@@ -372,6 +372,9 @@ class KeyStore(abc.ABC):
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""
+        from ..telemetry.usage import close_counters_of
+
+        close_counters_of(self)  # their last counts, while the connections are open
         self.flush_last_used()
 
     def _at_exit(self) -> None:

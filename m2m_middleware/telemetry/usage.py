@@ -130,13 +130,16 @@ class UsageCounter:
                     for (client_id, key_id, hour), counts in pending.items()
                     if any(counts)
                 ]
-                try:
-                    if rows:
+                if rows:
+                    try:
                         self.table.add(rows)
-                except BaseException:
-                    self._keep(pending)
-                    raise
-            self._roll_up()
+                    except BaseException:
+                        self._keep(pending)
+                        raise
+                    # Only after a write: a process that counted nothing (a
+                    # command, a worker that served nothing) touches no table,
+                    # not even at exit.
+                    self._roll_up()
 
     def _keep(self, pending: dict[_Bucket, list[int]]) -> None:
         with self._lock:
@@ -188,7 +191,7 @@ class UsageCounter:
     def _start(self) -> None:
         """Enrol this counter with the process's one flushing thread (started on first use)."""
         self._thread = _flusher()
-        self._next_flush = time.monotonic() + self.flush_interval
+        self._next_flush = _monotonic() + self.flush_interval
 
     def _forked(self) -> None:
         """In a forked child: the parent's counts are the parent's to write."""
@@ -211,22 +214,39 @@ def _flusher() -> threading.Thread:
     global _flusher_thread
     with _flusher_lock:
         if _flusher_thread is None or not _flusher_thread.is_alive():
-            _flusher_thread = threading.Thread(target=_flush_due, name="m2m-usage", daemon=True)
+            _flusher_thread = threading.Thread(target=_flush_loop, name="m2m-usage", daemon=True)
             _flusher_thread.start()
         return _flusher_thread
 
 
-def _flush_due() -> None:
+def _monotonic() -> float:
+    return time.monotonic()  # looked up per call: a test may replace it
+
+
+def _flush_loop() -> None:
     while True:
         time.sleep(_FLUSHER_TICK)
-        now = time.monotonic()
-        for counter in list(_live):  # held weakly: a dropped engine's counter goes
-            if counter._thread is not None and not counter._closed and counter._next_flush <= now:
-                counter._next_flush = now + counter.flush_interval
-                counter.flush_quietly()
+        flush_due(_monotonic())
+
+
+def flush_due(now: float) -> None:
+    """Flush every counter whose interval has passed at ``now`` (monotonic seconds):
+    the flushing thread's work on each tick."""
+    for counter in list(_live):  # held weakly: a dropped engine's counter goes
+        if counter._thread is not None and not counter._closed and counter._next_flush <= now:
+            counter._next_flush = now + counter.flush_interval
+            counter.flush_quietly()
 
 
 _live: weakref.WeakSet[UsageCounter] = weakref.WeakSet()
+
+
+def close_counters_of(store: KeyStore) -> None:
+    """``store`` is closing: its counters write what they hold now, and nothing after
+    (a store is not used once closed; at exit its file may be gone, as the demo's is)."""
+    for counter in list(_live):
+        if counter.store is store and not counter._closed:
+            counter.close()
 
 
 def _flush_at_exit() -> None:
