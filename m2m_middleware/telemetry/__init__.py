@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from ..outcome import Allowed, Denied
 from ..syntax import log_safe
 from .records import Alert, UsageRow
+from .tables import keeps_usage
 from .usage import ALLOWED, DENIED, RATE_LIMITED, UsageCounter
 
 if TYPE_CHECKING:
@@ -45,12 +46,21 @@ class Telemetry:
         self.alerts: Alerts | None = None
         self.metrics: Metrics | None = None
         self._count_usage = settings.usage
-        if settings.usage or settings.alerts:
+        if (settings.usage or settings.alerts) and keeps_usage(engine.store):
             self.usage = UsageCounter(
                 engine.store,
                 flush_interval=settings.usage_flush_interval,
                 retention_days=settings.usage_retention_days,
                 clock=clock,
+            )
+        elif settings.usage:
+            # A key store of the user's own: usage is on by default, and an app that
+            # ran on such a store before must keep starting. Said once, at start.
+            logger.warning(
+                "key_store: %s keeps no usage counts (they are kept by memory://, sqlite://, "
+                "postgresql:// and django:// stores), so none are counted and alerts are not "
+                "kept for the dashboard; set usage=False to say that is meant",
+                type(engine.store).__name__,
             )
         if settings.alerts:
             from .alerts import Alerts

@@ -726,6 +726,15 @@ _TABLES: weakref.WeakKeyDictionary[KeyStore, UsageTable] = weakref.WeakKeyDictio
 _TABLES_LOCK = threading.Lock()
 
 
+def keeps_usage(store: KeyStore) -> bool:
+    """Whether ``store`` is of a kind that has usage tables (a custom store is not)."""
+    try:
+        usage_table_for(store)
+    except ConfigError:
+        return False
+    return True
+
+
 def usage_table_for(store: KeyStore) -> UsageTable:
     """The usage table of ``store``'s database."""
     with _TABLES_LOCK:

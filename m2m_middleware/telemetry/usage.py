@@ -63,7 +63,8 @@ class UsageCounter:
         self._failing = False
         self._last_roll_up = -1  # the hour of the last roll-up of old hourly rows
         self._next_flush = math.inf  # monotonic; set when the flushing thread takes it on
-        _live.add(self)
+        with _live_lock:
+            _live.add(self)
 
     # -- the request path ----------------------------------------------------
 
@@ -232,34 +233,44 @@ def _flush_loop() -> None:
 def flush_due(now: float) -> None:
     """Flush every counter whose interval has passed at ``now`` (monotonic seconds):
     the flushing thread's work on each tick."""
-    for counter in list(_live):  # held weakly: a dropped engine's counter goes
+    for counter in _live_counters():  # held weakly: a dropped engine's counter goes
         if counter._thread is not None and not counter._closed and counter._next_flush <= now:
             counter._next_flush = now + counter.flush_interval
             counter.flush_quietly()
 
 
 _live: weakref.WeakSet[UsageCounter] = weakref.WeakSet()
+#: Guards _live: a WeakSet copied while another thread adds to it raises
+#: "Set changed size during iteration" (seen in the suite: the flushing thread's
+#: copy against a request thread's new engine).
+_live_lock = threading.Lock()
+
+
+def _live_counters() -> list[UsageCounter]:
+    with _live_lock:
+        return list(_live)
 
 
 def close_counters_of(store: KeyStore) -> None:
     """``store`` is closing: its counters write what they hold now, and nothing after
     (a store is not used once closed; at exit its file may be gone, as the demo's is)."""
-    for counter in list(_live):
+    for counter in _live_counters():
         if counter.store is store and not counter._closed:
             counter.close()
 
 
 def _flush_at_exit() -> None:
-    for counter in list(_live):
+    for counter in _live_counters():
         if not counter._closed:
             counter.flush_quietly()
 
 
 def _after_fork() -> None:
-    global _flusher_thread, _flusher_lock
+    global _flusher_thread, _flusher_lock, _live_lock
     _flusher_thread = None  # not running in the child: the next count starts one
     _flusher_lock = threading.Lock()  # the parent's may have been held at the fork
-    for counter in list(_live):
+    _live_lock = threading.Lock()
+    for counter in _live_counters():
         counter._forked()
 
 

@@ -172,3 +172,25 @@ def test_a_spoofed_forwarded_address_from_an_untrusted_peer_is_not_the_subject(
         reply = app("GET", "/ping", {**api_key(generate_key()), **spoofed}, peer=ATTACKER)
         assert reply.status == 401
     assert kinds(fired) == [("auth_failures", ATTACKER)]
+
+
+def test_guessed_secrets_at_the_token_endpoint_fire_auth_failures_once(make_app: Make) -> None:
+    """A brute force against the token endpoint is a brute force too: its invalid_client
+    answers count for the address, as a request's 401s do, and the alert says so once."""
+    import test_token_endpoint_conformance as tokens
+
+    store = open_key_store("memory://")
+    issued = store.create_key("svc-orders", scopes=tokens.KEY_SCOPES)
+    fired: list[Alert] = []
+    app = make_app(tokens.config(store, on_alert=fired.append, alert_auth_failures="3/minute"))
+    engine = app.engine()
+    assert engine.telemetry is not None
+    engine.telemetry.alerts = Alerts(engine.settings, engine.telemetry.fire, clock=lambda: FROZEN)
+    guess = tokens.form(**tokens.GRANT)
+    for _ in range(6):
+        headers = {**tokens.FORM, **tokens.basic(issued.record.key_id, generate_key())}
+        reply = app("POST", tokens.TOKEN_PATH, headers, body=guess, peer=ATTACKER)
+        assert reply.status == 401
+    assert kinds(fired) == [("auth_failures", ATTACKER)]
+    assert tokens.fetch(app, issued).status == 200  # the key's owner is not held back
+    assert kinds(fired) == [("auth_failures", ATTACKER)]

@@ -3,6 +3,7 @@ additive counts, hour/day/month sums, filters, roll-up, alerts, damaged rows (is
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -413,13 +414,24 @@ class OwnStore(KeyStore):
     _write_last_used = _unsupported
 
 
-def test_a_store_of_another_kind_is_a_config_error_naming_key_store() -> None:
+def test_a_store_of_another_kind_keeps_no_usage_and_its_app_still_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with pytest.raises(ConfigError, match="key_store") as caught:
         usage_table_for(OwnStore())
     assert "usage=False" in str(caught.value)
-    with pytest.raises(ConfigError, match="key_store"):
-        make_engine(OwnStore())
-    make_engine(OwnStore(), usage=False, alerts=False)  # nothing to keep: no table needed
+    # Usage is on by default: an app on a store of its own must keep starting, told once.
+    with caplog.at_level(logging.WARNING, logger="m2m_middleware"):
+        engine = make_engine(OwnStore())
+    assert engine.telemetry is not None and engine.telemetry.usage is None
+    assert engine.telemetry.alerts is not None  # alerts still fire; they are not kept
+    warnings = [r for r in caplog.records if "keeps no usage" in r.getMessage()]
+    assert len(warnings) == 1 and "OwnStore" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="m2m_middleware"):
+        make_engine(OwnStore(), usage=False)  # said to be meant: nothing to warn of
+        make_engine(OwnStore(), usage=False, alerts=False)
+    assert not [r for r in caplog.records if "keeps no usage" in r.getMessage()]
 
 
 def test_every_call_shares_one_table_per_store(tmp_path: Path) -> None:
