@@ -233,7 +233,8 @@ def test_revocation_elsewhere_is_seen_within_the_cache_ttl(
 ) -> None:
     issued = sqlite_store.create_key("client-a")
     engine = make_engine(sqlite_store, key_cache_ttl=0.2)
-    assert isinstance(get(check, engine, issued.key), Allowed)
+    for _ in range(2):  # cached for sure, whatever notice raced the first lookup
+        assert isinstance(get(check, engine, issued.key), Allowed)
     raw_revoke(tmp_path / "k.db", issued.key_id)
     assert isinstance(get(check, engine, issued.key), Allowed)  # still cached
     clock.advance(0.1)
