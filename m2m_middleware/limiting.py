@@ -50,6 +50,7 @@ a share of a client's window from Redis and spends it in process; see
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import math
@@ -701,6 +702,8 @@ class Leases:
         #: This process's clock for deadlines and idleness (tests inject one).
         self.clock = clock
         self._held: dict[str, _Lease] = {}
+        #: key -> requests of this process fetching a lease of it now (see wants()).
+        self._inflight: dict[str, int] = {}
         self._lock = threading.Lock()
         ref = weakref.ref(self)
         # A forked child must not spend its parent's leases as well (gunicorn --preload).
@@ -719,7 +722,9 @@ class Leases:
         """Set ``cost`` aside from each lease that covers it.
 
         Returns (per limit, the lease it was set aside from or None; whether every
-        limit was covered, so the request is charged; the clock).
+        limit was covered, so the request is charged; the clock). When not, the
+        request is in flight for its uncovered limits until :meth:`settle` or
+        :meth:`give_back`.
         """
         now = self.clock()
         held = self._held
@@ -738,20 +743,65 @@ class Leases:
                 lease.unused -= cost
                 lease.touched = now
                 taken.append(lease)
+            if not covered:
+                inflight = self._inflight
+                for key, lease in zip(keys, taken, strict=True):
+                    if lease is None:
+                        inflight[key] = inflight.get(key, 0) + 1
         return taken, covered, now
 
-    def give_back(self, taken: list[_Lease | None], cost: int) -> None:
+    def take_all(self, keys: list[str], cost: int) -> tuple[list[_Lease] | None, float]:
+        """Set ``cost`` aside from every lease, or from none (None)."""
+        now = self.clock()
+        held = self._held
+        with self._lock:
+            chosen = []
+            for key in keys:
+                lease = held.get(key)
+                if lease is None or lease.deadline <= now or lease.unused < cost:
+                    return None, now
+                chosen.append(lease)
+            for lease in chosen:
+                lease.unused -= cost
+                lease.touched = now
+        return chosen, now
+
+    def give_back(self, keys: list[str], taken: list[_Lease | None], cost: int) -> None:
         """Put back what :meth:`take` set aside for a request that was not admitted."""
         with self._lock:
-            for lease in taken:
+            for key, lease in zip(keys, taken, strict=True):
                 if lease is not None:
                     lease.unused += cost
+                else:
+                    self._landed(key)
 
-    def wants(self, limits_: tuple[Limit, ...], taken: list[_Lease | None], cost: int) -> list[int]:
-        """The script's arguments: the cost, then amount, window, units wanted per limit."""
+    def _landed(self, key: str) -> None:
+        left = self._inflight.get(key, 1) - 1
+        if left > 0:
+            self._inflight[key] = left
+        else:
+            self._inflight.pop(key, None)
+
+    def wants(
+        self, limits_: tuple[Limit, ...], keys: list[str], taken: list[_Lease | None], cost: int
+    ) -> list[int]:
+        """The script's arguments: the cost, then amount, window, units wanted per limit.
+
+        A request leases more than its cost only when no other request of this
+        process is fetching a lease of that limit already: a burst of misses (a
+        cold start under load) leases one lease, not one per request, so an
+        instance holds about a lease of a window, not a lease per request in flight.
+        """
         args = [cost]
-        for lim, lease in zip(limits_, taken, strict=True):
-            args += (lim.amount, lim.expiry, 0 if lease is not None else cost + self.size(lim))
+        inflight = self._inflight
+        for lim, key, lease in zip(limits_, keys, taken, strict=True):
+            if lease is not None:
+                want = 0
+            elif inflight.get(key, 0) > 1:
+                want = cost
+            else:
+                want = cost + self.size(lim)
+            args += (lim.amount, lim.expiry, want)
         return args
 
     def settle(
@@ -777,6 +827,7 @@ class Leases:
                         lease.leased = leased
                     out.append(lease)
                     continue
+                self._landed(key)
                 lease = held.get(key)
                 if lease is not None and lease.window == window and lease.deadline > now:
                     lease.unused += granted - cost
@@ -810,6 +861,7 @@ class Leases:
     def forget(self) -> None:
         with self._lock:
             self._held.clear()
+            self._inflight.clear()
 
 
 def _forget_leases(ref: weakref.ReferenceType[Leases]) -> None:
@@ -817,6 +869,12 @@ def _forget_leases(ref: weakref.ReferenceType[Leases]) -> None:
     if leases is not None:
         leases._lock = threading.Lock()  # a lock held at the fork stays held in the child
         leases.forget()
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Limiter]) -> None:
+    limiter = ref()
+    if limiter is not None:
+        limiter.close()
 
 
 def _return_idle_leases(
@@ -1162,9 +1220,9 @@ class Limiter:
                 return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
             try:
                 _, script = await self._async_storage()
-                result = await script(keys, leases.wants(plan.limits, taken, cost))
+                result = await script(keys, leases.wants(plan.limits, keys, taken, cost))
             except Exception as exc:
-                leases.give_back(taken, cost)
+                leases.give_back(keys, taken, cost)
                 raise self._failed(exc) from exc
             if self._down:
                 self._recovered()
@@ -1216,9 +1274,9 @@ class Limiter:
         if covered:  # the hot path: no round trip
             return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
         try:
-            result = self._script(keys, leases.wants(plan.limits, taken, cost))
+            result = self._script(keys, leases.wants(plan.limits, keys, taken, cost))
         except Exception as exc:
-            leases.give_back(taken, cost)
+            leases.give_back(keys, taken, cost)
             raise self._failed(exc) from exc
         if self._down:
             self._recovered()
@@ -1238,7 +1296,11 @@ class Limiter:
         assert leases is not None
         refused = int(result[0])
         if refused:
-            leases.give_back(taken, cost)
+            leases.give_back(keys, taken, cost)
+            # A request racing this one may have leased what it needs meanwhile.
+            held, now = leases.take_all(keys, cost)
+            if held is not None:
+                return self._leased_headers(plan, held, now)
             lim = plan.limits[refused - 1]
             ttl = int(result[2])
             now = time.time()
@@ -1270,6 +1332,8 @@ class Limiter:
                 daemon=True,
             )
             self._returner.start()
+            # A daemon thread dies with the process: give back what is held at exit.
+            atexit.register(_close_at_exit, weakref.ref(self))
 
     def return_idle(self, everything: bool = False) -> int:
         """Give back to Redis what leases idle for ``rate_limit_lease_idle`` seconds (or
@@ -1289,8 +1353,10 @@ class Limiter:
             try:
                 self._return_script([key for key, _, _ in leases], args)
             except Exception as exc:
+                # Redis is down: stop at the first failure (each would wait out
+                # storage_timeout, at exit too); the rest stay counted.
                 logger.debug("leases not given back (%s)", type(exc).__name__)
-                continue
+                break
             given += len(leases)
         return given
 
