@@ -80,6 +80,10 @@ class InvalidToken(AuthError):
     title = "Invalid credentials"
 
 
+#: The detail of a replayed signature, from the nonce memory or the limit script.
+NONCE_REPLAYED = "the signature's nonce was used before"
+
+
 class InvalidSignature(AuthError):
     """A request signature (RFC 9421) is missing, stale, replayed or does not verify.
 

@@ -106,6 +106,8 @@ class Charge:
     allowed: bool
     headers: list[Header]
     retry_after: int = 0
+    #: Not admitted because the request's signature nonce was seen before (nothing charged).
+    replayed: bool = False
 
 
 class StorageDown(Exception):
@@ -348,6 +350,18 @@ for i = 1, #KEYS do
   end
 end
 return #KEYS
+"""
+
+#: Put before any of the scripts above, for a signed request: remembers its
+#: signature's nonce (the last key; the last argument its TTL in seconds) in the
+#: same round trip as the limits, and answers {-1}, charging nothing, when it was
+#: there already (a replay). Redis runs a script whole, so a replay racing the
+#: original still finds one of them first.
+NONCE_FIRST = """
+local nonce_ttl = tonumber(table.remove(ARGV))
+if not redis.call('SET', table.remove(KEYS), '1', 'NX', 'EX', nonce_ttl) then
+  return {-1}
+end
 """
 
 #: The script of each strategy, and the part of its keys that keeps the strategies'
@@ -944,6 +958,10 @@ def _script_call(
     return keys, args
 
 
+def _replayed() -> Charge:
+    return Charge(False, [], replayed=True)
+
+
 def _lease_keys(plan: LimitPlan, client_id: str) -> list[str]:
     """The lease hashes of a request's limits, in one Redis Cluster slot (see
     :func:`_script_call`), apart from the exact mode's counters (another type)."""
@@ -991,11 +1009,20 @@ class Limiter:
         if self.redis and settings.rate_limit_sync == "batched":
             self.leases = Leases(settings)
             self._script_source, self._script_kind = REDIS_LEASES, "batched/"
+        #: The script that remembers a signature's nonce first (see carries_nonces).
+        self._nonce_script: Any = None
+        #: redis.asyncio client (one per event loop) -> its NONCE_FIRST script.
+        self._aio_nonce_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if self.redis:
             connection = self.storage.get_connection()
             self._script = connection.register_script(self._script_source)
             if self.leases is not None:
                 self._return_script = connection.register_script(REDIS_RETURN_LEASES)
+            if _scheme(uri) != "redis+cluster":
+                # A nonce's key names the signing key, not the client: on a cluster it
+                # lives in another slot than the client's counters, so it stays a
+                # round trip of its own there (signatures.RedisNonces).
+                self._nonce_script = connection.register_script(NONCE_FIRST + self._script_source)
         #: The clock of the moving and sliding window scripts; None (the default) is
         #: Redis's own ``TIME``, which every instance shares, as they share the expiry
         #: clock of the fixed windows. Tests set it to replay a history.
@@ -1108,12 +1135,25 @@ class Limiter:
 
     # -- sync -----------------------------------------------------------------
 
+    def carries_nonces(self, plan: LimitPlan) -> bool:
+        """Whether :meth:`charge` can remember a signature's nonce for ``plan`` in the
+        round trip its limits make (Redis, not a cluster, and limits to charge)."""
+        return self._nonce_script is not None and bool(plan.limits)
+
     def charge(
-        self, plan: LimitPlan, client_id: str, cost: int, now: float | None = None
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        cost: int,
+        now: float | None = None,
+        nonce: tuple[str, int] | None = None,
     ) -> Charge:
         """Charge ``cost`` to every limit of ``plan`` for ``client_id``, or to none.
 
-        Raises :class:`StorageDown` when the storage cannot be reached.
+        ``nonce`` (key, TTL seconds), only when :meth:`carries_nonces`: remember it
+        first in the same round trip; a nonce seen before charges nothing and
+        answers ``replayed``. Raises :class:`StorageDown` when the storage cannot
+        be reached.
         """
         if not plan.limits:
             return Charge(True, [])
@@ -1140,9 +1180,17 @@ class Limiter:
                 )
             return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
         if self.leases is not None:
-            return self._charge_leased(plan, client_id, cost)
+            return self._charge_leased(plan, client_id, cost, nonce)
         try:
-            if self._script is not None:
+            if nonce is not None:
+                keys, args = _script_call(
+                    plan, client_id, cost, self._script_kind, self.redis_clock
+                )
+                raw = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
+                result = (
+                    _replayed() if int(raw[0]) < 0 else self._script_result(plan, client_id, raw)
+                )
+            elif self._script is not None:
                 keys, args = _script_call(
                     plan, client_id, cost, self._script_kind, self.redis_clock
                 )
@@ -1209,27 +1257,61 @@ class Limiter:
             found = self._aio[loop] = (storage, script, closer)
         return found[0], found[1]
 
-    async def acharge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+    async def _anonce_script(self, storage: Any) -> Any:
+        client = storage.bridge.get_connection()
+        script = self._aio_nonce_scripts.get(client)
+        if script is None:
+            script = client.register_script(NONCE_FIRST + self._script_source)
+            self._aio_nonce_scripts[client] = script
+        return script
+
+    async def acharge(
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        cost: int,
+        nonce: tuple[str, int] | None = None,
+    ) -> Charge:
+        """The async twin of :meth:`charge` (``nonce`` as there)."""
         if self.in_memory or not plan.limits:  # in-process: never blocks
             return self.charge(plan, client_id, cost)
         leases = self.leases
         if leases is not None:
             keys = _lease_keys(plan, client_id)
             taken, covered, sent_at = leases.take(keys, cost)
-            if covered:  # no round trip, nothing to wait for
+            if covered and nonce is None:  # no round trip, nothing to wait for
                 return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
             try:
-                _, script = await self._async_storage()
-                result = await script(keys, leases.wants(plan.limits, keys, taken, cost))
+                storage, script = await self._async_storage()
+                if covered:  # only the nonce to remember
+                    client = storage.bridge.get_connection()
+                    assert nonce is not None
+                    fresh = await client.set(nonce[0], b"1", nx=True, ex=nonce[1])
+                    answer: Any = [0] if fresh else [-1]
+                elif nonce is not None:
+                    script = await self._anonce_script(storage)
+                    args = leases.wants(plan.limits, keys, taken, cost)
+                    answer = await script([*keys, nonce[0]], [*args, nonce[1]])
+                else:
+                    answer = await script(keys, leases.wants(plan.limits, keys, taken, cost))
             except Exception as exc:
                 leases.give_back(keys, taken, cost)
                 raise self._failed(exc) from exc
             if self._down:
                 self._recovered()
-            return self._leased_result(plan, client_id, keys, taken, cost, result, sent_at)
+            return self._leased_outcome(plan, client_id, keys, taken, cost, answer, sent_at)
         try:
             storage, script = await self._async_storage()
-            if script is not None:
+            if nonce is not None:
+                keys, args = _script_call(
+                    plan, client_id, cost, self._script_kind, self.redis_clock
+                )
+                script = await self._anonce_script(storage)
+                raw = await script([*keys, nonce[0]], [*args, nonce[1]])
+                result = (
+                    _replayed() if int(raw[0]) < 0 else self._script_result(plan, client_id, raw)
+                )
+            elif script is not None:
                 keys, args = _script_call(
                     plan, client_id, cost, self._script_kind, self.redis_clock
                 )
@@ -1266,20 +1348,51 @@ class Limiter:
 
     # -- batched counting (Leases) ---------------------------------------------
 
-    def _charge_leased(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+    def _charge_leased(
+        self, plan: LimitPlan, client_id: str, cost: int, nonce: tuple[str, int] | None
+    ) -> Charge:
         leases = self.leases
         assert leases is not None
         keys = _lease_keys(plan, client_id)
         taken, covered, sent_at = leases.take(keys, cost)
-        if covered:  # the hot path: no round trip
+        if covered and nonce is None:  # the hot path: no round trip
             return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
         try:
-            result = self._script(keys, leases.wants(plan.limits, keys, taken, cost))
+            if covered:  # only the nonce to remember
+                assert nonce is not None
+                connection = self.storage.get_connection()
+                fresh = connection.set(nonce[0], b"1", nx=True, ex=nonce[1])
+                result: Any = [0] if fresh else [-1]
+            elif nonce is not None:
+                args = leases.wants(plan.limits, keys, taken, cost)
+                result = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
+            else:
+                result = self._script(keys, leases.wants(plan.limits, keys, taken, cost))
         except Exception as exc:
             leases.give_back(keys, taken, cost)
             raise self._failed(exc) from exc
         if self._down:
             self._recovered()
+        return self._leased_outcome(plan, client_id, keys, taken, cost, result, sent_at)
+
+    def _leased_outcome(
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        keys: list[str],
+        taken: list[_Lease | None],
+        cost: int,
+        result: Any,
+        sent_at: float,
+    ) -> Charge:
+        """A lease script's answer, or (``[0]`` / ``[-1]``) a nonce's alone."""
+        if int(result[0]) < 0:  # a replay: nothing is charged
+            leases = self.leases
+            assert leases is not None
+            leases.give_back(keys, taken, cost)
+            return _replayed()
+        if len(result) == 1:  # every limit covered here, the nonce new
+            return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
         return self._leased_result(plan, client_id, keys, taken, cost, result, sent_at)
 
     def _leased_result(

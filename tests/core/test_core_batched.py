@@ -440,13 +440,15 @@ def _signer(private: ed25519.Ed25519PrivateKey, key_id: str) -> HTTPMessageSigne
     )
 
 
-def signed_view(private: ed25519.Ed25519PrivateKey, key_id: str, key: str) -> RequestView:
+def signed_view(
+    private: ed25519.Ed25519PrivateKey, key_id: str, key: str, nonce: str | None = None
+) -> RequestView:
     request = httpx.Request("GET", "http://testserver/orders", headers={"X-API-Key": key})
     _signer(private, key_id).sign(
         request,
         key_id=key_id,
         created=datetime.datetime.now(datetime.timezone.utc),
-        nonce=secrets.token_urlsafe(16),
+        nonce=nonce or secrets.token_urlsafe(16),
         covered_component_ids=("@method", "@target-uri"),
     )
     headers = {k.lower(): v for k, v in request.headers.multi_items()}
@@ -460,8 +462,9 @@ def test_round_trips_per_request(
     """What each kind of request costs in round trips to Redis, pinned: the API-key
     path one (exact) or none (batched, within a lease); a key with max_uses the
     same (its uses are the key store's, not Redis's); a failure counted by
-    source_limits one, and no limit charge; a signed request one more than the
-    limit, for its nonce; the revocation bus none per request."""
+    source_limits one, and no limit charge; a signed request one, its nonce
+    remembered by the limit's own script (or alone, when a lease covers the
+    limits); the revocation bus none per request."""
     private = ed25519.Ed25519PrivateKey.generate()
     pem = (
         private.public_key()
@@ -497,12 +500,78 @@ def test_round_trips_per_request(
     assert trips(lambda: engine.check("GET", "/", None, plain, view=view)) == 10 * lease
     assert trips(lambda: engine.check("GET", "/", None, limited, view=view)) == 10 * lease
     assert trips(lambda: engine.check("GET", "/", None, "m2m_bogus", view=view)) == 10
-    assert trips(
-        lambda: engine.check(
-            "GET",
-            "/orders",
-            None,
-            signer.key,
-            view=signed_view(private, signer.record.key_id, signer.key),
+    assert (
+        trips(
+            lambda: engine.check(
+                "GET",
+                "/orders",
+                None,
+                signer.key,
+                view=signed_view(private, signer.record.key_id, signer.key),
+            )
         )
-    ) == 10 * (1 + lease)
+        == 10
+    )  # the nonce rides in the limit's script, or alone when a lease covers it
+
+
+def public_pem(private: ed25519.Ed25519PrivateKey) -> str:
+    return (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.mark.parametrize("sync", ["exact", "batched"])
+@pytest.mark.parametrize("front_door", ["sync", "async"])
+def test_a_replay_caught_in_the_limit_script_charges_nothing_and_returns_the_use(
+    redis_url: str, sync: str, front_door: str
+) -> None:
+    private = ed25519.Ed25519PrivateKey.generate()
+    store = MemoryKeyStore()
+    engine = batched_engine(
+        store,
+        redis_url,
+        rate_limit_sync=sync,
+        rate_limit_lease=3,
+        routes=[{"path": "/orders", "signed": True}],
+    )
+    signer = store.create_key(
+        servers.unique("client"), signing_public_key=public_pem(private), max_uses=5
+    )
+    key_id = signer.record.key_id
+
+    def check(view: RequestView) -> Allowed | Denied:
+        if front_door == "sync":
+            return engine.check("GET", "/orders", None, signer.key, view=view)
+        return asyncio.run(engine.acheck("GET", "/orders", None, signer.key, view=view))
+
+    assert remaining(check(signed_view(private, key_id, signer.key, nonce="once"))) == [9]
+    replay = check(signed_view(private, key_id, signer.key, nonce="once"))
+    assert isinstance(replay, Denied)
+    assert (replay.status, replay.error) == (401, "invalid_signature")
+    assert "used before" in replay.detail
+    # Neither a limit nor a use was spent on it.
+    assert remaining(check(signed_view(private, key_id, signer.key))) == [8]
+    assert store.get_key(key_id).remaining_uses == 3
+
+
+def test_a_nonce_remembered_by_either_path_is_a_replay_on_the_other(redis_url: str) -> None:
+    # An instance without limits for a route remembers nonces alone (RedisNonces);
+    # one with limits in its script: the same key, so neither lets the other's replay in.
+    private = ed25519.Ed25519PrivateKey.generate()
+    store = MemoryKeyStore()
+    routes = [{"path": "/orders", "signed": True}]
+    with_limits = batched_engine(store, redis_url, rate_limit_sync="exact", routes=routes)
+    without = batched_engine(store, redis_url, default_limits=(), routes=routes)
+    assert with_limits.limiter.carries_nonces(with_limits.limiter.plan(None, ()))
+    assert not without.limiter.carries_nonces(without.limiter.plan(None, ()))
+    signer = store.create_key(servers.unique("client"), signing_public_key=public_pem(private))
+    key_id = signer.record.key_id
+    for first, second in ((with_limits, without), (without, with_limits)):
+        nonce = secrets.token_urlsafe(8)
+        view = signed_view(private, key_id, signer.key, nonce=nonce)
+        assert first.check("GET", "/orders", None, signer.key, view=view).allowed
+        again = signed_view(private, key_id, signer.key, nonce=nonce)
+        replay = second.check("GET", "/orders", None, signer.key, view=again)
+        assert isinstance(replay, Denied) and replay.error == "invalid_signature"
