@@ -42,6 +42,10 @@ charge leaves a moving window, the moment the weighted count of a sliding
 window counter drops by one. A refusal's ``Retry-After`` is the number of
 seconds until that request would fit, if nothing else is charged meanwhile.
 
+A signed request's nonce rides in the same script (:data:`NONCE_FIRST`), so
+it too makes one round trip (not on a cluster, where the nonce's key is in
+another slot).
+
 With ``rate_limit_sync="batched"`` (Redis, fixed windows) each instance leases
 a share of a client's window from Redis and spends it in process; see
 :class:`Leases` for the design and the bound.

@@ -21,7 +21,10 @@ says and raises :class:`~m2m_middleware.errors.InvalidSignature` otherwise:
 The signature base, the structured fields and the digests are the library's;
 what is ours is the policy above and the nonce memory, which lives in the
 limit storage (:func:`nonce_store`), so two instances sharing a Redis catch a
-replay between them. Nothing here runs unless a signature is asked for: the
+replay between them. With Redis (not a cluster) and limits to charge, the
+engine asks :meth:`SignatureVerifier.check` for the nonce and the limiter
+remembers it in the script that charges the limits: one round trip for both.
+Nothing here runs unless a signature is asked for: the
 API-key path pays nothing for this module.
 """
 
