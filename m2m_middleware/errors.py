@@ -80,10 +80,6 @@ class InvalidToken(AuthError):
     title = "Invalid credentials"
 
 
-#: The detail of a replayed signature, from the nonce memory or the limit script.
-NONCE_REPLAYED = "the signature's nonce was used before"
-
-
 class InvalidSignature(AuthError):
     """A request signature (RFC 9421) is missing, stale, replayed or does not verify.
 
@@ -95,6 +91,10 @@ class InvalidSignature(AuthError):
     error = "invalid_signature"
     title = "Invalid request signature"
     bearer_challenge = False
+
+
+#: The detail of a replayed signature, from the nonce memory or the limit script.
+NONCE_REPLAYED = "the signature's nonce was used before"
 
 
 class InvalidRequest(AuthError):
