@@ -12,6 +12,9 @@ Every limit lives in one Redis (``--redis-url``, by default the machine's at
 - m2m-middleware with ``rate_limit_storage`` set to the Redis URL (and
   ``invalidation_url=""``, so no pub/sub listener runs), once with a key
   charged one limit and once with a key whose tier has three limits;
+- the same with ``rate_limit_sync="batched"`` (the default lease, a tenth of
+  each limit), for Starlette and Flask (Django's middleware reads one
+  ``M2M_AUTH`` per process, and its engine path is the same);
 - the peer stack, with the same one limit and with the same three limits:
   Starlette's ``AuthenticationMiddleware`` plus slowapi's ``@limiter.limit``;
   a ``before_request`` SHA-256 check plus Flask-Limiter; a DRF ``APIView``
@@ -43,6 +46,7 @@ import asyncio
 import contextlib
 import hashlib
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,8 +68,9 @@ COUNT_REQUESTS = 100
 RUN = uuid.uuid4().hex[:12]
 DJANGO_KEY_PREFIX = f"m2m-bench-{RUN}"
 
-#: Every variant under (framework, kind); kind is "bare", "ours 1", "ours 3", "peer 1",
-#: "peer 3" (the number is how many limits each request is charged), or "floor".
+#: Every variant under (framework, kind); kind is "bare", "ours 1", "ours 3", "batched 1",
+#: "batched 3", "peer 1", "peer 3" (the number is how many limits each request is
+#: charged), or "floor".
 ROWS: dict[tuple[str, str], Variant] = {}
 #: id(variant) -> Redis round trips per request, from the counting pass.
 ROUND_TRIPS: dict[int, float] = {}
@@ -123,7 +128,8 @@ def delete_run_keys(url: str) -> None:
 
 @contextlib.contextmanager
 def counting_round_trips() -> Iterator[list[int]]:
-    """While open, every ``send_packed_command`` of redis-py (sync or asyncio) adds 1.
+    """While open, every ``send_packed_command`` of redis-py (sync or asyncio) made
+    on the main thread, which serves every request here, adds 1.
 
     One call writes one command, or one pipeline, before its reply is read:
     one round trip.
@@ -135,8 +141,12 @@ def counting_round_trips() -> Iterator[list[int]]:
     sync_send = AbstractConnection.send_packed_command
     async_send = AsyncConnection.send_packed_command
 
+    requests = threading.main_thread()
+
     def send(self: Any, command: Any, check_health: bool = True) -> None:
-        count[0] += 1
+        # Only the requests' own: not a batched limiter's thread giving back idle leases.
+        if threading.current_thread() is requests:
+            count[0] += 1
         sync_send(self, command, check_health)
 
     async def asend(self: Any, command: Any, check_health: bool = True) -> None:
@@ -194,13 +204,14 @@ class Keys:
         return {"X-API-Key": self.one if limits == 1 else self.three}
 
 
-def ours_config(store: Any, url: str) -> dict[str, Any]:
+def ours_config(store: Any, url: str, sync: str = "exact") -> dict[str, Any]:
     """m2m-middleware's settings: one limit by default, three for TIER_3, all in Redis."""
     return {
         "key_store": store,
         "default_limits": LIMIT,
         "tiers": {TIER_3: LIMITS_3},
         "rate_limit_storage": url,
+        "rate_limit_sync": sync,
         "invalidation_url": "",  # no revocation listener (it would default to this Redis)
     }
 
@@ -215,7 +226,8 @@ class Spec:
 
     @property
     def role(self) -> str:
-        return self.kind.partition(" ")[0]
+        role = self.kind.partition(" ")[0]
+        return "ours" if role == "batched" else role  # the same middleware, batched
 
     @property
     def deny(self) -> int | None:
@@ -231,21 +243,27 @@ def specs(
     bare: tuple[str, Any],
     ours: tuple[str, Any],
     peers: tuple[str, dict[int, tuple[Any, str]]],
+    batched: tuple[str, Any] | None = None,
 ) -> list[Spec]:
-    """bare; ours with one and three limits; the peer with one and three.
+    """bare; ours with one and three limits (exact, then batched); the peer with one
+    and three.
 
-    ``bare`` and ``ours`` are (stack, app); ``peers`` is (stack, {limits: (app, path)}).
+    ``bare``, ``ours`` and ``batched`` are (stack, app); ``peers`` is (stack, {limits:
+    (app, path)}).
     """
     found = [Spec("bare", bare[0], bare[1], keys.headers(1))]
-    for limits in (1, 3):
-        found.append(
-            Spec(
-                f"ours {limits}",
-                f"{ours[0]} ({_limits_label(limits)})",
-                ours[1],
-                keys.headers(limits),
+    for kind, stack in (("ours", ours), ("batched", batched)):
+        if stack is None:
+            continue
+        for limits in (1, 3):
+            found.append(
+                Spec(
+                    f"{kind} {limits}",
+                    f"{stack[0]} ({_limits_label(limits)})",
+                    stack[1],
+                    keys.headers(limits),
+                )
             )
-        )
     for limits, (app, path) in peers[1].items():
         found.append(
             Spec(
@@ -304,6 +322,10 @@ def build_starlette(loop: asyncio.AbstractEventLoop, url: str) -> list[Variant]:
     keys = Keys.make("starlette")
     ours = overhead.starlette_app()
     ours.add_middleware(M2MMiddleware, settings=Settings(**ours_config(keys.store, url)))
+    batched = overhead.starlette_app()
+    batched.add_middleware(
+        M2MMiddleware, settings=Settings(**ours_config(keys.store, url, "batched"))
+    )
     peers = {
         limits: (
             overhead.starlette_slowapi_decorated(
@@ -318,6 +340,7 @@ def build_starlette(loop: asyncio.AbstractEventLoop, url: str) -> list[Variant]:
         ("bare (Route + PlainTextResponse)", overhead.starlette_app()),
         ("ours: M2MMiddleware", ours),
         ("peer: AuthenticationMiddleware + slowapi @limit", peers),
+        ("ours: M2MMiddleware, rate_limit_sync=batched", batched),
     )
     return _register(
         "starlette",
@@ -335,6 +358,8 @@ def build_flask(url: str) -> list[Variant]:
     keys = Keys.make("flask")
     ours = overhead.flask_app()
     M2MAuth(ours, settings=Settings(**ours_config(keys.store, url)))
+    batched = overhead.flask_app()
+    M2MAuth(batched, settings=Settings(**ours_config(keys.store, url, "batched")))
 
     def peer(rule: str) -> Any:
         app = overhead.flask_app()
@@ -350,6 +375,7 @@ def build_flask(url: str) -> list[Variant]:
             "peer: before_request sha256 check + Flask-Limiter",
             {1: (peer(LIMIT), "/"), 3: (peer(LIMITS_3), "/")},
         ),
+        ("ours: M2MAuth, rate_limit_sync=batched", batched),
     )
     return _register(
         "flask",
@@ -459,7 +485,7 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
         mine = overheads[id(v)]
         kind = kind_of[id(v)]
         ratio = "-"
-        if kind.startswith(("ours", "peer")):
+        if kind.startswith(("ours", "peer", "batched")):
             ratio = _x(mine, cost(v.framework, "ours " + kind.rpartition(" ")[2]))
         rows.append(
             [
@@ -485,11 +511,19 @@ def report(variants: list[Variant], verbose: bool) -> list[str]:
                 _trips(ROUND_TRIPS.get(id(ROWS[framework, f"{who} {limits}"])))
                 for who in ("ours", "peer")
             ]
-            out.append(
+            line = (
                 f"{label}: ours {mine:+.2f} us, peer {theirs:+.2f} us ({peer}), "
                 f"peer/ours {_x(theirs, mine)}; "
                 f"Redis round trips/request: ours {trips[0]}, peer {trips[1]}"
             )
+            batched = cost(framework, f"batched {limits}")
+            if batched is not None:
+                row = ROWS[framework, f"batched {limits}"]
+                line += (
+                    f"; batched {batched:+.2f} us, peer/batched {_x(theirs, batched)}, "
+                    f"{_trips(ROUND_TRIPS.get(id(row)))} round trips/request"
+                )
+            out.append(line)
     if verbose:
         out += overhead.round_means(variants)
     return out

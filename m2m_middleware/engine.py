@@ -23,6 +23,7 @@ from .audit import write as _audit
 from .client import Client
 from .credentials import extract_credential, looks_like_jwt
 from .errors import (
+    NONCE_REPLAYED,
     AddressNotAllowed,
     AuthError,
     BodyTooLarge,
@@ -950,9 +951,13 @@ class Engine:
         signatures."""
         plan, cost = self._authorize(entry, method, path, address)
         signatures = self.signatures
+        nonce = None
         if signatures is not None and self._must_sign(method, path):
-            # The key is known, nothing is spent yet: no use taken, no limit charged.
-            signatures.verify(*self._signature_target(entry, signed))
+            if self.limiter.carries_nonces(plan):  # remembered with the limits: one round trip
+                nonce = signatures.check(*self._signature_target(entry, signed))
+            else:
+                # The key is known, nothing is spent yet: no use taken, no limit charged.
+                signatures.verify(*self._signature_target(entry, signed))
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -968,10 +973,12 @@ class Engine:
                 took_use = left is not None
             self._note_uses(entry, left)
         try:
-            charge = self.limiter.charge(plan, entry.client.client_id, cost)
+            charge = self.limiter.charge(plan, entry.client.client_id, cost, nonce=nonce)
             if not charge.allowed:
                 if took_use:
                     self._return_use(key_id)
+                if charge.replayed:
+                    raise InvalidSignature(NONCE_REPLAYED)
                 return self._rate_limited(charge, entry.client)
         except StorageDown:
             if took_use and not self._allow_on_outage:
@@ -1037,8 +1044,12 @@ class Engine:
     ) -> Allowed | Denied:
         plan, cost = self._authorize(entry, method, path, address)
         signatures = self.signatures
+        nonce = None
         if signatures is not None and self._must_sign(method, path):
-            await signatures.averify(*self._signature_target(entry, signed))
+            if self.limiter.carries_nonces(plan):  # remembered with the limits: one round trip
+                nonce = signatures.check(*self._signature_target(entry, signed))
+            else:
+                await signatures.averify(*self._signature_target(entry, signed))
         store = self.store
         record = entry.record
         key_id = record.key_id if record is not None else ""
@@ -1059,10 +1070,12 @@ class Engine:
             if limiter.in_memory:  # never blocks: no coroutine needed
                 charge = limiter.charge(plan, entry.client.client_id, cost)
             else:
-                charge = await limiter.acharge(plan, entry.client.client_id, cost)
+                charge = await limiter.acharge(plan, entry.client.client_id, cost, nonce)
             if not charge.allowed:
                 if took_use:
                     await self._areturn_use(key_id)
+                if charge.replayed:
+                    raise InvalidSignature(NONCE_REPLAYED)
                 return self._rate_limited(charge, entry.client)
         except StorageDown:
             if took_use and not self._allow_on_outage:

@@ -109,6 +109,10 @@ class InvalidSignature(AuthError):
     bearer_challenge = False
 
 
+#: The detail of a replayed signature, from the nonce memory or the limit script.
+NONCE_REPLAYED = "the signature's nonce was used before"
+
+
 class InvalidRequest(AuthError):
     status = 400
     error = "invalid_request"

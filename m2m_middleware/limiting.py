@@ -41,14 +41,24 @@ more of that limit to spend: the end of a fixed window, the moment the oldest
 charge leaves a moving window, the moment the weighted count of a sliding
 window counter drops by one. A refusal's ``Retry-After`` is the number of
 seconds until that request would fit, if nothing else is charged meanwhile.
+
+A signed request's nonce rides in the same script (:data:`NONCE_FIRST`), so
+it too makes one round trip (not on a cluster, where the nonce's key is in
+another slot).
+
+With ``rate_limit_sync="batched"`` (Redis, fixed windows) each instance leases
+a share of a client's window from Redis and spends it in process; see
+:class:`Leases` for the design and the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -100,6 +110,8 @@ class Charge:
     allowed: bool
     headers: list[Header]
     retry_after: int = 0
+    #: Not admitted because the request's signature nonce was seen before (nothing charged).
+    replayed: bool = False
 
 
 class StorageDown(Exception):
@@ -283,6 +295,78 @@ end
 return out
 """
 )
+
+#: Batched counting (:class:`Leases`): one request's leases, all-or-nothing, in one
+#: round trip. KEYS[i]: limit i's hash {c: the units leased out of this window, w:
+#: the window's id (Redis's TIME when it opened)}; ARGV[1]: the cost; ARGV[3i-1],
+#: ARGV[3i], ARGV[3i+1]: limit i's amount, window in seconds, and the units wanted
+#: (0: this instance's lease covers the limit, which is only read back). Returns
+#: {i, leased, pttl} for the first wanted limit that cannot give the cost (nothing is
+#: leased), else {0, granted1, leased1, pttl1, id1, ...} where granted is at least
+#: the cost for a wanted limit (the cost plus up to a lease), 0 for the others.
+REDIS_LEASES = """
+local cost = tonumber(ARGV[1])
+local saved = {}
+for i = 1, #KEYS do
+  local state = redis.call('HMGET', KEYS[i], 'c', 'w')
+  local leased = tonumber(state[1] or '0')
+  if tonumber(ARGV[3 * i + 1]) > 0 and leased + cost > tonumber(ARGV[3 * i - 1]) then
+    return {i, leased, redis.call('PTTL', KEYS[i])}
+  end
+  saved[i] = {leased, state[2]}
+end
+local out = {0}
+for i = 1, #KEYS do
+  local amount, window = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  local want = tonumber(ARGV[3 * i + 1])
+  local leased, id = saved[i][1], saved[i][2]
+  local granted = 0
+  if want > 0 then
+    granted = math.min(want, amount - leased)
+    leased = leased + granted
+    if not id then
+      local clock = redis.call('TIME')
+      id = clock[1] .. '.' .. clock[2]
+      redis.call('HSET', KEYS[i], 'c', leased, 'w', id)
+      redis.call('PEXPIRE', KEYS[i], window * 1000)
+    else
+      redis.call('HINCRBY', KEYS[i], 'c', granted)
+    end
+  end
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl < 0 and id then
+    ttl = window * 1000
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = granted, leased, ttl, id or ''
+end
+return out
+"""
+
+#: Gives back what idle leases did not spend. KEYS[i]: a lease's hash; ARGV[2i-1]:
+#: the id of the window it was taken from; ARGV[2i]: the units unspent. A window
+#: that has ended (or another one that opened since) is left alone.
+REDIS_RETURN_LEASES = """
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'w') == ARGV[2 * i - 1] then
+    redis.call('HINCRBY', KEYS[i], 'c', -tonumber(ARGV[2 * i]))
+  end
+end
+return #KEYS
+"""
+
+#: Put before any of the scripts above, for a signed request: remembers its
+#: signature's nonce (the last key; the last argument its TTL in seconds) in the
+#: same round trip as the limits, and answers {-1}, charging nothing, when it was
+#: there already (a replay). Redis runs a script whole, so a replay racing the
+#: original still finds one of them first.
+NONCE_FIRST = """
+local nonce_ttl = tonumber(table.remove(ARGV))
+if not redis.call('SET', table.remove(KEYS), '1', 'NX', 'EX', nonce_ttl) then
+  return {-1}
+end
+"""
 
 #: The script of each strategy, and the part of its keys that keeps the strategies'
 #: keys apart (a deployment that switches strategy must never meet a key of another type).
@@ -571,6 +655,258 @@ class MemorySlidingWindows:
             self._windows.clear()
 
 
+class _Lease:
+    """A share of one limit's window in Redis, leased to this process."""
+
+    __slots__ = ("client_id", "deadline", "leased", "touched", "unused", "window")
+
+    def __init__(
+        self, client_id: str, window: bytes, unused: int, deadline: float, leased: int, now: float
+    ) -> None:
+        self.client_id = client_id
+        #: The id Redis gave the window; a lease is only ever given back to that window.
+        self.window = window
+        self.unused = unused
+        #: When this process stops spending it (its clock): never after Redis ends the window.
+        self.deadline = deadline
+        #: What Redis said was leased out of the window (all instances), at the last round trip.
+        self.leased = leased
+        self.touched = now
+
+
+#: Seconds a lease ends before the window Redis reported, for the rounding of PTTL.
+LEASE_MARGIN = 0.002
+
+
+class Leases:
+    """Batched counting (``rate_limit_sync="batched"``): shares of Redis windows, spent here.
+
+    Each limit of a client is a fixed window in Redis holding how many units
+    have been *leased out* of it, by every instance. A request this process's
+    leases cover is charged here, with no round trip. Otherwise one script
+    (:data:`REDIS_LEASES`), one round trip, leases the cost plus up to a lease
+    (``rate_limit_lease``: a fraction of each limit, or a count) for every limit
+    the leases held do not cover, or, when any one of them has not the cost left,
+    leases nothing: the units the covered limits had set aside for the request
+    are put back, so a request takes from every limit's lease or from none.
+
+    The bound. A unit is spent only after Redis has counted it, in the window it
+    is spent in: a lease ends here (``deadline``) when the window's PTTL, counted
+    from *before* the request was sent, runs out, so never after Redis ends the
+    window. Hence, with any number of instances, **at most the limit is admitted
+    per window**, as in exact mode. What batching costs is the other way round:
+    a request may be refused while other instances hold leased units they have
+    not spent, at most ``lease + cost - 1`` per instance and limit (``lease`` for
+    requests of cost 1), and only until they give them back, after
+    ``rate_limit_lease_idle`` seconds without use (or when the limiter closes).
+    With one instance that slack is its own, so exactly the limit is admitted.
+
+    Headers: a limit's ``r`` is what Redis said was left at this instance's last
+    round trip plus what this instance's lease has not spent: exactly what it can
+    still admit if no other instance takes more. With one instance it is exact;
+    with several, other instances may have taken some of it since (never more
+    than the limit is admitted, whatever ``r`` said).
+
+    Outages: a lease already held is spent while Redis is down (its units were
+    counted in Redis before the outage, so the bound holds); once it is spent or
+    its window ends, ``on_storage_error`` decides.
+    """
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        lease = settings.rate_limit_lease
+        self.fraction = float(lease) if lease < 1 else 0.0
+        self.count = int(lease) if lease >= 1 else 0
+        self.idle = float(settings.rate_limit_lease_idle)
+        #: This process's clock for deadlines and idleness (tests inject one).
+        self.clock = clock
+        self._held: dict[str, _Lease] = {}
+        #: key -> requests of this process fetching a lease of it now (see wants()).
+        self._inflight: dict[str, int] = {}
+        self._lock = threading.Lock()
+        ref = weakref.ref(self)
+        # A forked child must not spend its parent's leases as well (gunicorn --preload).
+        os.register_at_fork(after_in_child=lambda: _forget_leases(ref))
+
+    def size(self, lim: Limit) -> int:
+        """The units leased beyond a request's cost for ``lim``."""
+        if self.count:
+            return min(self.count, lim.amount)
+        return max(1, int(lim.amount * self.fraction))
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def take(self, keys: list[str], cost: int) -> tuple[list[_Lease | None], bool, float]:
+        """Set ``cost`` aside from each lease that covers it.
+
+        Returns (per limit, the lease it was set aside from or None; whether every
+        limit was covered, so the request is charged; the clock). When not, the
+        request is in flight for its uncovered limits until :meth:`settle` or
+        :meth:`give_back`.
+        """
+        now = self.clock()
+        held = self._held
+        taken: list[_Lease | None] = []
+        covered = True
+        with self._lock:
+            for key in keys:
+                lease = held.get(key)
+                if lease is not None and lease.deadline <= now:
+                    del held[key]  # its window has ended: the units left died with it
+                    lease = None
+                if lease is None or lease.unused < cost:
+                    taken.append(None)
+                    covered = False
+                    continue
+                lease.unused -= cost
+                lease.touched = now
+                taken.append(lease)
+            if not covered:
+                inflight = self._inflight
+                for key, lease in zip(keys, taken, strict=True):
+                    if lease is None:
+                        inflight[key] = inflight.get(key, 0) + 1
+        return taken, covered, now
+
+    def take_all(self, keys: list[str], cost: int) -> tuple[list[_Lease] | None, float]:
+        """Set ``cost`` aside from every lease, or from none (None)."""
+        now = self.clock()
+        held = self._held
+        with self._lock:
+            chosen = []
+            for key in keys:
+                lease = held.get(key)
+                if lease is None or lease.deadline <= now or lease.unused < cost:
+                    return None, now
+                chosen.append(lease)
+            for lease in chosen:
+                lease.unused -= cost
+                lease.touched = now
+        return chosen, now
+
+    def give_back(self, keys: list[str], taken: list[_Lease | None], cost: int) -> None:
+        """Put back what :meth:`take` set aside for a request that was not admitted."""
+        with self._lock:
+            for key, lease in zip(keys, taken, strict=True):
+                if lease is not None:
+                    lease.unused += cost
+                else:
+                    self._landed(key)
+
+    def _landed(self, key: str) -> None:
+        left = self._inflight.get(key, 1) - 1
+        if left > 0:
+            self._inflight[key] = left
+        else:
+            self._inflight.pop(key, None)
+
+    def wants(
+        self, limits_: tuple[Limit, ...], keys: list[str], taken: list[_Lease | None], cost: int
+    ) -> list[int]:
+        """The script's arguments: the cost, then amount, window, units wanted per limit.
+
+        A request leases more than its cost only when no other request of this
+        process is fetching a lease of that limit already: a burst of misses (a
+        cold start under load) leases one lease, not one per request, so an
+        instance holds about a lease of a window, not a lease per request in flight.
+        """
+        args = [cost]
+        inflight = self._inflight
+        for lim, key, lease in zip(limits_, keys, taken, strict=True):
+            if lease is not None:
+                want = 0
+            elif inflight.get(key, 0) > 1:
+                want = cost
+            else:
+                want = cost + self.size(lim)
+            args += (lim.amount, lim.expiry, want)
+        return args
+
+    def settle(
+        self,
+        client_id: str,
+        keys: list[str],
+        taken: list[_Lease | None],
+        cost: int,
+        result: Any,
+        sent_at: float,
+    ) -> list[_Lease]:
+        """Keep what an admitting script leased beyond the cost; the lease of each limit."""
+        now = self.clock()
+        held = self._held
+        out = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                granted, leased, ttl, window = result[4 * i + 1 : 4 * i + 5]
+                granted, leased, ttl = int(granted), int(leased), int(ttl)
+                lease = taken[i]
+                if lease is not None:  # covered here: only Redis's count is news
+                    if lease.window == window:
+                        lease.leased = leased
+                    out.append(lease)
+                    continue
+                self._landed(key)
+                lease = held.get(key)
+                if lease is not None and lease.window == window and lease.deadline > now:
+                    lease.unused += granted - cost
+                    lease.leased = leased
+                    lease.touched = now
+                else:
+                    deadline = sent_at + ttl / 1000 - LEASE_MARGIN
+                    lease = _Lease(client_id, window, granted - cost, deadline, leased, now)
+                    held[key] = lease
+                out.append(lease)
+        return out
+
+    def ending(self, everything: bool = False) -> dict[str, list[tuple[str, bytes, int]]]:
+        """Takes out the leases idle for ``idle`` seconds (or all): per client id, the
+        (key, window, unspent units) to give back."""
+        now = self.clock()
+        out: dict[str, list[tuple[str, bytes, int]]] = {}
+        with self._lock:
+            held = self._held
+            for key, lease in list(held.items()):
+                if lease.deadline <= now:
+                    del held[key]  # nothing to give back to a window that has ended
+                elif everything or lease.touched + self.idle <= now:
+                    del held[key]
+                    if lease.unused > 0:
+                        out.setdefault(lease.client_id, []).append(
+                            (key, lease.window, lease.unused)
+                        )
+        return out
+
+    def forget(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self._inflight.clear()
+
+
+def _forget_leases(ref: weakref.ReferenceType[Leases]) -> None:
+    leases = ref()
+    if leases is not None:
+        leases._lock = threading.Lock()  # a lock held at the fork stays held in the child
+        leases.forget()
+
+
+def _close_at_exit(ref: weakref.ReferenceType[Limiter]) -> None:
+    limiter = ref()
+    if limiter is not None:
+        limiter.close()
+
+
+def _return_idle_leases(
+    ref: weakref.ReferenceType[Limiter], stop: threading.Event, interval: float
+) -> None:
+    """The background giver-back of idle leases; holds the limiter only while it works."""
+    while not stop.wait(interval):
+        limiter = ref()
+        if limiter is None:
+            return
+        limiter.return_idle()
+        del limiter
+
+
 def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...]:
     out = []
     seen: set[str] = set()
@@ -626,6 +962,17 @@ def _script_call(
     return keys, args
 
 
+def _replayed() -> Charge:
+    return Charge(False, [], replayed=True)
+
+
+def _lease_keys(plan: LimitPlan, client_id: str) -> list[str]:
+    """The lease hashes of a request's limits, in one Redis Cluster slot (see
+    :func:`_script_call`), apart from the exact mode's counters (another type)."""
+    tag = f"m2m:{{{client_id}}}:batched/"
+    return [tag + lim.key_prefix for lim in plan.limits]
+
+
 #: Distinct unknown tier names a limiter logs; see :meth:`Limiter._unknown_tier`.
 UNKNOWN_TIERS_LOGGED = 32
 
@@ -656,8 +1003,30 @@ class Limiter:
         #: The one-round-trip script of the strategy, on the connection limits opened (Redis).
         self._script: Any = None
         self._script_source, self._script_kind = REDIS_SCRIPTS[strategy]
+        #: Batched counting (Redis, fixed windows; Settings refuses the rest): see Leases.
+        self.leases: Leases | None = None
+        self._return_script: Any = None
+        self._returner: threading.Thread | None = None
+        self._returner_stop = threading.Event()
+        #: Whether a thread gives back idle leases (tests call return_idle themselves).
+        self.return_leases_in_background = True
+        if self.redis and settings.rate_limit_sync == "batched":
+            self.leases = Leases(settings)
+            self._script_source, self._script_kind = REDIS_LEASES, "batched/"
+        #: The script that remembers a signature's nonce first (see carries_nonces).
+        self._nonce_script: Any = None
+        #: redis.asyncio client (one per event loop) -> its NONCE_FIRST script.
+        self._aio_nonce_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if self.redis:
-            self._script = self.storage.get_connection().register_script(self._script_source)
+            connection = self.storage.get_connection()
+            self._script = connection.register_script(self._script_source)
+            if self.leases is not None:
+                self._return_script = connection.register_script(REDIS_RETURN_LEASES)
+            if _scheme(uri) != "redis+cluster":
+                # A nonce's key names the signing key, not the client: on a cluster it
+                # lives in another slot than the client's counters, so it stays a
+                # round trip of its own there (signatures.RedisNonces).
+                self._nonce_script = connection.register_script(NONCE_FIRST + self._script_source)
         #: The clock of the moving and sliding window scripts; None (the default) is
         #: Redis's own ``TIME``, which every instance shares, as they share the expiry
         #: clock of the fixed windows. Tests set it to replay a history.
@@ -770,12 +1139,25 @@ class Limiter:
 
     # -- sync -----------------------------------------------------------------
 
+    def carries_nonces(self, plan: LimitPlan) -> bool:
+        """Whether :meth:`charge` can remember a signature's nonce for ``plan`` in the
+        round trip its limits make (Redis, not a cluster, and limits to charge)."""
+        return self._nonce_script is not None and bool(plan.limits)
+
     def charge(
-        self, plan: LimitPlan, client_id: str, cost: int, now: float | None = None
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        cost: int,
+        now: float | None = None,
+        nonce: tuple[str, int] | None = None,
     ) -> Charge:
         """Charge ``cost`` to every limit of ``plan`` for ``client_id``, or to none.
 
-        Raises :class:`StorageDown` when the storage cannot be reached.
+        ``nonce`` (key, TTL seconds), only when :meth:`carries_nonces`: remember it
+        first in the same round trip; a nonce seen before charges nothing and
+        answers ``replayed``. Raises :class:`StorageDown` when the storage cannot
+        be reached.
         """
         if not plan.limits:
             return Charge(True, [])
@@ -801,8 +1183,18 @@ class Limiter:
                     for lim, (count, end) in zip(plan.limits, states, strict=True)
                 )
             return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
+        if self.leases is not None:
+            return self._charge_leased(plan, client_id, cost, nonce)
         try:
-            if self._script is not None:
+            if nonce is not None:
+                keys, args = _script_call(
+                    plan, client_id, cost, self._script_kind, self.redis_clock
+                )
+                raw = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
+                result = (
+                    _replayed() if int(raw[0]) < 0 else self._script_result(plan, client_id, raw)
+                )
+            elif self._script is not None:
                 keys, args = _script_call(
                     plan, client_id, cost, self._script_kind, self.redis_clock
                 )
@@ -869,12 +1261,61 @@ class Limiter:
             found = self._aio[loop] = (storage, script, closer)
         return found[0], found[1]
 
-    async def acharge(self, plan: LimitPlan, client_id: str, cost: int) -> Charge:
+    async def _anonce_script(self, storage: Any) -> Any:
+        client = storage.bridge.get_connection()
+        script = self._aio_nonce_scripts.get(client)
+        if script is None:
+            script = client.register_script(NONCE_FIRST + self._script_source)
+            self._aio_nonce_scripts[client] = script
+        return script
+
+    async def acharge(
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        cost: int,
+        nonce: tuple[str, int] | None = None,
+    ) -> Charge:
+        """The async twin of :meth:`charge` (``nonce`` as there)."""
         if self.in_memory or not plan.limits:  # in-process: never blocks
             return self.charge(plan, client_id, cost)
+        leases = self.leases
+        if leases is not None:
+            keys = _lease_keys(plan, client_id)
+            taken, covered, sent_at = leases.take(keys, cost)
+            if covered and nonce is None:  # no round trip, nothing to wait for
+                return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
+            try:
+                storage, script = await self._async_storage()
+                if covered:  # only the nonce to remember
+                    client = storage.bridge.get_connection()
+                    assert nonce is not None
+                    fresh = await client.set(nonce[0], b"1", nx=True, ex=nonce[1])
+                    answer: Any = [0] if fresh else [-1]
+                elif nonce is not None:
+                    script = await self._anonce_script(storage)
+                    args = leases.wants(plan.limits, keys, taken, cost)
+                    answer = await script([*keys, nonce[0]], [*args, nonce[1]])
+                else:
+                    answer = await script(keys, leases.wants(plan.limits, keys, taken, cost))
+            except Exception as exc:
+                leases.give_back(keys, taken, cost)
+                raise self._failed(exc) from exc
+            if self._down:
+                self._recovered()
+            return self._leased_outcome(plan, client_id, keys, taken, cost, answer, sent_at)
         try:
             storage, script = await self._async_storage()
-            if script is not None:
+            if nonce is not None:
+                keys, args = _script_call(
+                    plan, client_id, cost, self._script_kind, self.redis_clock
+                )
+                script = await self._anonce_script(storage)
+                raw = await script([*keys, nonce[0]], [*args, nonce[1]])
+                result = (
+                    _replayed() if int(raw[0]) < 0 else self._script_result(plan, client_id, raw)
+                )
+            elif script is not None:
                 keys, args = _script_call(
                     plan, client_id, cost, self._script_kind, self.redis_clock
                 )
@@ -908,6 +1349,138 @@ class Limiter:
             plan,
             [(lim.amount - c, r) for lim, c, r in zip(plan.limits, counts, resets, strict=True)],
         )
+
+    # -- batched counting (Leases) ---------------------------------------------
+
+    def _charge_leased(
+        self, plan: LimitPlan, client_id: str, cost: int, nonce: tuple[str, int] | None
+    ) -> Charge:
+        leases = self.leases
+        assert leases is not None
+        keys = _lease_keys(plan, client_id)
+        taken, covered, sent_at = leases.take(keys, cost)
+        if covered and nonce is None:  # the hot path: no round trip
+            return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
+        try:
+            if covered:  # only the nonce to remember
+                assert nonce is not None
+                connection = self.storage.get_connection()
+                fresh = connection.set(nonce[0], b"1", nx=True, ex=nonce[1])
+                result: Any = [0] if fresh else [-1]
+            elif nonce is not None:
+                args = leases.wants(plan.limits, keys, taken, cost)
+                result = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
+            else:
+                result = self._script(keys, leases.wants(plan.limits, keys, taken, cost))
+        except Exception as exc:
+            leases.give_back(keys, taken, cost)
+            raise self._failed(exc) from exc
+        if self._down:
+            self._recovered()
+        return self._leased_outcome(plan, client_id, keys, taken, cost, result, sent_at)
+
+    def _leased_outcome(
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        keys: list[str],
+        taken: list[_Lease | None],
+        cost: int,
+        result: Any,
+        sent_at: float,
+    ) -> Charge:
+        """A lease script's answer, or (``[0]`` / ``[-1]``) a nonce's alone."""
+        if int(result[0]) < 0:  # a replay: nothing is charged
+            leases = self.leases
+            assert leases is not None
+            leases.give_back(keys, taken, cost)
+            return _replayed()
+        if len(result) == 1:  # every limit covered here, the nonce new
+            return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
+        return self._leased_result(plan, client_id, keys, taken, cost, result, sent_at)
+
+    def _leased_result(
+        self,
+        plan: LimitPlan,
+        client_id: str,
+        keys: list[str],
+        taken: list[_Lease | None],
+        cost: int,
+        result: Any,
+        sent_at: float,
+    ) -> Charge:
+        leases = self.leases
+        assert leases is not None
+        refused = int(result[0])
+        if refused:
+            leases.give_back(keys, taken, cost)
+            # A request racing this one may have leased what it needs meanwhile.
+            held, now = leases.take_all(keys, cost)
+            if held is not None:
+                return self._leased_headers(plan, held, now)
+            lim = plan.limits[refused - 1]
+            ttl = int(result[2])
+            now = time.time()
+            return self._denied(plan, lim, now + (ttl / 1000 if ttl > 0 else lim.expiry), client_id)
+        held = leases.settle(client_id, keys, taken, cost, result, sent_at)
+        if self._returner is None and self.return_leases_in_background:
+            self._start_returner()
+        return self._leased_headers(plan, held, sent_at)
+
+    def _leased_headers(self, plan: LimitPlan, held: list[_Lease], now: float) -> Charge:
+        if not self.send_headers:
+            return Charge(True, [])
+        value = ", ".join(
+            f"{lim.header_start}{max(0, lim.amount - lease.leased + lease.unused)};"
+            f"t={max(0, math.ceil(lease.deadline - now))}"
+            for lim, lease in zip(plan.limits, held, strict=True)
+        )
+        return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
+
+    def _start_returner(self) -> None:
+        with self._unknown_tiers_lock:  # any lock: this runs once
+            if self._returner is not None or self.leases is None:
+                return
+            interval = min(self.leases.idle, 1.0)
+            self._returner = threading.Thread(
+                target=_return_idle_leases,
+                args=(weakref.ref(self), self._returner_stop, interval),
+                name="m2m-lease-returner",
+                daemon=True,
+            )
+            self._returner.start()
+            # A daemon thread dies with the process: give back what is held at exit.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def return_idle(self, everything: bool = False) -> int:
+        """Give back to Redis what leases idle for ``rate_limit_lease_idle`` seconds (or
+        all leases) have not spent; returns how many leases were given back.
+
+        One round trip per client (its keys share a Cluster slot), off the request
+        path. Never raises: units that cannot be given back stay counted until
+        their window ends, which only ever refuses, never admits, more.
+        """
+        if self.leases is None:
+            return 0
+        given = 0
+        for leases in self.leases.ending(everything).values():
+            args: list[Any] = []
+            for _, window, unused in leases:
+                args += (window, unused)
+            try:
+                self._return_script([key for key, _, _ in leases], args)
+            except Exception as exc:
+                # Redis is down: stop at the first failure (each would wait out
+                # storage_timeout, at exit too); the rest stay counted.
+                logger.debug("leases not given back (%s)", type(exc).__name__)
+                break
+            given += len(leases)
+        return given
+
+    def close(self) -> None:
+        """Stop the background giver-back and give back every lease held."""
+        self._returner_stop.set()
+        self.return_idle(everything=True)
 
     # -- the Redis scripts ----------------------------------------------------
 

@@ -50,6 +50,7 @@ STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
 #: strategy all-or-nothing in one round trip (m2m_middleware.limiting).
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
 FAILURE_POLICIES = ("allow", "deny")
+SYNC_MODES = ("exact", "batched")
 #: The alert rules with a threshold in limits notation: setting ``alert_<rule>``
 #: (m2m_middleware.telemetry.alerts; the traffic-spike rule has settings of its own).
 ALERT_RULES = ("auth_failures", "client_failures", "rate_limited", "ended_keys")
@@ -246,6 +247,10 @@ class Settings:
     rate_limit_storage: str = "memory://"
     rate_limit_strategy: str = "fixed-window"
     rate_limit_headers: bool = True
+    # Batched counting in Redis (m2m_middleware.limiting: leases); "exact" by default.
+    rate_limit_sync: str = "exact"
+    rate_limit_lease: float = 0.1
+    rate_limit_lease_idle: float = 1.0
     public_paths: Sequence[str] = ()
     on_storage_error: str = "deny"
     storage_timeout: float = 1.0
@@ -387,6 +392,7 @@ class Settings:
                 "are admitted; use 'fixed-window' there (charged all-or-nothing by increment "
                 "and roll-back), or a memory:// or redis:// storage",
             )
+        self._validate_rate_limit_sync(scheme)
         if not isinstance(self.rate_limit_headers, bool):
             raise ConfigError("rate_limit_headers", "expected true or false")
         public = _string_tuple("public_paths", self.public_paths) if self.public_paths else ()
@@ -448,6 +454,47 @@ class Settings:
             maximum=1_000_000,
             integer=True,
         )
+
+    def _validate_rate_limit_sync(self, scheme: str) -> None:
+        """``rate_limit_sync`` and its lease: see :class:`m2m_middleware.limiting.Leases`."""
+        if self.rate_limit_sync not in SYNC_MODES:
+            raise ConfigError(
+                "rate_limit_sync", f"{self.rate_limit_sync!r}; choose 'exact' or 'batched'"
+            )
+        lease = self.rate_limit_lease
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease != lease:
+            raise ConfigError(
+                "rate_limit_lease",
+                f"expected a fraction of each limit (0 < f < 1) or a whole number of "
+                f"requests (>= 1), got {lease!r}",
+            )
+        if isinstance(lease, float) and lease >= 1 and not lease.is_integer():
+            raise ConfigError(
+                "rate_limit_lease",
+                f"{lease!r}: a fraction is below 1, a count is a whole number",
+            )
+        if not 0 < lease <= 1_000_000:
+            raise ConfigError("rate_limit_lease", f"{lease!r} is outside 0 (excluded)..1000000")
+        _number("rate_limit_lease_idle", self.rate_limit_lease_idle, minimum=0.01, maximum=3600)
+        if self.rate_limit_sync == "exact" or scheme == "memory":
+            # memory:// counts in this process already: exact, and without a round trip
+            # to save, so "batched" there is accepted and means nothing (one setting
+            # can serve development on memory:// and production on Redis).
+            return
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(
+                "rate_limit_sync",
+                f"'batched' leases budgets from Redis; a {scheme}:// storage counts "
+                "exactly only ('exact')",
+            )
+        if self.rate_limit_strategy != "fixed-window":
+            raise ConfigError(
+                "rate_limit_sync",
+                f"'batched' takes rate_limit_strategy 'fixed-window' only, not "
+                f"{self.rate_limit_strategy!r}: a lease is a share of one window, and a "
+                "moving or sliding window has no window a share could be taken from and "
+                "returned to without overshooting by an amount no one could state",
+            )
 
     def _validate_signatures(self) -> None:
         if not isinstance(self.require_signatures, bool):

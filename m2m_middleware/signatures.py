@@ -21,7 +21,10 @@ says and raises :class:`~m2m_middleware.errors.InvalidSignature` otherwise:
 The signature base, the structured fields and the digests are the library's;
 what is ours is the policy above and the nonce memory, which lives in the
 limit storage (:func:`nonce_store`), so two instances sharing a Redis catch a
-replay between them. Nothing here runs unless a signature is asked for: the
+replay between them. With Redis (not a cluster) and limits to charge, the
+engine asks :meth:`SignatureVerifier.check` for the nonce and the limiter
+remembers it in the script that charges the limits: one round trip for both.
+Nothing here runs unless a signature is asked for: the
 API-key path pays nothing for this module.
 """
 
@@ -48,7 +51,7 @@ from http_message_signatures import (
 )
 from http_message_signatures import InvalidSignature as LibraryInvalidSignature
 
-from .errors import InvalidSignature, TemporarilyUnavailable
+from .errors import NONCE_REPLAYED, InvalidSignature, TemporarilyUnavailable
 from .limiting import Limiter, StorageDown
 from .redaction import redact, secrets_of
 from .request_view import RequestView
@@ -389,7 +392,7 @@ class SignatureVerifier:
         else:
             self._recovered()
         if not fresh:
-            raise InvalidSignature("the signature's nonce was used before")
+            raise InvalidSignature(NONCE_REPLAYED)
 
     async def averify(
         self,
@@ -411,7 +414,22 @@ class SignatureVerifier:
         else:
             self._recovered()
         if not fresh:
-            raise InvalidSignature("the signature's nonce was used before")
+            raise InvalidSignature(NONCE_REPLAYED)
+
+    def check(
+        self,
+        view: RequestView,
+        key_id: str,
+        public_key_pem: str,
+        target_uri: str,
+        now: float | None = None,
+    ) -> tuple[str, int]:
+        """:meth:`verify` but for the nonce memory: returns the nonce's (key, TTL) for
+        the caller to remember in the round trip the request's limits make
+        (:meth:`Limiter.charge <m2m_middleware.limiting.Limiter.charge>`); the key is
+        the one :class:`RedisNonces` remembers, so both paths catch each other's
+        replays."""
+        return self._checked(view, key_id, public_key_pem, target_uri, now), self.nonce_ttl
 
     def _checked(
         self,

@@ -83,11 +83,15 @@ def test_the_redis_benchmark_reports_every_framework_and_one_round_trip_for_ours
         for label in (framework, f"{framework}, 3 limits"):
             assert re.search(
                 rf"^{label}: ours {US}, peer {US} \(.+\), peer/ours {RATIO}; "
-                r"Redis round trips/request: ours 1, peer [\d.]+$",
+                r"Redis round trips/request: ours 1, peer [\d.]+"
+                rf"(?:; batched {US}, peer/batched {RATIO}, [\d.]+ round trips/request)?$",
                 out,
                 re.M,
             ), out
     assert "raw floor: sha256 + dict lookup + limits hit on RedisStorage" in out
+    for framework in ("starlette", "flask"):
+        # Batched: a lease of a tenth of 1000000/second, so next to no round trips.
+        assert re.search(rf"^{framework}: .*; batched {US}, .*, 0(?:\.0\d)? round trips", out, re.M)
 
 
 @pytest.mark.slow

@@ -31,8 +31,12 @@ def redis_app(make_app: MakeApp, url: str, **overrides: Any) -> tuple[Any, dict[
     return make_app(values), {"X-API-Key": key}
 
 
-def test_limits_in_redis_answer_429_with_the_headers(make_app: MakeApp, redis_url: str) -> None:
-    app, key = redis_app(make_app, redis_url)
+@pytest.mark.parametrize("sync", ["exact", "batched"])
+def test_limits_in_redis_answer_429_with_the_headers(
+    make_app: MakeApp, redis_url: str, sync: str
+) -> None:
+    # Batched with one instance: exactly the limit, and the same headers.
+    app, key = redis_app(make_app, redis_url, rate_limit_sync=sync, rate_limit_lease=2)
     replies = [app.get("/ping", key) for _ in range(4)]
     assert [r.status for r in replies] == [200, 200, 200, 429]
     # Redis counts real seconds: a window opened a moment ago may say 59.
