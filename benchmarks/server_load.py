@@ -932,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = [s.framework for s in servers]
     skipped = [s.key for s in STACKS if s not in stacks]
     config = {
+        "run": RUN,
         "versions": versions(frameworks),
         "load_generator": generator.name,
         "connections": args.connections,
@@ -966,4 +967,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers are stopped by then (finally blocks)
+        print("server_load.py: interrupted; every server it started is stopped", file=sys.stderr)
+        sys.exit(130)
