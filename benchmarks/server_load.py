@@ -543,9 +543,6 @@ class Row:
         found = [load.cpu_rps for load in self.loads if load.cpu_rps is not None]
         return statistics.median(found) if found else None
 
-    def throughput(self, clock: str) -> float | None:
-        return self.rps if clock == "wall" else self.cpu_rps
-
     @property
     def p50_ms(self) -> float:
         return statistics.median(load.p50_ms for load in self.loads)
@@ -642,13 +639,27 @@ def measure_row(
 # -- reporting --------------------------------------------------------------------------------
 
 
+def _throughput(load: Load, clock: str) -> float | None:
+    return load.rps if clock == "wall" else load.cpu_rps
+
+
 def ratio(row: Row, rows: list[Row], clock: str) -> float | None:
-    """``row``'s throughput over the bare app's under the same server (per ``clock``)."""
+    """``row``'s throughput over the bare app's under the same server (per ``clock``).
+
+    With several rounds, the median of the per-round ratios: a stack and its
+    bare app run minutes apart at most within a round but further apart across
+    rounds, and on a shared machine the load in between moves more than the
+    difference being measured.
+    """
     bare = next((r for r in rows if r.server is row.server and r.stack.role == "bare"), None)
     if bare is None:
         return None
-    mine, base = row.throughput(clock), bare.throughput(clock)
-    return mine / base if mine is not None and base else None
+    found = []
+    for mine, base in zip(row.loads, bare.loads, strict=True):
+        a, b = _throughput(mine, clock), _throughput(base, clock)
+        if a is not None and b:
+            found.append(a / b)
+    return statistics.median(found) if found else None
 
 
 def _x(value: float | None) -> str:
@@ -847,7 +858,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=positive(int),
         default=1,
-        help="run the whole list N times, interleaved; report the median (default 1)",
+        help="run the whole list N times, interleaved; report medians (a ratio: the median of "
+        "the per-round ratios; default 1)",
     )
     parser.add_argument(
         "--load-generator",
@@ -889,6 +901,9 @@ def pick_generator(args: argparse.Namespace) -> Generator:
     if binary is not None and args.load_generator != "python":
         return wrk_generator(binary, args.connections, args.threads)
     return python_generator(args.connections)
+
+
+MEDIANS = " (medians; a ratio is the median of the per-round ratios)"
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -947,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         config["versions"],
         f"{generator.describe()}, {args.duration:g} s per stack after a {args.warmup:g} s "
-        f"warm-up, {args.rounds} round(s){' (median)' if args.rounds > 1 else ''}; "
+        f"warm-up, {args.rounds} round(s){MEDIANS if args.rounds > 1 else ''}; "
         "one server at a time, 1 worker process, 127.0.0.1",
     ]
     if skipped:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,43 @@ def test_the_server_load_benchmark_reports_every_stack_and_stops_its_servers(
     assert set(_servers_left()) <= before
     with redis.Redis.from_url(redis_url) as client:
         assert not [k for k in client.scan_iter(match=f"*{data['run']}*", count=1000)]
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
+def test_the_server_load_benchmark_drives_gunicorn_with_wrk_and_prints_only_json(
+    redis_url: str,
+) -> None:
+    """With ``--json -`` stdout is one JSON document (progress goes to stderr)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "server_load.py"),
+            "--quick",
+            "--only",
+            "flask",
+            "--load-generator",
+            "wrk",
+            "--redis-url",
+            redis_url,
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert data["load_generator"] == "wrk"
+    [server] = data["servers"]
+    assert (server["server"], server["runs_under"]) == ("flask", "gunicorn")
+    roles = [s["role"] for s in server["stacks"]]
+    assert roles[0] == "bare" and "ours" in roles and roles[-1] == "peer"
+    for stack in server["stacks"]:
+        assert stack["rps"] > 0 and stack["rounds"][0]["requests"] > 0
+    assert "flask/bare:" in result.stderr
