@@ -249,3 +249,34 @@ def test_the_module_has_no_unmapped_base64_errors() -> None:
         with pytest.raises(InvalidToken):
             v.verify(bad)
     assert tokens_module._b64decode("YQ") == b"a"
+
+
+# -- the payload's JSON and the shared scope sets ------------------------------------------
+
+
+def test_payload_json_is_judged_as_before_around_the_fast_decoder() -> None:
+    """The scanner takes a payload only when it consumes all of it; otherwise decode judges."""
+    v = warmed()
+    body = json.dumps(claims())
+    for accepted in (body, f" {body}", f"{body}\r\n", f"\n\t{body} "):
+        assert v.verify(raw_token(HEADER, accepted)).client.client_id == "svc"
+    for refused in (f"{body} x", f"{body}{body}", f"{body},", body[:-1], f"[{body}]", " "):
+        with pytest.raises(InvalidToken, match="payload"):
+            v.verify(raw_token(HEADER, refused))
+
+
+def test_tokens_with_one_scope_string_share_one_immutable_scope_set() -> None:
+    v = warmed()
+    first = v.verify(raw_token(HEADER, claims(scope="orders:read orders:write"))).client
+    second = v.verify(raw_token(HEADER, claims(scope="orders:read orders:write", jti="2"))).client
+    assert first.scopes == second.scopes == frozenset({"orders:read", "orders:write"})
+    assert first.scopes is second.scopes  # one set, and a frozenset: nothing can change it
+    other = v.verify(raw_token(HEADER, claims(scope="orders:read"))).client
+    assert other.scopes == frozenset({"orders:read"})
+
+
+def test_the_shared_scope_sets_are_bounded() -> None:
+    v = verifier()
+    for i in range(tokens_module.MAX_KNOWN_SCOPES * 2 + 3):
+        assert v.verify(raw_token(HEADER, claims(scope=f"s{i} t"))).client.scopes == {f"s{i}", "t"}
+        assert len(tokens_module._SCOPE_SETS) <= tokens_module.MAX_KNOWN_SCOPES
