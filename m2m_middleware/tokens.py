@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .issuer.own_tokens import OwnTokens
 
 logger = logging.getLogger("m2m_middleware")
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 #: A well-formed compact JWS in one match: one regex call where a split and
 #: three segment matches measured 1.8x as long (timeit, a 330-byte token).
 #: Anything it refuses is judged again part by part, for the precise error.
