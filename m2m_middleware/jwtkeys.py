@@ -61,7 +61,16 @@ def key_fits(key: Key, alg: str) -> bool:
     if use is not None and use != "sig":
         return False
     ops = key.get("key_ops")
-    return ops is None or "verify" in ops
+    if ops is not None and "verify" not in ops:
+        return False
+    # joserfc's own check too (use, key type, alg, curve), once per key and alg
+    # here rather than per token in TokenVerifier.finish: KeyRing.candidates
+    # memoizes the keys that pass, and the answer depends on nothing else.
+    try:
+        JWSRegistry.algorithms[alg].check_key(key)
+    except (JoseError, ValueError):
+        return False
+    return True
 
 
 class KeyRing:
