@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_store
 from core_support import make_engine, sqlite_url
 
 from m2m_middleware import ConfigError, KeyStore, StoreUnavailable, open_key_store
@@ -46,6 +47,28 @@ def counts(rows: list[UsageRow]) -> list[tuple[Any, ...]]:
         (r.client_id, r.key_id, r.period_start, r.allowed, r.denied, r.rate_limited, r.units)
         for r in rows
     ]
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "django",
+        pytest.param("django-postgres", marks=pytest.mark.postgres),
+    ]
+)
+def database_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
+    """Each store kind whose rows live in a database someone could damage by hand."""
+    the_store = make_store(request.param, tmp_path, request)
+    yield the_store
+    the_store.close()
+
+
+@pytest.fixture(params=["django", pytest.param("django-postgres", marks=pytest.mark.postgres)])
+def django_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyStore]:
+    the_store = make_store(request.param, tmp_path, request)
+    yield the_store
+    the_store.close()
 
 
 def kind_of(store: KeyStore) -> str:
@@ -339,10 +362,9 @@ BAD_ALERTS = {
 }
 
 
-def test_a_damaged_usage_row_is_a_store_error_naming_the_table(store: KeyStore) -> None:
+def test_a_damaged_usage_row_is_a_store_error_naming_the_table(database_store: KeyStore) -> None:
+    store = database_store
     kind = kind_of(store)
-    if kind == "memory":
-        pytest.skip("memory rows are written by the table only")
     for damage in BAD_USAGE[kind]:
         usage_table_for(store).add([row(allowed=1)])
         execute(store, damage)
@@ -353,10 +375,9 @@ def test_a_damaged_usage_row_is_a_store_error_naming_the_table(store: KeyStore) 
         execute(store, "DELETE FROM {usage}")
 
 
-def test_a_damaged_alert_row_is_a_store_error_naming_the_table(store: KeyStore) -> None:
+def test_a_damaged_alert_row_is_a_store_error_naming_the_table(database_store: KeyStore) -> None:
+    store = database_store
     kind = kind_of(store)
-    if kind == "memory":
-        pytest.skip("memory rows are written by the table only")
     for damage in BAD_ALERTS[kind]:
         usage_table_for(store).add_alerts([alert(1, T)])
         execute(store, damage)
@@ -605,10 +626,9 @@ def test_a_django_flush_whose_commit_answer_is_lost_is_never_repeated(
 
 
 def test_a_django_create_that_loses_to_a_concurrent_one_adds_instead(
-    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+    django_store: KeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not kind_of(store).startswith("django"):
-        pytest.skip("the ORM's create-if-missing path")
+    store = django_store
     from django.db.models import QuerySet
 
     table = usage_table_for(store)
