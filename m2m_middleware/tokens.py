@@ -30,6 +30,7 @@ from .errors import AuthError, InvalidToken, TemporarilyUnavailable
 from .jwks import JWKSClient
 from .jwtkeys import Key, KeyRing
 from .settings import Settings
+from .syntax import MAX_TOKEN_CLIENT_ID_LENGTH, check_client_id
 
 if TYPE_CHECKING:
     from .issuer.own_tokens import OwnTokens
@@ -364,7 +365,7 @@ class TokenVerifier:
         client_id = None
         for name in self.client_id_claims:
             if claims.get(name) is not None:
-                client_id = text_claim(claims, name)
+                client_id = _client_id_claim(claims, name)
                 break
         if client_id is None:
             names = " or ".join(self.client_id_claims)
@@ -438,6 +439,29 @@ def text_claim(claims: dict[str, Any], name: str) -> str:
         # name no counter in Redis (redis-py failed to encode it, an
         # "outage" that let it past every limit) nor a key's client.
         raise InvalidToken(f"the token's {name} claim is not valid Unicode text")
+    return value
+
+
+def _client_id_claim(claims: dict[str, Any], name: str) -> str:
+    """The client id a token names: stored and shown as an API key's client id is
+    (usage rows, alerts, the dashboard, ``m2m usage``), so held to the same rule.
+
+    One the usage tables cannot hold (a NUL in PostgreSQL text, more than the
+    Django columns' 255 characters, a key past PostgreSQL's index row limit)
+    would fail every usage flush after it, every other client's counts included.
+    """
+    value = text_claim(claims, name)
+    if len(value) > MAX_TOKEN_CLIENT_ID_LENGTH:
+        raise InvalidToken(
+            f"the token's {name} claim is longer than {MAX_TOKEN_CLIENT_ID_LENGTH} characters"
+        )
+    try:
+        check_client_id(value)
+    except ValueError:
+        raise InvalidToken(
+            f"the token's {name} claim is not a client id (blank, or holding control "
+            "characters or line separators)"
+        ) from None
     return value
 
 

@@ -1,0 +1,98 @@
+"""Findings of an attacker's review of issue 14 (usage, metrics, alerts, dashboard),
+kept as regression tests.
+
+Each failed on the commit it was found on and is fixed since; the docstrings
+keep the reproduction. Traffic goes to 127.0.0.1 only (the machine's
+PostgreSQL through the ``postgres_url`` fixture: skipped without it, failed
+under CI=true).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import string
+import time
+
+import pytest
+
+from m2m_middleware import Settings
+from m2m_middleware.engine import Engine
+
+SECRET = "s" * 40
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _token(sub: str) -> str:
+    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps({"sub": sub, "exp": int(time.time()) + 600}).encode())
+    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _jwt_engine(key_store: str, **overrides: object) -> Engine:
+    values: dict[str, object] = {
+        "schemes": ("api_key", "jwt"),
+        "jwt_keys": SECRET,
+        "jwt_algorithms": ["HS256"],
+        "key_store": key_store,
+        "alerts": False,
+    }
+    values.update(overrides)
+    return Engine(Settings(**values))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "poison",
+    [
+        pytest.param("a\x00b", id="nul"),
+        # Random, so TOAST cannot compress it under the primary key's btree limit
+        # (2704 bytes), yet short enough for max_credential_length (4096).
+        pytest.param("".join(secrets.choice(string.ascii_letters) for _ in range(2800)), id="long"),
+    ],
+)
+def test_one_jwt_client_id_the_database_refuses_blocks_every_usage_flush(
+    poison: str, postgres_url: str
+) -> None:
+    """A token whose client id PostgreSQL cannot store stops all usage from being written.
+
+    Reproduction: key_store="postgresql://...", a validly signed JWT with
+    ``{"sub": "a\\u0000b"}`` (legal JSON; text_claim refuses only lone
+    surrogates) or a 2,800-character random sub. The usage flush writes all
+    pending rows in one transaction; PostgreSQL refuses the row ("text fields
+    cannot contain NUL", "index row size exceeds btree maximum"), the counter
+    keeps every pending count for the next attempt, and every later flush
+    fails the same way: no client's usage (the billing data) is ever written
+    again, and the pending counts grow until the process exits. The same with
+    key_store="django://" on PostgreSQL and a sub over 255 characters (the
+    UsageCount and AlertRecord columns are varchar(255)).
+    """
+    engine = _jwt_engine(postgres_url)
+    try:
+        assert engine.check("GET", "/x", "Bearer " + _token("billing"), None).allowed
+        engine.check("GET", "/x", "Bearer " + _token(poison), None)
+        engine.flush()
+        rows = engine.store.usage()
+        assert [(r.client_id, r.allowed) for r in rows] == [("billing", 1)]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "sub", ["a\x00b", "evil\x1b]8;;https://attacker.example\x07", "x\u2028y", "x" * 256]
+)
+def test_jwt_client_ids_obey_the_rule_of_stored_client_ids(sub: str) -> None:
+    """The client id of a token is what usage rows, alerts, the dashboard and
+    ``m2m usage`` show and store: control characters (a terminal's escape
+    sequences), line separators and more than the usage tables' 255 characters
+    are refused as for an API key's client id (check_client_id), with a 401."""
+    engine = _jwt_engine("memory://")
+    outcome = engine.check("GET", "/x", "Bearer " + _token(sub), None)
+    assert (outcome.status, outcome.error) == (401, "invalid_token")  # type: ignore[union-attr]
