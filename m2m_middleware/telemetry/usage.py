@@ -26,7 +26,7 @@ from ..client import Client
 from ..redaction import redact
 from ..stores.base import KeyStore
 from .records import Alert, UsageRow
-from .tables import usage_table_for
+from .tables import ALERTS_KEPT, usage_table_for
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -96,7 +96,12 @@ class UsageCounter:
         """Keep an alert for the store (the dashboard's "recent alerts"), written
         with the next flush."""
         with self._lock:
-            self._alerts.append(alert)
+            alerts = self._alerts
+            alerts.append(alert)
+            # The table keeps only the newest ALERTS_KEPT: while it cannot be
+            # written, an attacker rotating addresses must not grow this list.
+            if len(alerts) > ALERTS_KEPT:
+                del alerts[: len(alerts) - ALERTS_KEPT]
             if self._thread is None and self._background and not self._closed:
                 self._start()
 
@@ -115,6 +120,7 @@ class UsageCounter:
                 except BaseException:
                     with self._lock:
                         self._alerts[:0] = alerts
+                        del self._alerts[: max(len(self._alerts) - ALERTS_KEPT, 0)]
                     self._keep(pending)
                     raise
             if pending:

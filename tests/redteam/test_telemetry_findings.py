@@ -96,3 +96,43 @@ def test_jwt_client_ids_obey_the_rule_of_stored_client_ids(sub: str) -> None:
     engine = _jwt_engine("memory://")
     outcome = engine.check("GET", "/x", "Bearer " + _token(sub), None)
     assert (outcome.status, outcome.error) == (401, "invalid_token")  # type: ignore[union-attr]
+
+
+def test_alerts_queued_while_the_store_cannot_be_written_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alerts waiting for an unwritable store pile up without bound.
+
+    Reproduction: any store whose alerts table cannot be written (the database
+    down, or ``django://`` before ``manage.py migrate`` ran 0005_usage: usage
+    is on by default); an attacker rotating source addresses (an IPv6 /64 has
+    2**64) makes each address fail ``alert_auth_failures`` times. Every alert
+    is queued for the store, and each failed flush puts the whole queue back:
+    a million addresses are a million Alerts in memory, though the table keeps
+    only the newest ALERTS_KEPT (1,000) of them anyway.
+    """
+    from m2m_middleware.errors import StoreUnavailable
+    from m2m_middleware.telemetry.tables import ALERTS_KEPT
+
+    engine = Engine(
+        Settings(key_store="memory://", alert_auth_failures="1/minute", usage_flush_interval=3600)
+    )
+    counter = engine.telemetry.usage  # type: ignore[union-attr]
+    assert counter is not None
+
+    def down(alerts: object) -> None:
+        raise StoreUnavailable("the database is down")
+
+    monkeypatch.setattr(counter.table, "add_alerts", down)
+    for number in range(ALERTS_KEPT + 500):
+        address = f"2001:db8::{number:x}"
+        engine.check("GET", "/x", None, "m2m_not_a_key_" + "x" * 32, address)
+        if number % 100 == 0:
+            counter.flush_quietly()
+    counter.flush_quietly()
+    queued = counter._alerts
+    assert len(queued) <= ALERTS_KEPT
+    # The newest are the ones kept, as the table would keep them.
+    assert queued[-1].subject == f"2001:db8::{ALERTS_KEPT + 499:x}"
+    monkeypatch.undo()
+    engine.close()
