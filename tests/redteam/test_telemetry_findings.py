@@ -10,12 +10,14 @@ under CI=true).
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import hmac
 import json
 import secrets
 import string
 import time
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +138,40 @@ def test_alerts_queued_while_the_store_cannot_be_written_stay_bounded(
     assert queued[-1].subject == f"2001:db8::{ALERTS_KEPT + 499:x}"
     monkeypatch.undo()
     engine.close()
+
+
+@pytest.mark.parametrize("separator", [";", ","])
+def test_a_csv_cell_holds_no_formula_after_a_list_separator(
+    separator: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The billing export's formula guard is bypassed where a spreadsheet splits on ``;``.
+
+        Reproduction: a client id ``acme;=HYPERLINK("http://evil.example","Invoice")``
+        (create_key takes it; so does a token's ``sub``), ``m2m usage --csv``. The
+        cell starts with ``a``, so it gets no leading ``'``, and holds no comma, so
+        the csv module writes it unquoted. Excel in the locales whose list
+        separator is ``;`` (most of continental Europe) opens a .csv splitting on
+        ``;``: the second cell is ``=HYPERLINK(...)`` and runs. The cell must be
+        neutralised for either separator: what follows a ``;`` gets the leading ``'``
+    (quoting cannot help: such a spreadsheet honours a quote only at a cell's start).
+    """
+    from m2m_middleware import cli, open_key_store
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    client = f'acme{separator}=HYPERLINK("http://evil.example","Invoice")'
+    store = open_key_store(url)
+    issued = store.create_key(client)
+    engine = Engine(Settings(key_store=store, alerts=False))
+    assert engine.check("GET", "/x", None, issued.key).allowed
+    engine.flush()
+    store.close()
+    capsys.readouterr()
+    assert cli.main(["usage", "--store", url, "--since", "all", "--csv"]) == 0
+    out = capsys.readouterr().out
+    line = out.splitlines()[1]
+    # Split as such a spreadsheet splits, honouring only double quotes.
+    cells = next(csv.reader([line], delimiter=";"))
+    assert not any(cell.lstrip().startswith(("=", "+", "-", "@")) for cell in cells), cells
+    # A comma-separated reader reads one cell, neutralised as a leading "=" is.
+    (row,) = csv.DictReader(out.splitlines())
+    assert row["client_id"] == client.replace(";=", ";'=")
