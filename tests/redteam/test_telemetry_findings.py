@@ -16,7 +16,9 @@ import hmac
 import json
 import secrets
 import string
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,54 @@ def test_a_csv_cell_holds_no_formula_after_a_list_separator(
     # A comma-separated reader reads one cell, neutralised as a leading "=" is.
     (row,) = csv.DictReader(out.splitlines())
     assert row["client_id"] == client.replace(";=", ";'=")
+
+
+@pytest.mark.django_db
+def test_the_admin_key_page_reached_by_its_own_link_shows_the_keys_usage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin's usage chart was empty for every key reached the way the admin links it.
+
+    Reproduction: the change list links a key as ``.../apikey/key_5FAbc.../change/``
+    (django.contrib.admin.utils.quote escapes ``_`` as ``_5F``). The admin
+    unquotes that id to find the key, but the usage section read
+    ``store.usage(key_id="key_5FAbc...")``, a key id that names nothing: the
+    page showed "No requests in this period" for a key in heavy use (a
+    runaway or abused key looks idle to whoever checks on it).
+    """
+    from django.contrib import admin
+    from django.contrib.admin.utils import quote
+    from django.contrib.auth.models import User
+    from django.test import Client, override_settings
+    from django.urls import path
+    from django.utils import timezone
+
+    from m2m_middleware.django.admin import APIKeyAdmin
+    from m2m_middleware.django.store import DjangoKeyStore
+    from m2m_middleware.telemetry.records import UsageRow
+    from m2m_middleware.telemetry.tables import usage_table_for
+
+    urlconf = types.ModuleType("m2m_redteam_admin_urls")
+    urlconf.urlpatterns = [path("admin/", admin.site.urls)]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, urlconf.__name__, urlconf)
+    store = DjangoKeyStore()
+    monkeypatch.setattr(APIKeyAdmin, "key_store", lambda self: store)
+    middleware = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "m2m_middleware.django.M2MAuthMiddleware",
+    ]
+    m2m_auth = {"key_store": "django://", "public_paths": ["/admin", "/admin/*"]}
+    with override_settings(ROOT_URLCONF=urlconf.__name__, MIDDLEWARE=middleware, M2M_AUTH=m2m_auth):
+        issued = store.create_key("acme")
+        usage_table_for(store).add([UsageRow("acme", issued.key_id, timezone.now(), allowed=4321)])
+        browser = Client()
+        browser.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+        listing = browser.get("/admin/m2m_middleware/apikey/").content.decode()
+        link = f"/admin/m2m_middleware/apikey/{quote(issued.key_id)}/change/"
+        assert link in listing  # the link the admin itself gives
+        page = browser.get(link).content.decode()
+    store.close()
+    assert "4321 requests in the last" in page
