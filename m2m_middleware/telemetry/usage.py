@@ -84,11 +84,21 @@ class UsageCounter:
     def move(self, client: Client, source: int, target: int) -> None:
         """Count one request of ``client`` under ``target`` instead of ``source``: an
         admitted request the application then refused (``require_scopes``)."""
-        bucket = (client.client_id, client.key_id, int(self._clock()) // 3600)
+        hour = int(self._clock()) // 3600
+        bucket = (client.client_id, client.key_id, hour)
         with self._lock:
-            row = self._pending.get(bucket)
+            pending = self._pending
+            row = pending.get(bucket)
+            if row is None or row[source] <= 0:
+                # Admitted in the hour before (the view ran just after the hour
+                # changed): move it there, or the period it was admitted in bills it
+                # as allowed and the next one shows a negative count. Only while
+                # that count is pending: a flush empties both hours at once.
+                before = pending.get((client.client_id, client.key_id, hour - 1))
+                if before is not None and before[source] > 0:
+                    row = before
             if row is None:
-                row = self._pending[bucket] = [0, 0, 0, 0]
+                row = pending[bucket] = [0, 0, 0, 0]
             row[source] -= 1
             row[target] += 1
 

@@ -228,3 +228,38 @@ def test_the_admin_key_page_reached_by_its_own_link_shows_the_keys_usage(
         page = browser.get(link).content.decode()
     store.close()
     assert "4321 requests in the last" in page
+
+
+def test_a_refusal_by_the_view_just_after_the_hour_changes_counts_in_the_admitted_hour() -> None:
+    """A request admitted at 23:59:59 and refused by ``require_scopes`` at 00:00:00 was
+    billed as allowed in the day (or month) it was admitted, and made the next one's
+    ``allowed`` negative.
+
+    Reproduction: an engine with an injected clock; a key's request is admitted
+    at 2026-03-31T23:59:59.9Z, the view's ``require_scopes`` refuses it at
+    2026-04-01T00:00:00.0Z (``engine.app_refused``), then a flush. March's
+    month row says allowed=1 (the billing export bills it), April's says
+    allowed=-1, denied=1. The move must come off the hour the request was
+    counted in while that count is still pending (it is, but for a flush in
+    the milliseconds between the gate and the view).
+    """
+    from datetime import datetime, timezone
+
+    from m2m_middleware.scopes import ScopeRequirement
+
+    now = [datetime(2026, 3, 31, 23, 59, 59, 900000, tzinfo=timezone.utc).timestamp()]
+    engine = Engine(
+        Settings(key_store="memory://", alerts=False, usage_flush_interval=3600),
+        telemetry_clock=lambda: now[0],
+    )
+    issued = engine.store.create_key("acme")
+    admitted = engine.check("GET", "/x", None, issued.key)
+    assert admitted.client is not None
+    now[0] = datetime(2026, 4, 1, tzinfo=timezone.utc).timestamp()
+    engine.app_refused(ScopeRequirement(["admin"]).refuse(admitted.client, engine.realm))
+    engine.flush()
+    months = [
+        (r.period_start.month, r.allowed, r.denied) for r in engine.store.usage(granularity="month")
+    ]
+    engine.close()
+    assert months == [(3, 0, 1)]
