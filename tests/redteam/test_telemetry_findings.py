@@ -263,3 +263,44 @@ def test_a_refusal_by_the_view_just_after_the_hour_changes_counts_in_the_admitte
     ]
     engine.close()
     assert months == [(3, 0, 1)]
+
+
+def _metrics_request(engine: Engine, address: str, headers: dict[str, str]) -> int:
+    from m2m_middleware.request_view import AsgiView
+
+    raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    view = AsgiView("GET", "/metrics", raw, "http", address)
+    return engine.serve(view).status
+
+
+def test_a_web_page_cannot_read_the_metrics_through_dns_rebinding() -> None:
+    """Any web page a person on the private network opens can read ``/metrics``.
+
+    Reproduction: metrics_path="/metrics", the default metrics_allowed_networks
+    (loopback and every RFC 1918 network). An attacker's page at
+    ``http://rebind.attacker.example:8000/`` rebinds that name to the app's
+    private address (10.0.0.5, a classic DNS rebinding) and fetches
+    ``/metrics``: same-origin to the browser, so the script reads the answer.
+    The request comes from the browser's own private address (192.168.1.20 on
+    the office network or VPN), which is allowed, carries no proxy header, and
+    the endpoint does not look at Host: the page reads every counter, and the
+    client ids when client labels are on. Prometheus never sends the Fetch
+    Metadata headers; a browser marks a request a page made with
+    ``Sec-Fetch-Site`` other than ``none`` (``none``: the person typed the URL).
+    """
+    engine = Engine(Settings(key_store="memory://", metrics_path="/metrics"))
+    try:
+        assert _metrics_request(engine, "192.168.1.20", {"Host": "10.0.0.5:8000"}) == 200
+        typed = {"Host": "10.0.0.5:8000", "Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}
+        assert _metrics_request(engine, "192.168.1.20", typed) == 200
+        rebound = {
+            "Host": "rebind.attacker.example:8000",
+            "Sec-Fetch-Site": "same-origin",
+            "Sec-Fetch-Mode": "cors",
+            "Origin": "http://rebind.attacker.example:8000",
+        }
+        assert _metrics_request(engine, "192.168.1.20", rebound) == 404
+        framed = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"}
+        assert _metrics_request(engine, "192.168.1.20", framed) == 404
+    finally:
+        engine.close()
