@@ -129,7 +129,7 @@ def test_alerts_queued_while_the_store_cannot_be_written_stay_bounded(
 
     monkeypatch.setattr(counter.table, "add_alerts", down)
     for number in range(ALERTS_KEPT + 500):
-        address = f"2001:db8::{number:x}"
+        address = f"2001:db8:{number:x}::1"  # a /64 each
         engine.check("GET", "/x", None, "m2m_not_a_key_" + "x" * 32, address)
         if number % 100 == 0:
             counter.flush_quietly()
@@ -137,7 +137,7 @@ def test_alerts_queued_while_the_store_cannot_be_written_stay_bounded(
     queued = counter._alerts
     assert len(queued) <= ALERTS_KEPT
     # The newest are the ones kept, as the table would keep them.
-    assert queued[-1].subject == f"2001:db8::{ALERTS_KEPT + 499:x}"
+    assert queued[-1].subject == f"2001:db8:{ALERTS_KEPT + 499:x}::/64"
     monkeypatch.undo()
     engine.close()
 
@@ -304,3 +304,29 @@ def test_a_web_page_cannot_read_the_metrics_through_dns_rebinding() -> None:
         assert _metrics_request(engine, "192.168.1.20", framed) == 404
     finally:
         engine.close()
+
+
+def test_rotating_ipv6_addresses_inside_one_64_do_not_escape_auth_failures() -> None:
+    """An IPv6 attacker guesses keys for ever and never fires ``auth_failures``.
+
+    Reproduction: alert_auth_failures="20/minute" (the default), an attacker on
+    any IPv6 host (a cloud VM or a home line gets a whole /64: 2**64 addresses
+    that route to it) sends each guess from a new address of its /64. Each
+    address fails once, no subject ever reaches 20: 10,000 guesses a minute and
+    no alert. Its rotation also floods nothing it cannot repeat tomorrow: the
+    /64 is the smallest network one party holds, so it is the subject.
+    """
+    from m2m_middleware import Alert
+
+    fired: list[Alert] = []
+    engine = Engine(
+        Settings(key_store="memory://", alert_auth_failures="20/minute", on_alert=[fired.append])
+    )
+    try:
+        for n in range(1, 201):
+            engine.check("GET", "/x", None, "m2m_not_a_key_" + "x" * 32, f"2001:db8:0:7::{n:x}")
+        # IPv4 stays per address, and a different /64 is a different subject.
+        engine.check("GET", "/x", None, "m2m_not_a_key_" + "x" * 32, "2001:db8:0:8::1")
+    finally:
+        engine.close()
+    assert [(a.kind, a.subject) for a in fired] == [("auth_failures", "2001:db8:0:7::/64")]
