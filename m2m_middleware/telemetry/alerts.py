@@ -57,7 +57,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from ipaddress import IPv6Address, ip_address, ip_network
+from ipaddress import IPv6Address, IPv6Network, ip_address
 
 from ..outcome import Allowed, Denied
 from ..settings import Settings
@@ -92,9 +92,11 @@ def source_of(address: str | None) -> str:
         parsed = ip_address(address)
     except ValueError:
         return address
-    if not isinstance(parsed, IPv6Address) or parsed.ipv4_mapped is not None:
+    if not isinstance(parsed, IPv6Address):
         return address
-    return str(ip_network((int(parsed) >> 64 << 64, 64)))
+    if parsed.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
+        return str(parsed.ipv4_mapped)
+    return str(IPv6Network((int(parsed) >> 64 << 64, 64)))
 
 
 class _Rule:
