@@ -556,6 +556,8 @@ _PERIOD_FORMATS = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"
 #: Cells a spreadsheet would run as a formula (OWASP "CSV injection"); client ids
 #: from an outside identity provider are whatever its ``sub`` says.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: A ";" before what would start a formula (after spaces, which a spreadsheet may trim).
+_AFTER_SEMICOLON = re.compile(r";(?=\s*[=+\-@\t\r])")
 
 
 def _moment_option(option: str, text: str, now: datetime) -> datetime:
@@ -632,6 +634,11 @@ def _usage_dict(row: UsageRow, per_client: bool) -> dict[str, Any]:
 
 
 def _spreadsheet_safe(text: str) -> str:
+    if ";" in text:
+        # Where the list separator is ";" (Excel in most of continental Europe), a
+        # spreadsheet opens a .csv splitting on it, quotes or not: what follows a
+        # ";" starts a cell of its own, so it gets the leading "'" too.
+        text = _AFTER_SEMICOLON.sub(";'", text)
     return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
 
 

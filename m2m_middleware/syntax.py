@@ -25,6 +25,9 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: What a client id may not hold: control characters, line and paragraph
 #: separators (both end a line in many viewers) and lone surrogates (no UTF-8).
 _NOT_IN_CLIENT_ID = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+#: The longest client id a token may name: the usage and alert tables' columns
+#: (``UsageCount.client_id``, ``AlertRecord.subject``) hold 255 characters.
+MAX_TOKEN_CLIENT_ID_LENGTH = 255
 
 _SCOPE_RULE = (
     "a scope is one or more printable ASCII characters without spaces, "

@@ -29,6 +29,7 @@ from .errors import AuthError, InvalidToken, TemporarilyUnavailable
 from .jwks import JWKSClient
 from .jwtkeys import Key, KeyRing
 from .settings import Settings
+from .syntax import MAX_TOKEN_CLIENT_ID_LENGTH
 
 if TYPE_CHECKING:
     from .issuer.own_tokens import OwnTokens
@@ -449,7 +450,7 @@ class TokenVerifier:
         client_id = None
         for name in self.client_id_claims:
             if claims.get(name) is not None:
-                client_id = text_claim(claims, name)
+                client_id = _client_id_claim(claims, name)
                 break
         if client_id is None:
             names = " or ".join(self.client_id_claims)
@@ -519,6 +520,25 @@ def text_claim(claims: dict[str, Any], name: str) -> str:
         # name no counter in Redis (redis-py failed to encode it, an
         # "outage" that let it past every limit) nor a key's client.
         raise InvalidToken(f"the token's {name} claim is not valid Unicode text")
+    return value
+
+
+def _client_id_claim(claims: dict[str, Any], name: str) -> str:
+    """The client id a token names, fit for the usage and alert tables it is written to.
+
+    One they cannot hold (a NUL, which PostgreSQL text refuses; more than the
+    Django columns' 255 characters, which also keeps it under PostgreSQL's
+    index row limit) would fail every usage flush after it, every other
+    client's counts included. Other control characters are taken, and escaped
+    wherever they are shown (see Logging in the README).
+    """
+    value = text_claim(claims, name)
+    if len(value) > MAX_TOKEN_CLIENT_ID_LENGTH:
+        raise InvalidToken(
+            f"the token's {name} claim is longer than {MAX_TOKEN_CLIENT_ID_LENGTH} characters"
+        )
+    if "\x00" in value:
+        raise InvalidToken(f"the token's {name} claim holds a NUL character")
     return value
 
 

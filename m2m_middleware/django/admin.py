@@ -22,6 +22,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers, widgets
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db import router, transaction
 from django.db.models import Q
@@ -333,7 +334,10 @@ class APIKeyAdmin(_ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        usage = self.usage_context(object_id) if request.method in ("GET", "HEAD") else {}
+        # The admin's links quote the id ("_" is "_5F"); get_object unquotes it, and so
+        # must the usage section, or it reads the usage of a key id that names nothing.
+        key_id = unquote(object_id)
+        usage = self.usage_context(key_id) if request.method in ("GET", "HEAD") else {}
         return super().change_view(request, object_id, form_url, {**usage, **(extra_context or {})})
 
     def usage_context(self, key_id: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Five rules, each with its own threshold (``settings.alert_thresholds``, from
 the ``alert_*`` settings in limits notation; None turns a rule off):
 
-- ``auth_failures``, per source address (``"unknown"`` when there is none):
+- ``auth_failures``, per source address (an IPv6 one per /64; ``"unknown"`` when none):
   401s other than ``missing_credentials`` (a key or token that is not one, a
   bad request signature), and the 429s of an address that ``source_limits``
   already shut out. Those count too: with ``source_limits`` tighter than the
@@ -57,6 +57,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from ipaddress import IPv6Address, IPv6Network, ip_address
 
 from ..outcome import Allowed, Denied
 from ..settings import Settings
@@ -76,6 +77,26 @@ UNKNOWN_ADDRESS = "unknown"
 #: Refusals of a known client that are not ``client_failures``: ``rate_limited``
 #: has a rule of its own, and an outage is the service's, not the client's doing.
 _NOT_CLIENT_FAILURES = frozenset({"rate_limited", "temporarily_unavailable"})
+
+
+def source_of(address: str | None) -> str:
+    """The subject of ``auth_failures`` for ``address``: an IPv4 address itself, an
+    IPv6 one as its /64 (the smallest network one party is given: a host or a home
+    line holds all 2**64 of its addresses, so per address one guess each would
+    never reach a threshold), ``"unknown"`` for none."""
+    if not address:
+        return UNKNOWN_ADDRESS
+    if ":" not in address:
+        return address
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if not isinstance(parsed, IPv6Address):
+        return address
+    if parsed.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
+        return str(parsed.ipv4_mapped)
+    return str(IPv6Network((int(parsed) >> 64 << 64, 64)))
 
 
 class _Rule:
@@ -289,7 +310,7 @@ class Alerts:
 
     def _auth_failed(self, address: str | None, now: float, fired: list[Alert]) -> None:
         rule = self._auth
-        subject = address or UNKNOWN_ADDRESS
+        subject = source_of(address)
         if rule is not None and rule.hit(subject, now):
             fired.append(
                 Alert(

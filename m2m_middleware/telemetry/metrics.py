@@ -423,6 +423,12 @@ class Metrics:
         """Whether this request's client may read the metrics."""
         if not address_in(view.client_address, self._networks):
             return False
+        # A request a web page made (Fetch Metadata; "none" is a person typing the
+        # URL). Prometheus sends none of it; a page on a browser in the allowed
+        # networks could otherwise read the metrics through DNS rebinding.
+        site = view.header("sec-fetch-site")
+        if site is not None and site.strip().lower() != "none":
+            return False
         if self._proxied_is_outside:
             forwarded, forwarded_for, _ = view.proxy_headers()
             if forwarded or forwarded_for or view.header("x-real-ip"):

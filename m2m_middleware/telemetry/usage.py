@@ -26,7 +26,7 @@ from ..client import Client
 from ..redaction import redact
 from ..stores.base import KeyStore
 from .records import Alert, UsageRow
-from .tables import usage_table_for
+from .tables import ALERTS_KEPT, usage_table_for
 
 logger = logging.getLogger("m2m_middleware")
 
@@ -84,11 +84,21 @@ class UsageCounter:
     def move(self, client: Client, source: int, target: int) -> None:
         """Count one request of ``client`` under ``target`` instead of ``source``: an
         admitted request the application then refused (``require_scopes``)."""
-        bucket = (client.client_id, client.key_id, int(self._clock()) // 3600)
+        hour = int(self._clock()) // 3600
+        bucket = (client.client_id, client.key_id, hour)
         with self._lock:
-            row = self._pending.get(bucket)
+            pending = self._pending
+            row = pending.get(bucket)
+            if row is None or row[source] <= 0:
+                # Admitted in the hour before (the view ran just after the hour
+                # changed): move it there, or the period it was admitted in bills it
+                # as allowed and the next one shows a negative count. Only while
+                # that count is pending: a flush empties both hours at once.
+                before = pending.get((client.client_id, client.key_id, hour - 1))
+                if before is not None and before[source] > 0:
+                    row = before
             if row is None:
-                row = self._pending[bucket] = [0, 0, 0, 0]
+                row = pending[bucket] = [0, 0, 0, 0]
             row[source] -= 1
             row[target] += 1
 
@@ -96,7 +106,12 @@ class UsageCounter:
         """Keep an alert for the store (the dashboard's "recent alerts"), written
         with the next flush."""
         with self._lock:
-            self._alerts.append(alert)
+            alerts = self._alerts
+            alerts.append(alert)
+            # The table keeps only the newest ALERTS_KEPT: while it cannot be
+            # written, an attacker rotating addresses must not grow this list.
+            if len(alerts) > ALERTS_KEPT:
+                del alerts[: len(alerts) - ALERTS_KEPT]
             if self._thread is None and self._background and not self._closed:
                 self._start()
 
@@ -115,6 +130,7 @@ class UsageCounter:
                 except BaseException:
                     with self._lock:
                         self._alerts[:0] = alerts
+                        del self._alerts[: max(len(self._alerts) - ALERTS_KEPT, 0)]
                     self._keep(pending)
                     raise
             if pending:

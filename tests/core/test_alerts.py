@@ -611,7 +611,7 @@ def test_a_thousand_addresses_over_the_cap_keep_memory_at_the_cap(
     alerts = Alerts(Settings(key_store=store, alert_auth_failures="2/minute"), fired.append, clock)
     guess = deny(InvalidToken("the API key is not recognised"), "api")
     for n in range(alerts_module.MAX_SUBJECTS + 1000):
-        alerts.observe(guess, f"2001:db8::{n:x}")
+        alerts.observe(guess, f"2001:db8:{n:x}::1")  # a /64 each: one subject each
     assert alerts.tracked()["auth_failures"] == alerts_module.MAX_SUBJECTS
     assert fired == []
 
