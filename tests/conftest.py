@@ -210,7 +210,25 @@ def django_db(_transactional_django_db: None, transactional_db: None) -> Iterato
             "pytest.mark.django_db(transaction=True)"
         )
     yield
+    close_django_counters()
     close_django_connections()  # before pytest-django's flush
+
+
+def close_django_counters() -> None:
+    """Write and stop the usage counters of the test's engines on Django stores.
+
+    Left open, the process's flushing thread would write their counts during a
+    later test (or during pytest-django's flush of the tables), from a
+    connection of its own: rows in a database another test expects empty, and
+    a write lock a later test's reads wait on (an admin page under load timed
+    out on it and redirected as if its key did not exist).
+    """
+    from m2m_middleware.telemetry.usage import _live_counters
+
+    for counter in _live_counters():
+        # By module name: a test may have hidden Django's modules (sys.modules[...] = None).
+        if type(counter.store).__module__.endswith(".django.store") and not counter._closed:
+            counter.close()
 
 
 def close_django_connections() -> None:
