@@ -23,8 +23,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from ..client import Client
+from ..errors import KeyStoreError, StoreUnavailable
 from ..redaction import redact
 from ..stores.base import KeyStore
+from ..syntax import log_safe
 from .records import Alert, UsageRow
 from .tables import ALERTS_KEPT, usage_table_for
 
@@ -150,6 +152,14 @@ class UsageCounter:
                 if rows:
                     try:
                         self.table.add(rows)
+                    except StoreUnavailable:
+                        self._keep(pending)
+                        raise
+                    except KeyStoreError:
+                        # The database refused the rows themselves, not the connection:
+                        # kept, they would fail every flush from now on, and every
+                        # client's counts with them. Each row alone, then.
+                        self._add_each(rows)
                     except BaseException:
                         self._keep(pending)
                         raise
@@ -157,6 +167,29 @@ class UsageCounter:
                     # command, a worker that served nothing) touches no table,
                     # not even at exit.
                     self._roll_up()
+
+    def _add_each(self, rows: list[UsageRow]) -> None:
+        """Write ``rows`` one by one after the database refused them together: a row it
+        refuses alone is dropped and logged (its client id escaped), the others are
+        written; an outage on the way keeps what is not written yet, as a flush does."""
+        for index, row in enumerate(rows):
+            try:
+                self.table.add([row])
+            except KeyStoreError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    self._keep({_bucket(r): _counts(r) for r in rows[index:]})
+                    raise
+                logger.error(
+                    "usage of client %s (key %s) for %s was refused by the database and is "
+                    "lost: %s",
+                    log_safe(row.client_id[:200]),
+                    log_safe(row.key_id or "-"),
+                    row.period_start.isoformat(),
+                    redact(str(exc))[:300],
+                )
+            except BaseException:
+                self._keep({_bucket(r): _counts(r) for r in rows[index:]})
+                raise
 
     def _keep(self, pending: dict[_Bucket, list[int]]) -> None:
         with self._lock:
@@ -217,6 +250,14 @@ class UsageCounter:
         self._pending = {}
         self._alerts = []
         self._thread = None
+
+
+def _bucket(row: UsageRow) -> _Bucket:
+    return (row.client_id, row.key_id, int(row.period_start.timestamp()) // 3600)
+
+
+def _counts(row: UsageRow) -> list[int]:
+    return [row.allowed, row.denied, row.rate_limited, row.units]
 
 
 #: One thread per process flushes every counter when its interval is due: a

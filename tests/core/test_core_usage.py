@@ -36,7 +36,7 @@ from m2m_middleware import (
     UsageRow,
     open_key_store,
 )
-from m2m_middleware.errors import StoreUnavailable
+from m2m_middleware.errors import KeyStoreError, StoreUnavailable
 from m2m_middleware.stores import MemoryKeyStore
 
 #: 2026-03-14 09:26:40 UTC: well inside an hour, a day and a month.
@@ -353,6 +353,72 @@ def test_a_failed_flush_keeps_the_counts_for_the_next(
     (row,) = store.usage()
     assert counts(row) == (2, 0, 0, 2)
     assert counter.pending() == {}
+
+
+def test_a_row_the_database_refuses_does_not_hold_back_every_other_clients_counts(
+    store: KeyStore, clock: WallClock, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A row refused for what it holds (not an outage) would fail every later flush if
+    kept, and every client's billing with it: it is dropped, logged, and the rest written."""
+    good = store.create_key("acme")
+    bad = store.create_key("refused-client")
+    engine = engine_for(store, clock)
+    assert engine.telemetry is not None and engine.telemetry.usage is not None
+    counter = engine.telemetry.usage
+    table = counter.table
+    real_add = table.add
+
+    def picky(rows: Any) -> None:
+        if any(r.client_id == "refused-client" for r in rows):
+            raise KeyStoreError("value too long for type character varying(255)")
+        real_add(rows)
+
+    monkeypatch.setattr(table, "add", picky)
+    get(engine, good.key)
+    get(engine, bad.key)
+    with caplog.at_level("ERROR", logger="m2m_middleware"):
+        engine.flush()
+    assert [(r.client_id, r.allowed) for r in store.usage()] == [("acme", 1)]
+    assert counter.pending() == {}  # not kept to fail again
+    lost = [r for r in caplog.records if "refused by the database" in r.getMessage()]
+    assert len(lost) == 1 and "refused-client" in lost[0].getMessage()
+    get(engine, good.key)
+    engine.flush()  # the next flush is not held back either
+    assert [(r.client_id, r.allowed) for r in store.usage()] == [("acme", 2)]
+
+
+def test_an_outage_while_writing_rows_one_by_one_keeps_the_unwritten(
+    store: KeyStore, clock: WallClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = store.create_key("a-client"), store.create_key("b-client")
+    engine = engine_for(store, clock)
+    assert engine.telemetry is not None and engine.telemetry.usage is not None
+    counter = engine.telemetry.usage
+    table = counter.table
+    real_add = table.add
+    calls: list[int] = []
+
+    def refuses_then_goes_down(rows: Any) -> None:
+        calls.append(len(rows))
+        if len(rows) > 1:
+            raise KeyStoreError("refused together")
+        if rows[0].client_id == "b-client":
+            raise StoreUnavailable("connection lost")
+        real_add(rows)
+
+    monkeypatch.setattr(table, "add", refuses_then_goes_down)
+    get(engine, first.key)
+    get(engine, second.key)
+    with pytest.raises(StoreUnavailable):
+        engine.flush()
+    assert [r.client_id for r in store.usage()] == ["a-client"]
+    assert [bucket[0] for bucket in counter.pending()] == ["b-client"]  # kept, not lost
+    monkeypatch.setattr(table, "add", real_add)
+    engine.flush()
+    assert sorted((r.client_id, r.allowed) for r in store.usage()) == [
+        ("a-client", 1),
+        ("b-client", 1),
+    ]
 
 
 def test_an_engine_closed_writes_what_it_counted(store: KeyStore, clock: WallClock) -> None:
