@@ -86,6 +86,34 @@ def summed(rows: Sequence[UsageRow], granularity: str) -> list[UsageRow]:
     return sorted(totals.values(), key=lambda r: (r.period_start, r.client_id, r.key_id or ""))
 
 
+def _filters(
+    placeholder: str,
+    stored: Callable[[datetime], object],
+    client_id: str | None,
+    key_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    granularity: str,
+) -> tuple[str, list[object]]:
+    """The WHERE clause of a ``rows`` query and its parameters, in a driver's
+    placeholder style, with times as ``stored`` spells them in its table."""
+    where: list[str] = []
+    params: list[object] = []
+    if client_id is not None:
+        where.append(f"client_id = {placeholder}")
+        params.append(client_id)
+    if key_id is not None:
+        where.append(f"key_id = {placeholder}")
+        params.append(key_id)
+    if since is not None:
+        where.append(f"period_start >= {placeholder}")
+        params.append(stored(period_of(since, granularity)))
+    if until is not None:
+        where.append(f"period_start < {placeholder}")
+        params.append(stored(upper_bound(until, granularity)))
+    return " AND ".join(where) or "1 = 1", params
+
+
 class MemoryUsageTable:
     """For ``memory://``: the rows live beside the store object, as its keys do."""
 
@@ -365,20 +393,15 @@ class SQLiteUsageTable:
         granularity: str,
     ) -> list[UsageRow]:
         self._prepare()
-        where: list[str] = ["1"]
-        params: list[object] = []
-        if client_id is not None:
-            where.append("client_id = ?")
-            params.append(client_id)
-        if key_id is not None:
-            where.append("key_id = ?")
-            params.append(key_id)
-        if since is not None:
-            where.append("period_start >= ?")
-            params.append(int(period_of(since, granularity).timestamp()))
-        if until is not None:
-            where.append("period_start < ?")
-            params.append(int(upper_bound(until, granularity).timestamp()))
+        where, params = _filters(
+            "?",
+            lambda moment: int(moment.timestamp()),
+            client_id,
+            key_id,
+            since,
+            until,
+            granularity,
+        )
         # Months have no fixed length: those are summed from days in Python.
         period = "period_start" if granularity == "hour" else "period_start - period_start % 86400"
         # A hand-written row's text or out-of-set span, found in the same pass.
@@ -386,7 +409,7 @@ class SQLiteUsageTable:
         with self._store._db() as db:
             found = db.execute(
                 f"SELECT client_id, key_id, {period} AS period, {_SUM_COUNTS}, {unreadable} "
-                f"FROM {USAGE_TABLE} WHERE {' AND '.join(where)} "
+                f"FROM {USAGE_TABLE} WHERE {where} "
                 "GROUP BY client_id, key_id, period ORDER BY period, client_id, key_id",
                 params,
             ).fetchall()
@@ -616,26 +639,15 @@ class PostgresUsageTable:
         granularity: str,
     ) -> list[UsageRow]:
         self._prepare()
-        where: list[str] = ["true"]
-        params: list[object] = []
-        if client_id is not None:
-            where.append("client_id = %s")
-            params.append(client_id)
-        if key_id is not None:
-            where.append("key_id = %s")
-            params.append(key_id)
-        if since is not None:
-            where.append("period_start >= %s")
-            params.append(period_of(since, granularity))
-        if until is not None:
-            where.append("period_start < %s")
-            params.append(upper_bound(until, granularity))
+        where, params = _filters(
+            "%s", lambda moment: moment, client_id, key_id, since, until, granularity
+        )
         trunc = {"hour": "hour", "day": "day", "month": "month"}[granularity]
         # Truncated in UTC whatever the session's TimeZone, then made timestamptz again.
         period = f"date_trunc('{trunc}', period_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
         query = (
             f"SELECT client_id, key_id, {period} AS period, {_SUM_COUNTS} "
-            f"FROM {USAGE_TABLE} WHERE {' AND '.join(where)} "
+            f"FROM {USAGE_TABLE} WHERE {where} "
             "GROUP BY client_id, key_id, period ORDER BY period, client_id, key_id"
         )
         found = self._store._run(lambda conn: conn.execute(query, params).fetchall(), retry=True)
