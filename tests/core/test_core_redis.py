@@ -360,6 +360,42 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
 
 
 @pytest.mark.slow
+def test_a_notice_this_process_published_is_not_delivered_here_again(
+    redis_server: servers.RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caches here heard of the new key when it was made; its echo off the
+    # bus, arriving once the key is cached, would drop it again (a 503 instead
+    # of the outage grace, were the store down then).
+    import m2m_middleware.invalidation as invalidation
+
+    store = RemoteStore()
+    engine = make_engine(
+        store, rate_limit_storage=redis_server.url, default_limits="1000/minute", key_cache_ttl=3600
+    )
+    assert engine.bus is not None and engine.bus.ready.wait(10)
+    cached = threading.Event()
+    heard: list[tuple[str, str | None]] = []
+    deliver = invalidation.notify_local
+
+    def after_caching(name: str, key_id: str | None) -> None:  # what the listener hears, held
+        cached.wait(5)
+        heard.append((name, key_id))
+        deliver(name, key_id)
+
+    monkeypatch.setattr(invalidation, "notify_local", after_caching)
+    issued = store.create_key("client-a")
+    assert engine.check("GET", "/", None, issued.key).allowed
+    cached.set()
+    # Another process's notice, published after the echo: once it is heard, so was the echo.
+    other = {"store_id": "memory://elsewhere", "key_id": "key_m"}
+    engine.bus._publisher.publish(invalidation.CHANNEL, json.dumps(other))
+    wait_until(lambda: ("memory://elsewhere", "key_m") in heard, timeout=5)
+    assert heard == [("memory://elsewhere", "key_m")]
+    assert len(engine.keys._entries) == 1, "the echo of our own notice dropped the key"
+    store.close()
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_a_notice_on_redis_names_the_store_however_its_url_is_spelled(
     postgres_url: str, redis_server: servers.RedisServer, monkeypatch: pytest.MonkeyPatch
