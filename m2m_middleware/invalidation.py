@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,12 @@ NOTIFY_CHANNEL = "m2m_middleware_invalidate"
 #: Seconds between reconnection attempts of a listener that lost its channel.
 RECONNECT_DELAY = 1.0
 
+#: This process's name on the bus: its own notices come back to its listener, and
+#: were handed to the caches here already (``stores.base._notify_invalidated``).
+#: A second, late delivery would drop a key cached in between (one more store
+#: read, and a 503 instead of the outage grace while the store is down).
+#: Renewed in a child after ``fork()``: the parent must hear the child's notices.
+_origin = uuid.uuid4().hex
 _buses: dict[str, RedisBus] = {}
 _buses_lock = threading.Lock()
 
@@ -132,9 +139,12 @@ class RedisBus(_ListenerThread):
     def publish(self, store_id: str, location: str, key_id: str) -> None:
         """Tell every listening process; never raises (the TTL remains the bound).
 
-        ``location`` rides along for listeners of releases that match on it.
+        ``location`` rides along for listeners of releases that match on it;
+        ``origin`` names this process, whose own listener then skips the notice.
         """
-        message = json.dumps({"store_id": store_id, "location": location, "key_id": key_id})
+        message = json.dumps(
+            {"store_id": store_id, "location": location, "key_id": key_id, "origin": _origin}
+        )
         try:
             self._publisher.publish(CHANNEL, message)
         except Exception as exc:
@@ -190,11 +200,16 @@ class RedisBus(_ListenerThread):
 
 
 def _deliver(data: object, fallback: str) -> None:
-    """Hand one notice to the caches here: by its store id, else by ``fallback``'s value."""
+    """Hand one notice to the caches here: by its store id, else by ``fallback``'s value.
+
+    A notice this process sent itself is skipped: see ``_origin``.
+    """
     try:
         text = data.decode() if isinstance(data, bytes) else str(data)
         message = json.loads(text)
         name, key_id = message.get("store_id") or message[fallback], message["key_id"]
+        if message.get("origin") == _origin:
+            return
     except (ValueError, KeyError, TypeError, AttributeError):
         logger.warning("ignored a malformed key-invalidation message")
         return
@@ -319,8 +334,9 @@ def _restart_after_fork() -> None:
     # A thread does not survive fork(): give the child buses of its own (the
     # parent's clients hold sockets the child must not share). The lock may
     # have been held by a parent thread at the fork, so the child gets a new one.
-    global _buses_lock
+    global _buses_lock, _origin
     _buses_lock = threading.Lock()
+    _origin = uuid.uuid4().hex
     old = list(_buses.values())
     _buses.clear()
     for bus in old:

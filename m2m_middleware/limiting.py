@@ -397,17 +397,25 @@ def _scheme(uri: str) -> str:
 def _redis_options(timeout: float, asynchronous: bool) -> dict[str, Any]:
     """Short socket timeouts and one immediate retry, instead of redis-py's
     default of three retries with exponential backoff (seconds per request
-    while Redis is down)."""
+    while Redis is down).
+
+    The retry is for a lost connection only (a pooled one Redis closed), never
+    for a timeout: a command that timed out was sent, and Redis may run it
+    still (a slow or busy server answers late). A charge is no idempotent
+    command, so run again it would charge the request twice.
+    """
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     if asynchronous:
         from redis.asyncio.retry import Retry as AsyncRetry
         from redis.backoff import NoBackoff
 
-        retry: Any = AsyncRetry(NoBackoff(), 1)
+        retry: Any = AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     else:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        retry = Retry(NoBackoff(), 1)
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry}
 
 

@@ -233,6 +233,54 @@ def traffic(check: Check, engine: Engine, key: str, n: int) -> list[Allowed | De
     return [check(engine, "GET", "/", None, key) for _ in range(n)]
 
 
+def remaining(outcome: Allowed | Denied) -> int:
+    found = re.fullmatch(r'"default-60s";r=(\d+);t=\d+', header(outcome, "RateLimit") or "")
+    assert found, header(outcome, "RateLimit")
+    return int(found.group(1))
+
+
+#: Keeps Redis busy for ARGV[1] microseconds: the commands sent meanwhile wait, then run.
+BUSY = """local t = redis.call('TIME') local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) return 0"""
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_charge_that_timed_out_is_not_sent_again(
+    check: Check, redis_server: servers.RedisServer, strategy: str
+) -> None:
+    # A charge whose answer is late was sent, and Redis runs it once it gets to it:
+    # sent again on a new connection, it would run twice, charging one request twice.
+    store = MemoryKeyStore()
+    key = new_key(store)
+    engine = redis_engine(
+        store,
+        redis_server.url,
+        default_limits="1000/minute",
+        rate_limit_strategy=strategy,
+        storage_timeout=0.2,
+    )
+    first = check(engine, "GET", "/", None, key)
+    assert isinstance(first, Allowed)
+    assert remaining(first) == 999
+    import redis
+
+    busy = redis.Redis.from_url(redis_server.url)
+    # Busy until after the charge timed out once, not twice: a charge sent again
+    # would be answered (and the first run late, both charging).
+    blocker = threading.Thread(target=busy.eval, args=(BUSY, 0, 400_000))
+    blocker.start()
+    time.sleep(0.1)  # the script runs: Redis answers nothing else until it ends
+    late = check(engine, "GET", "/", None, key)
+    assert isinstance(late, Denied) and late.status == 503
+    blocker.join()
+    busy.close()
+    after = check(engine, "GET", "/", None, key)
+    assert isinstance(after, Allowed)
+    # The late charge ran once at most (Redis got to it, or to its closed connection
+    # first), this one once: 997 or 998 left, never 996.
+    assert remaining(after) in (997, 998)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_deny_policy_answers_503_while_redis_is_down_and_recovers_by_itself(
     check: Check,
@@ -356,6 +404,42 @@ def test_a_revocation_published_on_redis_reaches_another_instance_at_once(
     wait_until(lambda: not engine.check("GET", "/", None, issued.key).allowed, timeout=2)
     refused = engine.check("GET", "/", None, issued.key)
     assert isinstance(refused, Denied) and refused.error == "invalid_token"
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_notice_this_process_published_is_not_delivered_here_again(
+    redis_server: servers.RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caches here heard of the new key when it was made; its echo off the
+    # bus, arriving once the key is cached, would drop it again (a 503 instead
+    # of the outage grace, were the store down then).
+    import m2m_middleware.invalidation as invalidation
+
+    store = RemoteStore()
+    engine = make_engine(
+        store, rate_limit_storage=redis_server.url, default_limits="1000/minute", key_cache_ttl=3600
+    )
+    assert engine.bus is not None and engine.bus.ready.wait(10)
+    cached = threading.Event()
+    heard: list[tuple[str, str | None]] = []
+    deliver = invalidation.notify_local
+
+    def after_caching(name: str, key_id: str | None) -> None:  # what the listener hears, held
+        cached.wait(5)
+        heard.append((name, key_id))
+        deliver(name, key_id)
+
+    monkeypatch.setattr(invalidation, "notify_local", after_caching)
+    issued = store.create_key("client-a")
+    assert engine.check("GET", "/", None, issued.key).allowed
+    cached.set()
+    # Another process's notice, published after the echo: once it is heard, so was the echo.
+    other = {"store_id": "memory://elsewhere", "key_id": "key_m"}
+    engine.bus._publisher.publish(invalidation.CHANNEL, json.dumps(other))
+    wait_until(lambda: ("memory://elsewhere", "key_m") in heard, timeout=5)
+    assert heard == [("memory://elsewhere", "key_m")]
+    assert len(engine.keys._entries) == 1, "the echo of our own notice dropped the key"
     store.close()
 
 
