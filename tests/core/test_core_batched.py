@@ -271,8 +271,10 @@ def test_instances_hammering_one_client_admit_at_most_the_limit(
         thread.join(timeout=60)
     # 240 attempts per instance, and every instance has been refused: within the window
     # at most the limit was admitted, in any mode and with any number of instances.
+    assert not any(thread.is_alive() for thread in threads)  # every attempt was made
     assert sum(admitted) <= limit
-    assert all(n > 0 for n in admitted)
+    # (Not that every instance admitted some: under load one instance's threads can
+    # spend the whole window before another's run; CI saw it in exact mode.)
     # Each instance spends what its lease still holds; then nothing is left anywhere.
     drained = [sum(e.check("GET", "/", None, key).allowed for _ in range(20)) for e in engines]
     assert sum(admitted) + sum(drained) == limit
