@@ -48,6 +48,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..errors import ConfigError
 from ..outcome import Allowed, Denied, Served
+from ..redaction import redact
 from ..request_view import RequestView
 from ..transport import address_in, parse_networks
 
@@ -415,7 +416,10 @@ class Metrics:
         try:
             body = generate_latest(self.registry)
         except Exception as exc:  # a multiprocess file gone or torn: an outage, not a 500
-            logger.error("metrics cannot be collected: %s: %s", type(exc).__name__, exc)
+            # A health gauge reads the stores: their errors may quote a DSN.
+            logger.error(
+                "metrics cannot be collected: %s: %s", type(exc).__name__, redact(str(exc))
+            )
             return Served(503, [("Retry-After", "5"), *_HEADERS], b"Service Unavailable\n", _TEXT)
         return Served(200, list(_HEADERS), body, CONTENT_TYPE_LATEST)
 

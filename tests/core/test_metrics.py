@@ -600,3 +600,22 @@ def test_a_forked_child_reports_its_own_requests(memory_store: KeyStore, tmp_pat
     assert os.waitstatus_to_exitcode(status) == 0
     assert json.loads(result.read_text()) == [0, 1]
     assert requests_total(engine) == 3
+
+
+def test_a_collection_that_fails_is_a_503_whose_log_keeps_a_password_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from m2m_middleware.telemetry import metrics as metrics_module
+
+    engine = metrics_engine(MemoryKeyStore())
+
+    def torn(registry: Any) -> bytes:
+        raise RuntimeError("cannot reach postgresql://app:hunter2@db/keys")
+
+    monkeypatch.setattr(metrics_module, "generate_latest", torn)
+    with caplog.at_level("ERROR", logger="m2m_middleware"):
+        served = scrape(engine)
+    assert served.status == 503
+    text = " ".join(record.getMessage() for record in caplog.records)
+    assert "metrics cannot be collected" in text
+    assert "hunter2" not in text
