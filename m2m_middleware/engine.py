@@ -625,13 +625,13 @@ class Engine:
         if sources is not None:
             refused = self._source_refused(view.path, view.client_address, view.method)
             if refused is not None:
-                self._endpoint_refused(refused, view.client_address)
+                self._endpoint_refused(view.client_address)
                 return refused
         served = service.serve(view)
         if served.status == 401:  # invalid_client: a key or secret that is not one
             if sources is not None:
                 sources.failed(view.client_address)
-            self._endpoint_refused(TOKEN_CLIENT_REFUSED, view.client_address)
+            self._endpoint_refused(view.client_address)
         return self._served_hsts(served, https)
 
     async def aserve(self, view: RequestView) -> Served | Denied:
@@ -649,7 +649,7 @@ class Engine:
         if sources is not None:
             refused = self._source_refused(view.path, view.client_address, view.method)
             if refused is not None:
-                self._endpoint_refused(refused, view.client_address)
+                self._endpoint_refused(view.client_address)
                 return refused
         if self.never_blocks and self.settings.signing_algorithm != "RS256":
             served = service.serve(view)
@@ -658,17 +658,17 @@ class Engine:
         if served.status == 401:
             if sources is not None:
                 await sources.afailed(view.client_address)
-            self._endpoint_refused(TOKEN_CLIENT_REFUSED, view.client_address)
+            self._endpoint_refused(view.client_address)
         return self._served_hsts(served, https)
 
-    def _endpoint_refused(self, denied: Denied, address: str | None) -> None:
+    def _endpoint_refused(self, address: str | None) -> None:
         """A token request whose client authentication failed (or whose address spent its
         ``source_limits``): the alerts count it as a failed authentication from
         ``address``, as they count a request's. Usage and metrics do not: no client
         is known, and the token service counts its own answers."""
         telemetry = self.telemetry
         if telemetry is not None and telemetry.alerts is not None:
-            telemetry.alerts.observe(denied, address)
+            telemetry.alerts.authentication_failed(address)
 
     def _serve_metrics(self, metrics: Metrics, view: RequestView) -> Served | Denied:
         """The Prometheus text at ``metrics_path``: over HTTPS under ``require_https``
@@ -1444,11 +1444,6 @@ class Engine:
         if self.telemetry is not None:
             self.telemetry.close()  # writes the last counts while the store is open
         self.store.close()
-
-
-#: What the alerts are told of a token request refused ``invalid_client`` (a 401 for a
-#: credential that did not hold; the answer itself is the token service's OAuth 2 one).
-TOKEN_CLIENT_REFUSED = Denied(401, "invalid_token", [], b"", "the token endpoint's invalid_client")
 
 
 def _counts_as_failure(outcome: Allowed | Denied) -> bool:

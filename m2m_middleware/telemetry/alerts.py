@@ -296,6 +296,17 @@ class Alerts:
         for alert in fired:
             self._fire(alert)
 
+    def authentication_failed(self, address: str | None) -> None:
+        """A failed authentication that is no request's decision: the token endpoint's
+        ``invalid_client``, or its refusal of an address over ``source_limits``."""
+        if self._auth is None:
+            return
+        fired: list[Alert] = []
+        with self._lock:
+            self._auth_failed(address, self._clock(), fired)
+        for alert in fired:
+            self._fire(alert)
+
     def tracked(self) -> dict[str, int]:
         """How many subjects each rule that is on keeps a window for (at most
         :data:`MAX_SUBJECTS`): what an operator or a test looks at for memory."""
