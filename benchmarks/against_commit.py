@@ -90,13 +90,13 @@ def load_base(revision: str, name: str = BASE_PACKAGE) -> types.ModuleType:
     return importlib.import_module(name)
 
 
-def load_transport_copy() -> types.ModuleType:
-    """The package as it is now, copied as ``m2m_transport`` (its own module state)."""
+def load_copy(name: str = TRANSPORT_PACKAGE) -> types.ModuleType:
+    """The package as it is now, copied as ``name`` (its own module state)."""
     here = Path(__file__).resolve().parent.parent / "m2m_middleware"
-    root = Path(tempfile.mkdtemp(prefix="m2m-transport-"))
-    shutil.copytree(here, root / TRANSPORT_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    shutil.copytree(here, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     sys.path.insert(0, str(root))
-    return importlib.import_module(TRANSPORT_PACKAGE)
+    return importlib.import_module(name)
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -306,7 +306,7 @@ def build(
     load_base(args.base)
     if args.transport_base is not None:
         load_base(args.transport_base, TRANSPORT_BASE_PACKAGE)
-    load_transport_copy()
+    load_copy()
     variants = build_core()
     if "starlette" in frameworks:
         variants += build_starlette(loop)

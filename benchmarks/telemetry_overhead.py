@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import shutil
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import overhead
+from against_commit import load_copy
 from overhead import CLIENT_ID, LIMIT, Variant
 
 #: (label, package copy, settings fields) of each of ours; the first is the reference.
@@ -47,15 +46,6 @@ VERSIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         {"metrics_path": "/metrics", "metrics_client_labels": True},
     ),
 )
-
-
-def load_copy(name: str) -> types.ModuleType:
-    """The package as it is now, copied as ``name`` (its own module state)."""
-    here = Path(__file__).resolve().parent.parent / "m2m_middleware"
-    root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    shutil.copytree(here, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    sys.path.insert(0, str(root))
-    return importlib.import_module(name)
 
 
 def _settings(package: str, fields: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
