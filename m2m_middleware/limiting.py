@@ -937,7 +937,7 @@ def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...
     return tuple(out)
 
 
-async def _close_with_loop(client: Any) -> AsyncIterator[None]:
+async def _close_with_loop(client: Any, scripts: Any) -> AsyncIterator[None]:
     """Closes ``client`` when its event loop shuts down.
 
     A started async generator is closed by ``loop.shutdown_asyncgens()``,
@@ -949,6 +949,8 @@ async def _close_with_loop(client: Any) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        with contextlib.suppress(Exception):
+            await scripts.aclose()
         with contextlib.suppress(Exception):
             await client.aclose()
 
@@ -1023,18 +1025,21 @@ class Limiter:
             self._script_source, self._script_kind = REDIS_LEASES, "batched/"
         #: The script that remembers a signature's nonce first (see carries_nonces).
         self._nonce_script: Any = None
-        #: redis.asyncio client (one per event loop) -> its NONCE_FIRST script.
-        self._aio_nonce_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._nonce_source = NONCE_FIRST + self._script_source
+        #: The scripts' runner on the connections of the client limits opened (Redis).
+        self._scripts: Any = None
         if self.redis:
-            connection = self.storage.get_connection()
-            self._script = connection.register_script(self._script_source)
+            from .redis_scripts import SyncScripts
+
+            scripts = self._scripts = SyncScripts(self.storage.get_connection())
+            self._script = scripts.script(self._script_source)
             if self.leases is not None:
-                self._return_script = connection.register_script(REDIS_RETURN_LEASES)
+                self._return_script = scripts.script(REDIS_RETURN_LEASES)
             if _scheme(uri) != "redis+cluster":
                 # A nonce's key names the signing key, not the client: on a cluster it
                 # lives in another slot than the client's counters, so it stays a
                 # round trip of its own there (signatures.RedisNonces).
-                self._nonce_script = connection.register_script(NONCE_FIRST + self._script_source)
+                self._nonce_script = scripts.script(self._nonce_source)
         #: The clock of the moving and sliding window scripts; None (the default) is
         #: Redis's own ``TIME``, which every instance shares, as they share the expiry
         #: clock of the fixed windows. Tests set it to replay a history.
@@ -1045,9 +1050,11 @@ class Limiter:
             timer = getattr(self.storage, "timer", None)
             if timer is not None:
                 timer.cancel()
-        #: event loop -> (storage, script, closer): redis.asyncio clients are bound
-        #: to the loop that opened them.
-        self._aio: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any, Any]] = (
+        #: event loop -> (storage, script, closer, scripts): redis.asyncio clients are
+        #: bound to the loop that opened them.
+        self._aio: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Any, Any, Any, Any]
+        ] = (
             weakref.WeakKeyDictionary()
         )
         self._default = _limits_for("default", settings.default_limit_items)
@@ -1260,22 +1267,21 @@ class Limiter:
                 options = _redis_options(self.settings.storage_timeout, True)
                 options["implementation"] = "redispy"  # the redis package, not coredis
             storage: Any = limits.storage.storage_from_string(f"async+{uri}", **options)
-            script = closer = None
+            script = closer = scripts = None
             if self.redis:
+                from .redis_scripts import AsyncScripts
+
                 client = storage.bridge.get_connection()
-                script = client.register_script(self._script_source)
-                closer = _close_with_loop(client)
+                scripts = AsyncScripts(client)
+                script = scripts.script(self._script_source)
+                closer = _close_with_loop(client, scripts)
                 await closer.__anext__()
-            found = self._aio[loop] = (storage, script, closer)
+            found = self._aio[loop] = (storage, script, closer, scripts)
         return found[0], found[1]
 
     async def _anonce_script(self, storage: Any) -> Any:
-        client = storage.bridge.get_connection()
-        script = self._aio_nonce_scripts.get(client)
-        if script is None:
-            script = client.register_script(NONCE_FIRST + self._script_source)
-            self._aio_nonce_scripts[client] = script
-        return script
+        """This event loop's NONCE_FIRST script (after :meth:`_async_storage`)."""
+        return self._aio[asyncio.get_running_loop()][3].script(self._nonce_source)
 
     async def acharge(
         self,
@@ -1387,6 +1393,17 @@ class Limiter:
             self._recovered()
         return self._leased_outcome(plan, client_id, keys, taken, cost, result, sent_at)
 
+    def charge_held(self, plan: LimitPlan, client_id: str, cost: int) -> Charge | None:
+        """Batched counting: ``cost`` charged to the leases this process holds, with no
+        round trip and nothing to await; None when they do not cover every limit
+        (nothing is charged then: :meth:`acharge` makes the round trip)."""
+        leases = self.leases
+        assert leases is not None
+        held, now = leases.take_all(_lease_keys(plan, client_id), cost)
+        if held is None:
+            return None
+        return self._leased_headers(plan, held, now)
+
     def _leased_outcome(
         self,
         plan: LimitPlan,
@@ -1489,6 +1506,8 @@ class Limiter:
         """Stop the background giver-back and give back every lease held."""
         self._returner_stop.set()
         self.return_idle(everything=True)
+        if self._scripts is not None:
+            self._scripts.close()
 
     # -- the Redis scripts ----------------------------------------------------
 
