@@ -248,6 +248,27 @@ def _answers(port: int) -> bool:
         return False
 
 
+#: The CPUs the servers run on, when pinned (``--pin``); the load generator has the rest.
+SERVER_CPUS: set[int] | None = None
+
+
+def _pin_server() -> None:
+    """In the server's process, before it execs: its CPUs (its workers inherit them)."""
+    if SERVER_CPUS is not None:
+        os.sched_setaffinity(0, SERVER_CPUS)
+
+
+def cpu_plan(mode: str) -> tuple[set[int], set[int]] | None:
+    """(the server's CPUs, the load generator's) for ``--pin``, or None to let the
+    scheduler place everything."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if mode == "off" or (mode == "auto" and len(cpus) < 2):
+        return None
+    if len(cpus) < 2:
+        give_up(f"--pin on needs 2 CPUs or more; this process may use {len(cpus) or 'unknown'}")
+    return {cpus[0]}, set(cpus[1:])
+
+
 @contextlib.contextmanager
 def serving(server: Server, env: dict[str, str], workdir: Path) -> Iterator[tuple[int, int]]:
     """The server up on a free port of 127.0.0.1; yields (port, process group id).
@@ -265,6 +286,7 @@ def serving(server: Server, env: dict[str, str], workdir: Path) -> Iterator[tupl
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_pin_server if SERVER_CPUS is not None else None,  # one thread: safe
             )
         RUNNING.add(process)
         deadline = time.monotonic() + START_TIMEOUT
@@ -878,6 +900,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "second of the server's own CPU time (steadier on a shared machine, but blind to time "
         "a sync worker spends waiting for Redis)",
     )
+    parser.add_argument(
+        "--pin",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto (default): with 2 CPUs or more, the server runs on the first and the load "
+        "generator on the others, so neither takes the other's core (Redis is left where the "
+        "scheduler puts it); off: no pinning",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run (about 1 s per stack)")
     parser.add_argument(
         "--json",
@@ -903,6 +933,10 @@ def pick_generator(args: argparse.Namespace) -> Generator:
     return python_generator(args.connections)
 
 
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
 MEDIANS = " (medians; a ratio is the median of the per-round ratios)"
 
 
@@ -923,6 +957,11 @@ def main(argv: list[str] | None = None) -> int:
             give_up(f"needs {module}: pip install {module}")
     require_redis(args.redis_url)
     generator = pick_generator(args)
+    global SERVER_CPUS
+    plan = cpu_plan(args.pin)
+    if plan is not None:
+        SERVER_CPUS, others = plan
+        os.sched_setaffinity(0, others)  # this process and the load generator it starts
     stacks = available_stacks()
     to_json = args.json == "-"
     log: Callable[[str], None] = (lambda text: print(text, file=sys.stderr)) if to_json else print
@@ -958,12 +997,20 @@ def main(argv: list[str] | None = None) -> int:
         "clock": args.clock,
         "quick": args.quick,
         "skipped_stacks": skipped,
+        "server_cpus": sorted(plan[0]) if plan else None,
+        "load_generator_cpus": sorted(plan[1]) if plan else None,
     }
     lines = [
         config["versions"],
         f"{generator.describe()}, {args.duration:g} s per stack after a {args.warmup:g} s "
         f"warm-up, {args.rounds} round(s){MEDIANS if args.rounds > 1 else ''}; "
         "one server at a time, 1 worker process, 127.0.0.1",
+        (
+            f"server pinned to CPU {_cpus(plan[0])}, load generator to CPU {_cpus(plan[1])}, "
+            "Redis where the scheduler puts it"
+            if plan
+            else "no CPU pinning (--pin off or one CPU)"
+        ),
     ]
     if skipped:
         lines.append(

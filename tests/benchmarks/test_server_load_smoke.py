@@ -10,6 +10,7 @@ shape to check. The script itself checks each stack first (200 with the key,
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -134,3 +135,10 @@ def test_the_server_load_benchmark_drives_gunicorn_with_wrk_and_prints_only_json
     for stack in server["stacks"]:
         assert stack["rps"] > 0 and stack["rounds"][0]["requests"] > 0
     assert "flask/bare:" in result.stderr
+    # On two CPUs or more the server and the load generator are pinned apart (--pin auto).
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        assert data["server_cpus"] == cpus[:1]
+        assert data["load_generator_cpus"] == cpus[1:]
+    else:
+        assert data["server_cpus"] is None
