@@ -728,8 +728,10 @@ class Leases:
         #: This process's clock for deadlines and idleness (tests inject one).
         self.clock = clock
         self._held: dict[str, _Lease] = {}
-        #: key -> requests of this process fetching a lease of it now (see wants()).
-        self._inflight: dict[str, int] = {}
+        #: Key -> when a request of this process began fetching a whole lease of it (its
+        #: clock; see wants()). A fetch older than a round trip can last is forgotten.
+        self._fetching: dict[str, float] = {}
+        self._fetch_stale = 2 * float(settings.storage_timeout) + 0.1
         self._lock = threading.Lock()
         ref = weakref.ref(self)
         # A forked child must not spend its parent's leases as well (gunicorn --preload).
@@ -749,8 +751,8 @@ class Leases:
 
         Returns (per limit, the lease it was set aside from or None; whether every
         limit was covered, so the request is charged; the clock). When not, the
-        request is in flight for its uncovered limits until :meth:`settle` or
-        :meth:`give_back`.
+        request makes a round trip for its uncovered limits (:meth:`wants`), then
+        :meth:`settle` or :meth:`give_back`.
         """
         now = self.clock()
         held = self._held
@@ -769,11 +771,6 @@ class Leases:
                 lease.unused -= cost
                 lease.touched = now
                 taken.append(lease)
-            if not covered:
-                inflight = self._inflight
-                for key, lease in zip(keys, taken, strict=True):
-                    if lease is None:
-                        inflight[key] = inflight.get(key, 0) + 1
         return taken, covered, now
 
     def take_all(self, keys: list[str], cost: int) -> tuple[list[_Lease] | None, float]:
@@ -792,21 +789,30 @@ class Leases:
                 lease.touched = now
         return chosen, now
 
-    def give_back(self, keys: list[str], taken: list[_Lease | None], cost: int) -> None:
-        """Put back what :meth:`take` set aside for a request that was not admitted."""
+    def give_back(
+        self,
+        keys: list[str],
+        taken: list[_Lease | None],
+        cost: int,
+        args: list[int] | None = None,
+    ) -> None:
+        """Put back what :meth:`take` set aside for a request that was not admitted
+        (``args``: what :meth:`wants` gave it, when it made a round trip)."""
         with self._lock:
-            for key, lease in zip(keys, taken, strict=True):
+            for lease in taken:
                 if lease is not None:
                     lease.unused += cost
-                else:
-                    self._landed(key)
+            if args is not None:
+                self._fetched(keys, taken, cost, args)
 
-    def _landed(self, key: str) -> None:
-        left = self._inflight.get(key, 1) - 1
-        if left > 0:
-            self._inflight[key] = left
-        else:
-            self._inflight.pop(key, None)
+    def _fetched(
+        self, keys: list[str], taken: list[_Lease | None], cost: int, args: list[int]
+    ) -> None:
+        """The round trip of a request that was fetching whole leases has ended (under
+        the lock): the next miss of those keys may fetch one again."""
+        for i, (key, lease) in enumerate(zip(keys, taken, strict=True)):
+            if lease is None and args[3 * i + 3] > cost:
+                self._fetching.pop(key, None)
 
     def wants(
         self, limits_: tuple[Limit, ...], keys: list[str], taken: list[_Lease | None], cost: int
@@ -814,20 +820,28 @@ class Leases:
         """The script's arguments: the cost, then amount, window, units wanted per limit.
 
         A request leases more than its cost only when no other request of this
-        process is fetching a lease of that limit already: a burst of misses (a
-        cold start under load) leases one lease, not one per request, so an
-        instance holds about a lease of a window, not a lease per request in flight.
+        process is fetching a whole lease of that limit already: a burst of misses
+        (a cold start under load, a window's end) leases one lease, not one per
+        request, so an instance holds about a lease of a window, not a lease per
+        request in flight. The fetch ends when that request's round trip does
+        (:meth:`settle`, :meth:`give_back`), whatever it brought: a lease that
+        came too late to spend (its window ended meanwhile) lets the next miss
+        fetch another at once, instead of every request paying a round trip of
+        its own until the misses stop overlapping.
         """
         args = [cost]
-        inflight = self._inflight
-        for lim, key, lease in zip(limits_, keys, taken, strict=True):
-            if lease is not None:
-                want = 0
-            elif inflight.get(key, 0) > 1:
-                want = cost
-            else:
-                want = cost + self.size(lim)
-            args += (lim.amount, lim.expiry, want)
+        fetching = self._fetching
+        now = self.clock()
+        with self._lock:
+            for lim, key, lease in zip(limits_, keys, taken, strict=True):
+                if lease is not None:
+                    want = 0
+                elif fetching.get(key, -math.inf) + self._fetch_stale > now:
+                    want = cost
+                else:
+                    want = cost + self.size(lim)
+                    fetching[key] = now
+                args += (lim.amount, lim.expiry, want)
         return args
 
     def settle(
@@ -838,12 +852,15 @@ class Leases:
         cost: int,
         result: Any,
         sent_at: float,
+        args: list[int],
     ) -> list[_Lease]:
-        """Keep what an admitting script leased beyond the cost; the lease of each limit."""
+        """Keep what an admitting script leased beyond the cost; the lease of each limit
+        (``args``: what :meth:`wants` gave the request)."""
         now = self.clock()
         held = self._held
         out = []
         with self._lock:
+            self._fetched(keys, taken, cost, args)
             for i, key in enumerate(keys):
                 granted, leased, ttl, window = result[4 * i + 1 : 4 * i + 5]
                 granted, leased, ttl = int(granted), int(leased), int(ttl)
@@ -853,7 +870,6 @@ class Leases:
                         lease.leased = leased
                     out.append(lease)
                     continue
-                self._landed(key)
                 lease = held.get(key)
                 if lease is not None and lease.window == window and lease.deadline > now:
                     lease.unused += granted - cost
@@ -887,7 +903,7 @@ class Leases:
     def forget(self) -> None:
         with self._lock:
             self._held.clear()
-            self._inflight.clear()
+            self._fetching.clear()
 
 
 def _forget_leases(ref: weakref.ReferenceType[Leases]) -> None:
@@ -1054,9 +1070,7 @@ class Limiter:
         #: bound to the loop that opened them.
         self._aio: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[Any, Any, Any, Any]
-        ] = (
-            weakref.WeakKeyDictionary()
-        )
+        ] = weakref.WeakKeyDictionary()
         self._default = _limits_for("default", settings.default_limit_items)
         self._tiers = {n: _limits_for(f"tier.{n}", v) for n, v in settings.tier_limit_items.items()}
         self._routes = {
@@ -1299,25 +1313,27 @@ class Limiter:
             taken, covered, sent_at = leases.take(keys, cost)
             if covered and nonce is None:  # no round trip, nothing to wait for
                 return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
+            args = None if covered else leases.wants(plan.limits, keys, taken, cost)
             try:
                 storage, script = await self._async_storage()
-                if covered:  # only the nonce to remember
+                if args is None:  # covered: only the nonce to remember
                     client = storage.bridge.get_connection()
                     assert nonce is not None
                     fresh = await client.set(nonce[0], b"1", nx=True, ex=nonce[1])
                     answer: Any = [0] if fresh else [-1]
                 elif nonce is not None:
                     script = await self._anonce_script(storage)
-                    args = leases.wants(plan.limits, keys, taken, cost)
                     answer = await script([*keys, nonce[0]], [*args, nonce[1]])
                 else:
-                    answer = await script(keys, leases.wants(plan.limits, keys, taken, cost))
-            except Exception as exc:
-                leases.give_back(keys, taken, cost)
+                    answer = await script(keys, args)
+            except BaseException as exc:  # cancelled too: the fetch must end
+                leases.give_back(keys, taken, cost, args)
+                if not isinstance(exc, Exception):
+                    raise
                 raise self._failed(exc) from exc
             if self._down:
                 self._recovered()
-            return self._leased_outcome(plan, client_id, keys, taken, cost, answer, sent_at)
+            return self._leased_outcome(plan, client_id, keys, taken, cost, answer, sent_at, args)
         try:
             storage, script = await self._async_storage()
             if nonce is not None:
@@ -1375,23 +1391,25 @@ class Limiter:
         taken, covered, sent_at = leases.take(keys, cost)
         if covered and nonce is None:  # the hot path: no round trip
             return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
+        args = None if covered else leases.wants(plan.limits, keys, taken, cost)
         try:
-            if covered:  # only the nonce to remember
+            if args is None:  # covered: only the nonce to remember
                 assert nonce is not None
                 connection = self.storage.get_connection()
                 fresh = connection.set(nonce[0], b"1", nx=True, ex=nonce[1])
                 result: Any = [0] if fresh else [-1]
             elif nonce is not None:
-                args = leases.wants(plan.limits, keys, taken, cost)
                 result = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
             else:
-                result = self._script(keys, leases.wants(plan.limits, keys, taken, cost))
-        except Exception as exc:
-            leases.give_back(keys, taken, cost)
+                result = self._script(keys, args)
+        except BaseException as exc:  # interrupted too: the fetch must end
+            leases.give_back(keys, taken, cost, args)
+            if not isinstance(exc, Exception):
+                raise
             raise self._failed(exc) from exc
         if self._down:
             self._recovered()
-        return self._leased_outcome(plan, client_id, keys, taken, cost, result, sent_at)
+        return self._leased_outcome(plan, client_id, keys, taken, cost, result, sent_at, args)
 
     def charge_held(self, plan: LimitPlan, client_id: str, cost: int) -> Charge | None:
         """Batched counting: ``cost`` charged to the leases this process holds, with no
@@ -1413,16 +1431,18 @@ class Limiter:
         cost: int,
         result: Any,
         sent_at: float,
+        args: list[int] | None,
     ) -> Charge:
-        """A lease script's answer, or (``[0]`` / ``[-1]``) a nonce's alone."""
+        """A lease script's answer, or (``[0]`` / ``[-1]``) a nonce's alone (``args``
+        None: every limit was covered here)."""
         if int(result[0]) < 0:  # a replay: nothing is charged
             leases = self.leases
             assert leases is not None
-            leases.give_back(keys, taken, cost)
+            leases.give_back(keys, taken, cost, args)
             return _replayed()
-        if len(result) == 1:  # every limit covered here, the nonce new
+        if args is None:  # every limit covered here, the nonce new
             return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
-        return self._leased_result(plan, client_id, keys, taken, cost, result, sent_at)
+        return self._leased_result(plan, client_id, keys, taken, cost, result, sent_at, args)
 
     def _leased_result(
         self,
@@ -1433,12 +1453,13 @@ class Limiter:
         cost: int,
         result: Any,
         sent_at: float,
+        args: list[int],
     ) -> Charge:
         leases = self.leases
         assert leases is not None
         refused = int(result[0])
         if refused:
-            leases.give_back(keys, taken, cost)
+            leases.give_back(keys, taken, cost, args)
             # A request racing this one may have leased what it needs meanwhile.
             held, now = leases.take_all(keys, cost)
             if held is not None:
@@ -1447,7 +1468,7 @@ class Limiter:
             ttl = int(result[2])
             now = time.time()
             return self._denied(plan, lim, now + (ttl / 1000 if ttl > 0 else lim.expiry), client_id)
-        held = leases.settle(client_id, keys, taken, cost, result, sent_at)
+        held = leases.settle(client_id, keys, taken, cost, result, sent_at, args)
         if self._returner is None and self.return_leases_in_background:
             self._start_returner()
         return self._leased_headers(plan, held, sent_at)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from http_message_signatures import HTTPMessageSigner, MappingKeyResolver, algorithms
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings
-from m2m_middleware.limiting import Limiter
+from m2m_middleware.limiting import Limiter, _lease_keys
 from m2m_middleware.request_view import RequestView
 from m2m_middleware.stores import MemoryKeyStore
 
@@ -206,6 +206,61 @@ def test_a_lease_never_outlives_its_window(redis_url: str) -> None:
     # leases 1 + 10 more: 100 - 22 leased, 10 of them here.
     assert remaining(engine.check("GET", "/", None, key)) == [100 - 22 + 10]
     assert leases._held[next(iter(leases._held))] is not lease
+
+
+def test_a_fetch_that_brought_no_usable_lease_lets_the_next_miss_fetch_one(
+    redis_url: str,
+) -> None:
+    """A lease fetched as its window ends is dead on arrival. The misses that overlapped
+    its fetch leased their cost only; the next miss must fetch a whole lease again.
+    (It waited until no miss overlapped another: under 16 connections that was
+    hundreds of milliseconds of one round trip per request at every window's end.)"""
+    engine = batched_engine(MemoryKeyStore(), redis_url, default_limits="100/minute")
+    limiter = engine.limiter
+    leases = limiter.leases
+    assert leases is not None
+    clock = leases.clock = Clock()
+    plan = limiter.plan(None, ())
+    keys = _lease_keys(plan, "client")
+
+    def miss() -> tuple[list[Any], float, list[int]]:
+        taken, covered, sent_at = leases.take(keys, 1)
+        assert not covered
+        return taken, sent_at, leases.wants(plan.limits, keys, taken, 1)
+
+    taken_a, sent_a, args_a = miss()
+    assert args_a[3] == 1 + 10  # [cost, amount, window, wanted]: the cost and a lease
+    _, _, args_c = miss()
+    assert args_c[3] == 1  # a lease is on its way: the cost only
+    # The fetch lands with 1 ms of its window left: its lease ends before it is spent.
+    leases.settle("client", keys, taken_a, 1, [0, 11, 12, 1, b"w1"], sent_a, args_a)
+    clock.now += 0.01
+    taken_b, sent_b, args_b = miss()
+    assert args_b[3] == 1 + 10  # C is still in flight, and still B fetches a lease
+    leases.settle("client", keys, taken_b, 1, [0, 11, 11, 60_000, b"w2"], sent_b, args_b)
+    assert leases.take(keys, 1)[1]  # covered: no round trip
+
+
+def test_a_fetch_that_never_ended_stops_holding_back_the_others(redis_url: str) -> None:
+    """A fetch whose end was never seen (a bug, a thread killed) is forgotten after
+    longer than any round trip may last, or every miss would lease its cost alone."""
+    engine = batched_engine(
+        MemoryKeyStore(), redis_url, default_limits="100/minute", storage_timeout=0.5
+    )
+    limiter = engine.limiter
+    leases = limiter.leases
+    assert leases is not None
+    clock = leases.clock = Clock()
+    plan = limiter.plan(None, ())
+    keys = _lease_keys(plan, "client")
+    taken, _, _ = leases.take(keys, 1)
+    assert leases.wants(plan.limits, keys, taken, 1)[3] == 11
+    clock.now += 1.0  # two storage timeouts
+    taken, _, _ = leases.take(keys, 1)
+    assert leases.wants(plan.limits, keys, taken, 1)[3] == 1
+    clock.now += 0.2
+    taken, _, _ = leases.take(keys, 1)
+    assert leases.wants(plan.limits, keys, taken, 1)[3] == 11
 
 
 def test_an_idle_lease_is_given_back_for_another_instance(redis_url: str) -> None:
