@@ -1293,6 +1293,17 @@ class Limiter:
             found = self._aio[loop] = (storage, script, closer, scripts)
         return found[0], found[1]
 
+    def redis_script(self, source: str) -> Any:
+        """``source`` as a callable ``(keys, args) -> answer`` on this limiter's Redis
+        connections (see :mod:`m2m_middleware.redis_scripts`); Redis storages only."""
+        assert self._scripts is not None
+        return self._scripts.script(source)
+
+    async def aredis_script(self, source: str) -> Any:
+        """The async twin of :meth:`redis_script`, on this event loop's client."""
+        await self._async_storage()
+        return self._aio[asyncio.get_running_loop()][3].script(source)
+
     async def _anonce_script(self, storage: Any) -> Any:
         """This event loop's NONCE_FIRST script (after :meth:`_async_storage`)."""
         return self._aio[asyncio.get_running_loop()][3].script(self._nonce_source)

@@ -33,7 +33,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -147,9 +146,7 @@ class SourceLimits:
         self._memory = _MemoryFailures() if limiter.windows is not None else None
         self._script: Any = None
         if self._memory is None and limiter.redis:
-            self._script = limiter.storage.get_connection().register_script(REDIS_FAILURES)
-        #: redis.asyncio client (one per event loop) -> its registered script.
-        self._aio_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+            self._script = limiter.redis_script(REDIS_FAILURES)
         self._secrets = secrets_of(settings.rate_limit_storage)
         self._down = False
 
@@ -216,15 +213,12 @@ class SourceLimits:
         now = self._clock()
         keys = self._keys(address)
         try:
-            # The limiter's storage for this event loop (limits.aio over redis.asyncio).
-            storage, _ = await self._limiter._async_storage()
-            if self._limiter.redis:
-                client = storage.bridge.get_connection()
-                script = self._aio_scripts.get(client)
-                if script is None:
-                    script = self._aio_scripts[client] = client.register_script(REDIS_FAILURES)
+            if self._limiter.redis:  # on this event loop's client, pipelined with the limits
+                script = await self._limiter.aredis_script(REDIS_FAILURES)
                 counts = self._pairs(await script(keys, [w * 1000 for w in self._windows]))
             else:
+                # The limiter's storage for this event loop (limits.aio).
+                storage, _ = await self._limiter._async_storage()
                 counts = []
                 for key, window in zip(keys, self._windows, strict=True):
                     count = await storage.incr(key, window)
