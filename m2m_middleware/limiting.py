@@ -14,10 +14,13 @@ all the limits of a request or none of them, under any concurrency:
   one client: ``limits``' moving window and sliding window counter 18-34 us a
   charge, ours 3-4 us, the fixed windows' 2-3 us.)
 - Redis (``redis://``, ``rediss://``, ``redis+unix://``, ``redis+sentinel://``,
-  ``redis+cluster://``) runs one Lua script per request on the connection
-  ``limits`` opened, one script per strategy: every limit of the request is
-  tested, charged (all or none) and read back for the headers in **one round
-  trip**. The keys of one client share a Redis Cluster hash tag, so the
+  ``redis+cluster://``) runs one Lua script per request on connections of the
+  client ``limits`` opened, one script per strategy: every limit of the request
+  is tested, charged (all or none) and read back for the headers in **one round
+  trip**. :mod:`m2m_middleware.redis_scripts` runs them straight on the
+  connection, and on an event loop pipelines the requests in flight together
+  (a round trip serves all of them; redis-py's own command path cost more
+  than the round trip itself). The keys of one client share a Redis Cluster hash tag, so the
   scripts run on clusters too. (``limits``' own strategies test every limit,
   then hit every limit: racing requests all pass the test and then charge
   some limits before one refuses.)
