@@ -20,8 +20,8 @@ all the limits of a request or none of them, under any concurrency:
   trip**. :mod:`m2m_middleware.redis_scripts` runs them straight on the
   connection, and on an event loop pipelines the requests in flight together
   (a round trip serves all of them; redis-py's own command path cost about as
-  than the round trip itself). The keys of one client share a Redis Cluster hash tag, so the
-  scripts run on clusters too. (``limits``' own strategies test every limit,
+  much as the round trip itself). The keys of one client share a Redis Cluster
+  hash tag, so the scripts run on clusters too. (``limits``' own strategies test every limit,
   then hit every limit: racing requests all pass the test and then charge
   some limits before one refuses.)
 - Any other storage counts fixed windows with its atomic ``incr``: every
