@@ -82,6 +82,9 @@ class SyncScripts:
         self.client = client
         self._pool = _pool(client)
         self._free: list[Any] = []
+        #: How many times :meth:`close` ran: a call that sees it change while it holds
+        #: a connection closes that connection when it gives it back.
+        self._closings = 0
         ref = weakref.ref(self)
         # A forked child must not share its parent's sockets: it makes its own.
         os.register_at_fork(after_in_child=lambda: _forget_connections(ref))
@@ -104,6 +107,7 @@ class SyncScripts:
     def close(self) -> None:
         """Close the connections not lent out (a lent one is closed when it comes back)."""
         free, self._free = self._free, []
+        self._closings += 1  # after the swap: whatever was lent from ``free`` sees it
         for connection in free:
             connection.disconnect()
 
@@ -126,6 +130,7 @@ class _SyncScript:
 
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         scripts = self._scripts
+        closings = scripts._closings
         connection = scripts._get()
         in_step = False
         try:
@@ -142,8 +147,10 @@ class _SyncScript:
             in_step = isinstance(exc, ResponseError)
             raise
         finally:
-            if not in_step:
-                connection.disconnect()  # never lend a connection with an unread answer
+            if not in_step or closings != scripts._closings:
+                # Never lend a connection with an unread answer; and one lent before
+                # close() is closed as the idle ones were (it reconnects if used again).
+                connection.disconnect()
             scripts._put(connection)
 
     def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:

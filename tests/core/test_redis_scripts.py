@@ -730,3 +730,22 @@ def test_close_closes_the_idle_connections_and_a_later_charge_reconnects(
     assert eventually(lambda: before not in connected_ids(redis_url))
     assert remaining(engine.check("GET", "/", None, key)) == 3
     assert connection_id(idle_connection(engine)) != before
+
+
+def test_close_closes_a_connection_lent_out_meanwhile_when_it_comes_back(
+    fake_redis: FakeRedis,
+) -> None:
+    store = MemoryKeyStore()
+    key = new_key(store, "alpha")
+    engine = redis_engine(store, fake_redis.url, default_limits="100/minute", storage_timeout=10)
+    held = fake_redis.hold(1)
+    outcomes: list[Allowed | Denied] = []
+    charging = threading.Thread(target=lambda: outcomes.append(engine.check("GET", "/", None, key)))
+    charging.start()
+    fake_redis.wait_for_evalshas(1)  # the charge holds its connection, waiting for the answer
+    engine.limiter.close()
+    held.release.set()
+    charging.join(10)
+    assert remaining(outcomes[0]) == 99
+    assert not idle_connection(engine).is_connected
+    assert remaining(engine.check("GET", "/", None, key)) == 98  # and connects again
