@@ -332,10 +332,12 @@ def fake_redis() -> Iterator[FakeRedis]:
     server.close()
 
 
-def fake_engine(store: KeyStore, fake: FakeRedis) -> Engine:
-    # Timeouts short enough for a test, long enough that a loaded machine still
-    # connects and answers in time when the test does not hold an answer back.
-    return redis_engine(store, fake.url, default_limits="100/minute", storage_timeout=0.3)
+def fake_engine(store: KeyStore, fake: FakeRedis, storage_timeout: float = 0.3) -> Engine:
+    # The default: short enough for a test that waits it out, long enough that a
+    # loaded machine still connects and answers in time where no answer is held.
+    return redis_engine(
+        store, fake.url, default_limits="100/minute", storage_timeout=storage_timeout
+    )
 
 
 async def wait_in_thread(event: threading.Event) -> None:
@@ -508,7 +510,7 @@ def test_a_request_cancelled_in_flight_does_not_shift_the_answers_after_it(
     names = ["alpha", "beta", "gamma"]
     keys = dict(zip(names, (new_key(store, name) for name in names), strict=True))
     fake_redis.counts.update(alpha=0, beta=10, gamma=20)
-    engine = fake_engine(store, fake_redis)
+    engine = fake_engine(store, fake_redis, storage_timeout=10)  # released long before
 
     async def on_one_loop() -> tuple[str, dict[str, list[int]]]:
         seen: dict[str, list[int]] = {name: [] for name in names}
@@ -737,7 +739,7 @@ def test_close_closes_a_connection_lent_out_meanwhile_when_it_comes_back(
 ) -> None:
     store = MemoryKeyStore()
     key = new_key(store, "alpha")
-    engine = redis_engine(store, fake_redis.url, default_limits="100/minute", storage_timeout=10)
+    engine = fake_engine(store, fake_redis, storage_timeout=10)  # released long before
     held = fake_redis.hold(1)
     outcomes: list[Allowed | Denied] = []
     charging = threading.Thread(target=lambda: outcomes.append(engine.check("GET", "/", None, key)))
