@@ -675,13 +675,15 @@ def test_a_client_whose_counter_redis_refuses_fails_alone_in_its_batch(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.fork as on Linux")
+@pytest.mark.parametrize("options", ["", "?max_connections=1"])
 def test_a_forked_child_charges_on_a_connection_of_its_own(
-    redis_url: str, clients: Callable[[KeyStore], tuple[str, str]]
+    redis_url: str, clients: Callable[[KeyStore], tuple[str, str]], options: str
 ) -> None:
     # A child sharing its parent's socket would read answers meant for the
-    # parent (or the parent the child's): each must connect for itself.
+    # parent (or the parent the child's): each must connect for itself; and the
+    # child's pool, inherited with the parent's count, must still let it.
     store = MemoryKeyStore()
-    engine = redis_engine(store, redis_url)
+    engine = redis_engine(store, redis_url + options)
     _, key = clients(store)
     assert remaining(engine.check("GET", "/", None, key)) == 4
     connection = idle_connection(engine)
@@ -696,8 +698,7 @@ def test_a_forked_child_charges_on_a_connection_of_its_own(
             code = 2
             if remaining(outcome) == 3:
                 code = 3
-                mine = idle_connection(engine)
-                if mine is not connection and connection_id(mine) != parent_id:
+                if connection_id(idle_connection(engine)) != parent_id:
                     code = 0
         finally:
             os._exit(code)
@@ -732,6 +733,21 @@ def test_close_closes_the_idle_connections_and_a_later_charge_reconnects(
     assert eventually(lambda: before not in connected_ids(redis_url))
     assert remaining(engine.check("GET", "/", None, key)) == 3
     assert connection_id(idle_connection(engine)) != before
+
+
+def test_a_charge_after_close_reconnects_within_the_pools_max_connections(
+    redis_server: servers.RedisServer,
+) -> None:
+    # The scripts' connections are the pool's (make_connection, counted against its
+    # max_connections): a charge after close() must not need one more.
+    store = MemoryKeyStore()
+    engine = redis_engine(store, redis_server.url + "?max_connections=1")
+    key = new_key(store)
+    assert remaining(engine.check("GET", "/", None, key)) == 4
+    engine.limiter.close()
+    assert remaining(engine.check("GET", "/", None, key)) == 3
+    engine.limiter.close()
+    assert remaining(engine.check("GET", "/", None, key)) == 2
 
 
 def test_close_closes_a_connection_lent_out_meanwhile_when_it_comes_back(
