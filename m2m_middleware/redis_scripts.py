@@ -82,9 +82,12 @@ class SyncScripts:
         self.client = client
         self._pool = _pool(client)
         self._free: list[Any] = []
+        #: How many times :meth:`close` ran: a call that sees it change while it holds
+        #: a connection closes that connection when it gives it back.
+        self._closings = 0
         ref = weakref.ref(self)
-        # A forked child must not share its parent's sockets: it makes its own.
-        os.register_at_fork(after_in_child=lambda: _forget_connections(ref))
+        # A forked child must not share its parent's sockets: it connects for itself.
+        os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
 
     def script(self, source: str) -> Call:
         """A callable ``(keys, args) -> answer`` that runs ``source``."""
@@ -102,16 +105,31 @@ class SyncScripts:
         self._free.append(connection)
 
     def close(self) -> None:
-        """Close the connections not lent out (a lent one is closed when it comes back)."""
+        """Close the connections not lent out (a lent one is closed when it comes back).
+
+        They stay on the free list, closed, and connect again if lent: made anew, each
+        would count once more against the pool's ``max_connections``.
+        """
         free, self._free = self._free, []
+        self._closings += 1  # after the swap: whatever was lent from ``free`` sees it
         for connection in free:
             connection.disconnect()
+        self._free.extend(free)
 
 
-def _forget_connections(ref: weakref.ReferenceType[SyncScripts]) -> None:
+def _close_in_child(ref: weakref.ReferenceType[SyncScripts]) -> None:
+    """In a forked child: close this process's copies of the parent's sockets.
+
+    redis-py shuts a socket down only in the process that made the connection, so
+    the parent's keeps working; the child's connections connect afresh when lent.
+    The same objects, not new ones: the child's pool inherits the parent's count of
+    connections made, and new ones would count against its ``max_connections``.
+    """
     scripts = ref()
     if scripts is not None:
-        scripts._free = []  # the parent's sockets: the parent closes them
+        for connection in scripts._free:
+            with contextlib.suppress(Exception):  # each one, whatever another does
+                connection.disconnect()
 
 
 class _SyncScript:
@@ -126,6 +144,7 @@ class _SyncScript:
 
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         scripts = self._scripts
+        closings = scripts._closings
         connection = scripts._get()
         in_step = False
         try:
@@ -142,8 +161,10 @@ class _SyncScript:
             in_step = isinstance(exc, ResponseError)
             raise
         finally:
-            if not in_step:
-                connection.disconnect()  # never lend a connection with an unread answer
+            if not in_step or closings != scripts._closings:
+                # Never lend a connection with an unread answer; and one lent before
+                # close() is closed as the idle ones were (it reconnects if used again).
+                connection.disconnect()
             scripts._put(connection)
 
     def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
