@@ -150,6 +150,10 @@ class _SyncScript:
 
     def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         packed = connection.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        if connection._sock is None:
+            # connect(), not send's own connect_check_health: Sentinel's connection class
+            # looks its master up in connect() only.
+            connection.connect()
         connection.send_packed_command(packed, check_health=False)
         try:
             return connection.read_response()
@@ -255,7 +259,9 @@ class AsyncScripts:
         written = False
         try:
             if not connection.is_connected:
-                await connection.connect_check_health(check_health=False)  # nothing sent yet
+                # connect(), not send's own connect_check_health: Sentinel's connection
+                # class looks its master up in connect() only.
+                await connection.connect()  # a failure here: nothing was sent
             written = True
             connection.socket_timeout = max(0.001, batch[0][2] - loop.time())
             await connection.send_packed_command(

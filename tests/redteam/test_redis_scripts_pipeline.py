@@ -91,6 +91,8 @@ class FakeRedis:
                 if losing and answered:
                     self.lose_after_first = False
                     return
+        except asyncio.CancelledError:
+            pass  # the test's loop ends: nothing is left to answer
         finally:
             writer.close()
 
@@ -200,5 +202,59 @@ def test_a_flusher_that_finished_before_it_was_stored_does_not_stop_the_calls() 
             assert await asyncio.wait_for(run([b"k"], [b"1"]), 2) == [b"k", b"1"]
             await scripts.aclose()
             await client.aclose()
+
+    asyncio.run(main())
+
+
+class _Sentinels:
+    """Stands for redis-py's Sentinel: its master is the machine's Redis."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        return self.address
+
+
+def _address(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def test_sync_calls_on_a_sentinel_client_reach_the_master_sentinel_names(redis_url: str) -> None:
+    import redis
+    from redis.sentinel import SentinelConnectionPool
+
+    from m2m_middleware.redis_scripts import SyncScripts
+
+    # The connections' own host is nowhere (port 1): only Sentinel's lookup finds Redis.
+    pool = SentinelConnectionPool(
+        "m2m", _Sentinels(_address(redis_url)), host="127.0.0.1", port=1, socket_timeout=1.0
+    )
+    scripts = SyncScripts(redis.Redis(connection_pool=pool))
+    run = scripts.script(SOURCE)
+    assert run([b"rteam-sentinel"], [b"1"]) == [b"rteam-sentinel", b"1"]
+    scripts.close()
+
+
+def test_async_calls_on_a_sentinel_client_reach_the_master_sentinel_names(redis_url: str) -> None:
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    class Sentinels(_Sentinels):
+        async def discover_master(self, service_name: str) -> tuple[str, int]:  # type: ignore[override]
+            return self.address
+
+    async def main() -> None:
+        pool = SentinelConnectionPool(
+            "m2m", Sentinels(_address(redis_url)), host="127.0.0.1", port=1, socket_timeout=1.0
+        )
+        client = aredis.Redis(connection_pool=pool)
+        scripts = AsyncScripts(client)
+        run = scripts.script(SOURCE)
+        assert await run([b"rteam-sentinel"], [b"1"]) == [b"rteam-sentinel", b"1"]
+        await scripts.aclose()
+        await client.aclose()
 
     asyncio.run(main())
