@@ -45,13 +45,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Call = Callable[[Sequence[Any], Sequence[Any]], Any]
 
@@ -169,6 +171,10 @@ class _SyncScript:
 
     def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         packed = connection.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        if connection._sock is None:
+            # connect(), not send's own connect_check_health: Sentinel's connection class
+            # looks its master up in connect() only.
+            connection.connect()
         connection.send_packed_command(packed, check_health=False)
         try:
             return connection.read_response()
@@ -193,7 +199,11 @@ class AsyncScripts:
     def __init__(self, client: Any) -> None:
         self.client = client
         self._pool = _pool(client)
-        self._queue: list[tuple[list[bytes], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[list[bytes], asyncio.Future[Any], float]] = []
+        #: Seconds a call may wait for its answer, queued or sent (the client's socket_timeout).
+        self._timeout: float | None = (
+            None if self._pool is None else (self._pool.connection_kwargs.get("socket_timeout"))
+        )
         self._flusher: asyncio.Task[None] | None = None
         self._connection: Any = None
         self._scripts: dict[str, Call] = {}
@@ -215,20 +225,24 @@ class AsyncScripts:
         connection = self._connection
         if connection is None:
             connection = self._connection = self._pool.make_connection()
-        self._queue.append((connection.pack_command(*command), future))
-        if self._flusher is None:
+        deadline = loop.time() + self._timeout if self._timeout else math.inf
+        self._queue.append((connection.pack_command(*command), future, deadline))
+        flusher = self._flusher
+        # done(): with an eager task factory (3.12+) a flusher that fails at once (a
+        # refused Unix socket) finishes inside create_task, before it is stored here.
+        if flusher is None or flusher.done():
             self._flusher = loop.create_task(self._flush())
         return future
 
     async def _flush(self) -> None:
-        batch: list[tuple[list[bytes], asyncio.Future[Any]]] = []
+        batch: list[tuple[list[bytes], asyncio.Future[Any], float]] = []
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
                 await self._exchange(batch)
                 batch = []
         except BaseException as exc:  # cancelled with the loop: nobody may wait forever
-            for _, future in [*batch, *self._queue]:
+            for _, future, _ in [*batch, *self._queue]:
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else _stopped())
             self._queue = []
@@ -237,15 +251,45 @@ class AsyncScripts:
         finally:
             self._flusher = None
 
-    async def _exchange(self, batch: list[tuple[list[bytes], asyncio.Future[Any]]]) -> None:
-        """Write ``batch`` in one write, then read its answers, in order."""
+    async def _exchange(self, batch: list[tuple[list[bytes], asyncio.Future[Any], float]]) -> None:
+        """Write ``batch`` in one write, then read its answers, in order.
+
+        Only a call that never reached Redis is failed with a ConnectionError (which its
+        caller retries): one refused while connecting. Once any byte of the batch is
+        written, a failure is a RedisError of another kind, so nothing that Redis may
+        have run is run again. Every call waits at most its own deadline.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live = []
+        for item in batch:  # a caller gone, or out of time while queued: never sent
+            if item[1].done():
+                continue
+            if item[2] <= now:
+                item[1].set_exception(RedisTimeoutError("no answer in time (queued)"))
+                continue
+            live.append(item)
+        if not live:
+            return
+        batch = live
         connection = self._connection
+        reader = getattr(connection, "_reader", None)
+        if reader is not None and (reader.at_eof() or reader.exception() is not None):
+            await _disconnect(connection)  # closed by Redis while idle: connect afresh
         answered = 0
+        written = False
         try:
+            if not connection.is_connected:
+                # connect(), not send's own connect_check_health: Sentinel's connection
+                # class looks its master up in connect() only.
+                await connection.connect()  # a failure here: nothing was sent
+            written = True
+            connection.socket_timeout = max(0.001, batch[0][2] - loop.time())
             await connection.send_packed_command(
-                [part for packed, _ in batch for part in packed], check_health=False
+                [part for packed, _, _ in batch for part in packed], check_health=False
             )
-            for _, future in batch:
+            for _, future, deadline in batch:
+                connection.socket_timeout = max(0.001, deadline - loop.time())
                 failed: ResponseError | None = None
                 try:
                     answer = await connection.read_response()
@@ -260,12 +304,17 @@ class AsyncScripts:
         except BaseException as exc:
             # The stream is out of step: close it; the next call connects afresh.
             await _disconnect(connection)
-            problem = exc if isinstance(exc, Exception) else _stopped()
-            for _, future in batch[answered:]:
+            problem: BaseException = exc if isinstance(exc, Exception) else _stopped()
+            if written and isinstance(problem, RedisConnectionError):
+                # Redis may have run these: not a lost connection to retry.
+                problem = RedisError(f"connection lost after the commands were sent: {problem}")
+            for _, future, _ in batch[answered:]:
                 if not future.done():
                     future.set_exception(problem)
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            connection.socket_timeout = self._timeout
 
     async def aclose(self) -> None:
         """Close the connection (a later call opens it again)."""
