@@ -371,6 +371,11 @@ if not redis.call('SET', table.remove(KEYS), '1', 'NX', 'EX', nonce_ttl) then
 end
 """
 
+#: A nonce alone (batched counting, when the leases held cover the limits): {0} when
+#: it is new, {-1} when it was seen before. A script, not a ``SET``, so that it runs
+#: on the scripts' own connection (pipelined with the others on an event loop).
+NONCE_ONLY = NONCE_FIRST + "return {0}\n"
+
 #: The script of each strategy, and the part of its keys that keeps the strategies'
 #: keys apart (a deployment that switches strategy must never meet a key of another type).
 REDIS_SCRIPTS = {
@@ -1044,6 +1049,7 @@ class Limiter:
             self._script_source, self._script_kind = REDIS_LEASES, "batched/"
         #: The script that remembers a signature's nonce first (see carries_nonces).
         self._nonce_script: Any = None
+        self._nonce_only: Any = None
         self._nonce_source = NONCE_FIRST + self._script_source
         #: The scripts' runner on the connections of the client limits opened (Redis).
         self._scripts: Any = None
@@ -1059,6 +1065,7 @@ class Limiter:
                 # lives in another slot than the client's counters, so it stays a
                 # round trip of its own there (signatures.RedisNonces).
                 self._nonce_script = scripts.script(self._nonce_source)
+                self._nonce_only = scripts.script(NONCE_ONLY)
         #: The clock of the moving and sliding window scripts; None (the default) is
         #: Redis's own ``TIME``, which every instance shares, as they share the expiry
         #: clock of the fixed windows. Tests set it to replay a history.
@@ -1331,10 +1338,9 @@ class Limiter:
             try:
                 storage, script = await self._async_storage()
                 if args is None:  # covered: only the nonce to remember
-                    client = storage.bridge.get_connection()
                     assert nonce is not None
-                    fresh = await client.set(nonce[0], b"1", nx=True, ex=nonce[1])
-                    answer: Any = [0] if fresh else [-1]
+                    only = await self.aredis_script(NONCE_ONLY)
+                    answer: Any = await only([nonce[0]], [nonce[1]])
                 elif nonce is not None:
                     script = await self._anonce_script(storage)
                     answer = await script([*keys, nonce[0]], [*args, nonce[1]])
@@ -1409,9 +1415,7 @@ class Limiter:
         try:
             if args is None:  # covered: only the nonce to remember
                 assert nonce is not None
-                connection = self.storage.get_connection()
-                fresh = connection.set(nonce[0], b"1", nx=True, ex=nonce[1])
-                result: Any = [0] if fresh else [-1]
+                result: Any = self._nonce_only([nonce[0]], [nonce[1]])
             elif nonce is not None:
                 result = self._nonce_script([*keys, nonce[0]], [*args, nonce[1]])
             else:

@@ -64,7 +64,13 @@ def _sha(source: str) -> str:
 
 
 def _pool(client: Any) -> Any:
-    """The client's connection pool when it is a single-server client, else None."""
+    """The client's connection pool when it is a single-server client, else None.
+
+    The scripts' connections are the pool's ``make_connection``'s: a sync pool counts
+    each against its ``max_connections`` (``?max_connections=`` in the URL), one per
+    thread charging at once, made once and kept; an async pool does not count the one
+    connection per event loop.
+    """
     pool = getattr(client, "connection_pool", None)
     if pool is None or not hasattr(pool, "make_connection"):
         return None  # RedisCluster: routes each command by slot
