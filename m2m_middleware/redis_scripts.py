@@ -279,6 +279,7 @@ class AsyncScripts:
             return
         batch = live
         connection = self._connection
+        # redis-py's StreamReader: EOF already seen means Redis closed it while idle.
         reader = getattr(connection, "_reader", None)
         if reader is not None and (reader.at_eof() or reader.exception() is not None):
             await _disconnect(connection)  # closed by Redis while idle: connect afresh
@@ -295,6 +296,9 @@ class AsyncScripts:
                 [part for packed, _, _ in batch for part in packed], check_health=False
             )
             for _, future, deadline in batch:
+                # The connection's own timeout, not read_response(timeout=): redis-py
+                # treats an explicit one as a poll that may end with nothing read, and a
+                # timed-out answer then reached the next call (a test pins it).
                 connection.socket_timeout = max(0.001, deadline - loop.time())
                 failed: ResponseError | None = None
                 try:
