@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -961,14 +962,18 @@ def _limits_for(source: str, items: Sequence[RateLimitItem]) -> tuple[Limit, ...
     return tuple(out)
 
 
-async def _close_with_loop(client: Any, scripts: Any) -> AsyncIterator[None]:
-    """Closes ``client`` when its event loop shuts down.
+async def _close_with_loop(
+    client: Any, scripts: Any, forget: Callable[[], None]
+) -> AsyncIterator[None]:
+    """Closes ``client`` when its event loop shuts down, then drops the loop (``forget``).
 
     A started async generator is closed by ``loop.shutdown_asyncgens()``,
     which ``asyncio.run``, uvicorn and asgiref all call before closing the
     loop, so the connections are released on the loop that owns them rather
     than left to warn in ``__del__`` (a test that runs a loop per request
-    would otherwise leak one client per loop).
+    would otherwise leak one client per loop). ``forget`` drops the loop's
+    entry: the entry's client and this generator hold the loop, so the weak
+    key alone would never let it go.
     """
     try:
         yield
@@ -977,6 +982,13 @@ async def _close_with_loop(client: Any, scripts: Any) -> AsyncIterator[None]:
             await scripts.aclose()
         with contextlib.suppress(Exception):
             await client.aclose()
+        forget()
+
+
+def _forget_loop(ref: weakref.ReferenceType[Limiter], loop: asyncio.AbstractEventLoop) -> None:
+    limiter = ref()
+    if limiter is not None:
+        limiter._aio.pop(loop, None)
 
 
 def _script_call(
@@ -1298,7 +1310,8 @@ class Limiter:
                 client = storage.bridge.get_connection()
                 scripts = AsyncScripts(client)
                 script = scripts.script(self._script_source)
-                closer = _close_with_loop(client, scripts)
+                forget = functools.partial(_forget_loop, weakref.ref(self), loop)
+                closer = _close_with_loop(client, scripts, forget)
                 await closer.__anext__()
             found = self._aio[loop] = (storage, script, closer, scripts)
         return found[0], found[1]

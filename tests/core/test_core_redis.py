@@ -575,3 +575,24 @@ def test_one_event_loop_rides_out_a_redis_restart(
 
     before, during, after = asyncio.run(scenario())
     assert (before, during, after) == ([200] * 3, [503] * 3, [200] * 3)
+
+
+def test_an_event_loop_that_ended_is_let_go_with_its_client(redis_url: str) -> None:
+    """A loop per request (asyncio.run in a test, a sync view's loop in a thread) must
+    not keep every ended loop and its Redis client alive in the engine."""
+    import gc
+    import weakref
+
+    store = MemoryKeyStore()
+    engine = redis_engine(store, redis_url, default_limits="100/minute")
+    key = new_key(store)
+    loops: list[weakref.ReferenceType[asyncio.AbstractEventLoop]] = []
+
+    async def one() -> bool:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return (await engine.acheck("GET", "/", None, key)).allowed
+
+    assert all(asyncio.run(one()) for _ in range(5))
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 5
+    assert len(engine.limiter._aio) == 0
