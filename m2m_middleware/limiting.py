@@ -1507,11 +1507,20 @@ class Limiter:
     def _leased_headers(self, plan: LimitPlan, held: list[_Lease], now: float) -> Charge:
         if not self.send_headers:
             return Charge(True, [])
-        value = ", ".join(
-            f"{lim.header_start}{max(0, lim.amount - lease.leased + lease.unused)};"
-            f"t={max(0, math.ceil(lease.deadline - now))}"
-            for lim, lease in zip(plan.limits, held, strict=True)
-        )
+        if len(held) == 1:
+            # One limit, the common plan, without the generator and the join: under
+            # uvicorn this header was the costliest line of a batched request (py-spy:
+            # 2.6% of the server's samples, more than the rest of the limiter).
+            lim, lease = plan.limits[0], held[0]
+            left = lim.amount - lease.leased + lease.unused
+            ends = math.ceil(lease.deadline - now)
+            value = f"{lim.header_start}{left if left > 0 else 0};t={ends if ends > 0 else 0}"
+        else:
+            value = ", ".join(
+                f"{lim.header_start}{max(0, lim.amount - lease.leased + lease.unused)};"
+                f"t={max(0, math.ceil(lease.deadline - now))}"
+                for lim, lease in zip(plan.limits, held, strict=True)
+            )
         return Charge(True, [("RateLimit-Policy", plan.policy_header), ("RateLimit", value)])
 
     def _start_returner(self) -> None:
