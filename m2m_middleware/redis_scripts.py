@@ -158,8 +158,8 @@ class _SyncScript:
         try:
             try:
                 answer = self._run(connection, keys, args)
-            except RedisConnectionError:
-                connection.disconnect()  # replaced: the next send connects afresh
+            except RedisConnectionError:  # not connected: nothing was sent
+                connection.disconnect()
                 answer = self._run(connection, keys, args)
             in_step = True
             return answer
@@ -176,20 +176,42 @@ class _SyncScript:
             scripts._put(connection)
 
     def _run(self, connection: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """One ``EVALSHA`` (and ``SCRIPT LOAD`` if Redis lost the script).
+
+        Only a failure before anything is written is a ConnectionError (which
+        :meth:`__call__` retries): once the command may have reached Redis, a lost
+        connection is a RedisError of another kind, so a charge is never run twice.
+        """
         packed = connection.pack_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        if connection._sock is None:
-            # connect(), not send's own connect_check_health: Sentinel's connection class
-            # looks its master up in connect() only.
-            connection.connect()
-        connection.send_packed_command(packed, check_health=False)
+        _ready(connection)
         try:
-            return connection.read_response()
-        except NoScriptError:
-            load = connection.pack_command("SCRIPT", "LOAD", self.source)
-            connection.send_packed_command(load, check_health=False)
-            connection.read_response()
             connection.send_packed_command(packed, check_health=False)
-            return connection.read_response()
+            try:
+                return connection.read_response()
+            except NoScriptError:
+                load = connection.pack_command("SCRIPT", "LOAD", self.source)
+                connection.send_packed_command(load, check_health=False)
+                connection.read_response()
+                connection.send_packed_command(packed, check_health=False)
+                return connection.read_response()
+        except RedisConnectionError as exc:
+            raise RedisError(f"connection lost after the command was sent: {exc}") from exc
+
+
+def _ready(connection: Any) -> None:
+    """Connect ``connection``, or connect it again if Redis closed it while it was idle
+    (it then reads as ready with nothing but EOF: one poll, no data read)."""
+    if connection._sock is not None:
+        try:
+            stale = connection.can_read()  # anything unread is out of step too
+        except RedisConnectionError:
+            stale = True
+        if not stale:
+            return
+        connection.disconnect()
+    # connect(), not send's own connect_check_health: Sentinel's connection class
+    # looks its master up in connect() only.
+    connection.connect()
 
 
 class AsyncScripts:

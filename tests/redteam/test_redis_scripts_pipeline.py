@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import pytest
 
 pytest.importorskip("redis")
 
+import redis
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from m2m_middleware.limiting import _redis_options
-from m2m_middleware.redis_scripts import AsyncScripts
+from m2m_middleware.redis_scripts import AsyncScripts, SyncScripts
 
 SOURCE = "return {KEYS[1], ARGV[1]}"
 
@@ -64,6 +66,8 @@ class FakeRedis:
         self.delay = 0.0
         #: Run every command of the next read, answer the first, then close (a lost connection).
         self.lose_after_first = False
+        #: Run every command of the next read, answer none, then close.
+        self.lose_all = False
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = b""
@@ -71,6 +75,11 @@ class FakeRedis:
             while data := await reader.read(65536):
                 commands, buf = _commands(buf + data)
                 losing, answered = self.lose_after_first, False
+                if self.lose_all and any(c[0].upper() == b"EVALSHA" for c in commands):
+                    self.lose_all = False
+                    for command in commands:
+                        self.runs[command[3]] += command[0].upper() == b"EVALSHA"
+                    return  # run, and closed before any answer was written
                 for command in commands:
                     name = command[0].upper()
                     if name == b"HELLO":
@@ -134,6 +143,56 @@ def test_a_connection_lost_after_redis_ran_a_batch_runs_no_call_twice() -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+@contextmanager
+def fake_redis_thread() -> Iterator[tuple[FakeRedis, int]]:
+    """The fake on an event loop of its own (asyncio.run in a thread), for a sync client."""
+    started: list[tuple[FakeRedis, int]] = []
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def serve() -> None:
+        fake = FakeRedis()
+        stop.append(asyncio.Event())
+        async with await asyncio.start_server(fake.handle, "127.0.0.1", 0) as server:
+            started.append((fake, server.sockets[0].getsockname()[1]))
+            ready.set()
+            await stop[0].wait()
+        # The handlers' tasks end with the loop (asyncio.run cancels them: they close).
+
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def run() -> None:
+        async def main() -> None:
+            loops.append(asyncio.get_running_loop())
+            await serve()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    try:
+        yield started[0]
+    finally:
+        loops[0].call_soon_threadsafe(stop[0].set)
+        thread.join(5)
+
+
+def test_a_sync_call_lost_after_redis_ran_it_is_not_run_again() -> None:
+    with fake_redis_thread() as (fake, port):
+        client = redis.Redis(host="127.0.0.1", port=port, **_redis_options(1.0, False))
+        run = SyncScripts(client).script(SOURCE)
+        assert run([b"warm"], [b"0"]) == [b"warm", b"0"]
+        fake.lose_all = True
+        # Redis ran it, then the connection went before the answer: the call fails (the
+        # engine's on_storage_error decides) rather than charging the request twice.
+        with pytest.raises(RedisError):
+            run([b"k"], [b"1"])
+        assert fake.runs[b"k"] == 1
+        assert run([b"after"], [b"2"]) == [b"after", b"2"]  # connects afresh
+        client.close()
 
 
 def test_a_call_waits_for_its_answer_at_most_the_timeout_however_long_the_queue() -> None:
