@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from m2m_middleware import Allowed, Denied, Engine, KeyStore, Settings
 
 
@@ -90,3 +92,22 @@ def run_one_request_then_exit(url: str, key: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout + proc.stderr
+
+
+def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts what redis-py sends to a server, sync and async: one count per write,
+    so one per round trip (a pipelined batch is one, as benchmarks/redis_overhead.py
+    counts)."""
+    import redis.asyncio.connection
+    import redis.connection
+
+    sent = [0]
+    for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
+        original = cls.send_packed_command
+
+        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            sent[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "send_packed_command", counting)
+    return sent

@@ -19,13 +19,13 @@ import httpx
 import pytest
 import redis
 import servers
-from core_support import header, make_engine
+from core_support import count_round_trips, header, make_engine
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from http_message_signatures import HTTPMessageSigner, MappingKeyResolver, algorithms
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings
-from m2m_middleware.limiting import Limiter, _lease_keys
+from m2m_middleware.limiting import Leases, Limiter, LimitPlan, _lease_keys
 from m2m_middleware.request_view import RequestView
 from m2m_middleware.stores import MemoryKeyStore
 
@@ -59,24 +59,6 @@ def remaining(outcome: Allowed | Denied) -> list[int]:
     value = header(outcome, "RateLimit")
     assert value is not None
     return [int(item.split(";r=")[1].split(";")[0]) for item in value.split(", ")]
-
-
-def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts what redis-py sends, sync and async: one count per round trip
-    (a pipeline is one send, as benchmarks/redis_overhead.py counts)."""
-    import redis.asyncio.connection
-    import redis.connection
-
-    sent = [0]
-    for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
-        original = cls.send_packed_command
-
-        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            sent[0] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "send_packed_command", counting)
-    return sent
 
 
 # -- settings ----------------------------------------------------------------------------
@@ -208,6 +190,17 @@ def test_a_lease_never_outlives_its_window(redis_url: str) -> None:
     assert leases._held[next(iter(leases._held))] is not lease
 
 
+def one_clients_leases(redis_url: str, **fields: Any) -> tuple[Leases, Clock, LimitPlan, list[str]]:
+    """A batched engine's leases on a frozen clock, its default plan (100/minute, a
+    lease of 10) and the lease keys of a client "client"."""
+    engine = batched_engine(MemoryKeyStore(), redis_url, default_limits="100/minute", **fields)
+    leases = engine.limiter.leases
+    assert leases is not None
+    clock = leases.clock = Clock()
+    plan = engine.limiter.plan(None, ())
+    return leases, clock, plan, _lease_keys(plan, "client")
+
+
 def test_a_fetch_that_brought_no_usable_lease_lets_the_next_miss_fetch_one(
     redis_url: str,
 ) -> None:
@@ -215,13 +208,7 @@ def test_a_fetch_that_brought_no_usable_lease_lets_the_next_miss_fetch_one(
     its fetch leased their cost only; the next miss must fetch a whole lease again.
     (It waited until no miss overlapped another: under 16 connections that was
     hundreds of milliseconds of one round trip per request at every window's end.)"""
-    engine = batched_engine(MemoryKeyStore(), redis_url, default_limits="100/minute")
-    limiter = engine.limiter
-    leases = limiter.leases
-    assert leases is not None
-    clock = leases.clock = Clock()
-    plan = limiter.plan(None, ())
-    keys = _lease_keys(plan, "client")
+    leases, clock, plan, keys = one_clients_leases(redis_url)
 
     def miss() -> tuple[list[Any], float, list[int]]:
         taken, covered, sent_at = leases.take(keys, 1)
@@ -244,15 +231,7 @@ def test_a_fetch_that_brought_no_usable_lease_lets_the_next_miss_fetch_one(
 def test_a_fetch_that_never_ended_stops_holding_back_the_others(redis_url: str) -> None:
     """A fetch whose end was never seen (a bug, a thread killed) is forgotten after
     longer than any round trip may last, or every miss would lease its cost alone."""
-    engine = batched_engine(
-        MemoryKeyStore(), redis_url, default_limits="100/minute", storage_timeout=0.5
-    )
-    limiter = engine.limiter
-    leases = limiter.leases
-    assert leases is not None
-    clock = leases.clock = Clock()
-    plan = limiter.plan(None, ())
-    keys = _lease_keys(plan, "client")
+    leases, clock, plan, keys = one_clients_leases(redis_url, storage_timeout=0.5)
     taken, _, _ = leases.take(keys, 1)
     assert leases.wants(plan.limits, keys, taken, 1)[3] == 11
     clock.now += 1.0  # two storage timeouts

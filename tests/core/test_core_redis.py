@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import servers
-from core_support import header, make_engine, sqlite_url
+from core_support import count_round_trips, header, make_engine, sqlite_url
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings, open_key_store
 from m2m_middleware.settings import invalidation_url
@@ -60,23 +60,6 @@ def items(value: str | None) -> list[tuple[str, int]]:
         assert window - 5 <= reset <= window, value
         found.append((name, remaining))
     return found
-
-
-def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts what redis-py sends to a server, sync and async: one count per round trip."""
-    import redis.asyncio.connection
-    import redis.connection
-
-    sent = [0]
-    for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
-        original = cls.send_packed_command
-
-        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            sent[0] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "send_packed_command", counting)
-    return sent
 
 
 # -- shared budgets --------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pytest
 import redis
 import redis.asyncio
 import servers
-from core_support import header, make_engine
+from core_support import count_round_trips, header, make_engine
 from redis.exceptions import ResponseError
 
 from m2m_middleware import Allowed, Denied, Engine, KeyStore
@@ -83,24 +83,6 @@ def remaining(outcome: Allowed | Denied) -> int:
 def unavailable(outcome: Allowed | Denied) -> bool:
     """Whether the engine answered that Redis failed (``on_storage_error="deny"``)."""
     return isinstance(outcome, Denied) and outcome.status == 503
-
-
-def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts what redis-py sends to a server, sync and async: one count per write
-    (a pipeline is one, as benchmarks/redis_overhead.py counts)."""
-    import redis.asyncio.connection
-    import redis.connection
-
-    sent = [0]
-    for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
-        original = cls.send_packed_command
-
-        def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            sent[0] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "send_packed_command", counting)
-    return sent
 
 
 # -- reaching into the scripts' connections ----------------------------------------------
