@@ -1327,10 +1327,6 @@ class Limiter:
         await self._async_storage()
         return self._aio[asyncio.get_running_loop()][3].script(source)
 
-    async def _anonce_script(self, storage: Any) -> Any:
-        """This event loop's NONCE_FIRST script (after :meth:`_async_storage`)."""
-        return self._aio[asyncio.get_running_loop()][3].script(self._nonce_source)
-
     async def acharge(
         self,
         plan: LimitPlan,
@@ -1349,13 +1345,13 @@ class Limiter:
                 return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
             args = None if covered else leases.wants(plan.limits, keys, taken, cost)
             try:
-                storage, script = await self._async_storage()
+                _, script = await self._async_storage()
                 if args is None:  # covered: only the nonce to remember
                     assert nonce is not None
                     only = await self.aredis_script(NONCE_ONLY)
                     answer: Any = await only([nonce[0]], [nonce[1]])
                 elif nonce is not None:
-                    script = await self._anonce_script(storage)
+                    script = await self.aredis_script(self._nonce_source)
                     answer = await script([*keys, nonce[0]], [*args, nonce[1]])
                 else:
                     answer = await script(keys, args)
@@ -1373,7 +1369,7 @@ class Limiter:
                 keys, args = _script_call(
                     plan, client_id, cost, self._script_kind, self.redis_clock
                 )
-                script = await self._anonce_script(storage)
+                script = await self.aredis_script(self._nonce_source)
                 raw = await script([*keys, nonce[0]], [*args, nonce[1]])
                 result = (
                     _replayed() if int(raw[0]) < 0 else self._script_result(plan, client_id, raw)

@@ -140,15 +140,24 @@ def _close_in_child(ref: weakref.ReferenceType[SyncScripts]) -> None:
                 connection.disconnect()
 
 
-class _SyncScript:
-    """One script, run with ``EVALSHA`` on a connection lent for the call."""
+class _Script:
+    """A script's source and the name Redis knows it by (``EVALSHA``)."""
 
-    __slots__ = ("_scripts", "sha", "source")
+    __slots__ = ("sha", "source")
 
-    def __init__(self, scripts: SyncScripts, source: str) -> None:
-        self._scripts = scripts
+    def __init__(self, source: str) -> None:
         self.source = source
         self.sha = _sha(source)
+
+
+class _SyncScript(_Script):
+    """One script, run with ``EVALSHA`` on a connection lent for the call."""
+
+    __slots__ = ("_scripts",)
+
+    def __init__(self, scripts: SyncScripts, source: str) -> None:
+        super().__init__(source)
+        self._scripts = scripts
 
     def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         scripts = self._scripts
@@ -363,13 +372,14 @@ def _stopped() -> RedisConnectionError:
     return RedisConnectionError("the event loop stopped before Redis answered")
 
 
-class _AsyncScript:
-    __slots__ = ("_scripts", "sha", "source")
+class _AsyncScript(_Script):
+    """One script, its calls queued on the event loop's pipelined connection."""
+
+    __slots__ = ("_scripts",)
 
     def __init__(self, scripts: AsyncScripts, source: str) -> None:
+        super().__init__(source)
         self._scripts = scripts
-        self.source = source
-        self.sha = _sha(source)
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
