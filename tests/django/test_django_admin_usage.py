@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.contrib import admin
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import User
 from django.test import Client, override_settings
 from django.urls import path
@@ -41,6 +42,11 @@ _urls.urlpatterns = [path("admin/", admin.site.urls)]  # type: ignore[attr-defin
 sys.modules[URLCONF] = _urls
 M2M_AUTH = {"key_store": "django://", "public_paths": ["/admin", "/admin/*"]}
 CHANGELIST = "/admin/m2m_middleware/apikey/"
+
+
+def change_url(key_id: str) -> str:
+    """A key's change page, its id quoted as the admin's links quote it ("_" is "_5F")."""
+    return f"{CHANGELIST}{quote(key_id)}/change/"
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +105,7 @@ def test_a_keys_page_shows_its_recent_usage(browser: Client, store: DjangoKeySto
             UsageRow("acme", other.key_id, today, allowed=5000),  # another key
         ]
     )
-    response = browser.get(f"{CHANGELIST}{issued.key_id}/change/")
+    response = browser.get(change_url(issued.key_id))
     assert response.status_code == 200
     section = usage_section(response)
     tags = elements(section)
@@ -124,7 +130,7 @@ def test_a_keys_page_shows_its_recent_usage(browser: Client, store: DjangoKeySto
 
 def test_a_key_without_usage_shows_an_empty_chart(browser: Client, store: DjangoKeyStore) -> None:
     issued = store.create_key("acme")
-    section = usage_section(browser.get(f"{CHANGELIST}{issued.key_id}/change/"))
+    section = usage_section(browser.get(change_url(issued.key_id)))
     assert "No requests in this period" in section
     assert f"0 requests in the last {USAGE_CHART_DAYS} days" in section
 
@@ -134,7 +140,7 @@ def test_the_chart_escapes_what_it_shows(browser: Client, store: DjangoKeyStore)
     usage_table_for(store).add(
         [UsageRow(issued.record.client_id, issued.key_id, timezone.now(), allowed=1)]
     )
-    response = browser.get(f"{CHANGELIST}{issued.key_id}/change/")
+    response = browser.get(change_url(issued.key_id))
     assert response.status_code == 200
     assert {tag for tag, _ in elements(usage_section(response))} <= {
         "fieldset", "h2", "div", "svg", "title", "desc", "text", "rect", "line", "g",
@@ -152,7 +158,7 @@ def test_usage_that_cannot_be_read_leaves_the_key_page_up(
         raise RuntimeError("no such table: m2m_usage")
 
     monkeypatch.setattr(store, "usage", broken)
-    response = browser.get(f"{CHANGELIST}{issued.key_id}/change/")
+    response = browser.get(change_url(issued.key_id))
     assert response.status_code == 200
     assert issued.key_id in response.content.decode()
     section = usage_section(response)
@@ -162,6 +168,6 @@ def test_usage_that_cannot_be_read_leaves_the_key_page_up(
 
 def test_the_usage_section_is_read_only(browser: Client, store: DjangoKeyStore) -> None:
     issued = store.create_key("acme")
-    section = usage_section(browser.get(f"{CHANGELIST}{issued.key_id}/change/"))
+    section = usage_section(browser.get(change_url(issued.key_id)))
     assert "<form" not in section and "<input" not in section
-    assert browser.post(f"{CHANGELIST}{issued.key_id}/change/", {}).status_code == 403
+    assert browser.post(change_url(issued.key_id), {}).status_code == 403
