@@ -34,6 +34,10 @@ def uvicorn(port: int) -> list[str]:
         sys.executable,
         "-m",
         "uvicorn",
+        # h11, named: with httptools installed (uvicorn[standard]) "auto" picks it, and
+        # httptools refuses these request lines itself, before the app sees them.
+        "--http",
+        "h11",
         "--app-dir",
         str(APPS),
         "--host",
