@@ -518,9 +518,6 @@ def test_round_trips_per_request(
         default_limits="1000/minute",
         rate_limit_sync=sync,
         rate_limit_lease=100,
-        # Never idle here: the background give-back of an idle lease is a round trip
-        # of its own, and on a slow run it fell among the signed requests' (12, not 10).
-        rate_limit_lease_idle=3600,
         source_limits="100/minute",
         invalidation_url=None,  # the bus on the limit storage's Redis
         routes=[{"path": "/orders", "signed": True}],
