@@ -197,7 +197,7 @@ def server_command(server: Server, port: int) -> list[str]:
         "--worker-class",
         "sync",
         "--workers",
-        "1",
+        str(SYNC_WORKERS),
         "--bind",
         f"127.0.0.1:{port}",
         "--graceful-timeout",
@@ -206,6 +206,14 @@ def server_command(server: Server, port: int) -> list[str]:
         "warning",
         "server_apps:app",
     ]
+
+
+#: gunicorn's sync workers per server (``--sync-workers``); uvicorn always runs one.
+SYNC_WORKERS = 1
+
+
+def workers_of(server: Server) -> int:
+    return SYNC_WORKERS if server.kind == "gunicorn" else 1
 
 
 #: Every server process still running; stopped on the way out whatever happens.
@@ -702,7 +710,8 @@ def report(rows: list[Row], clock: str) -> list[str]:
     out: list[str] = []
     servers = list(dict.fromkeys(r.server for r in rows))
     for server in servers:
-        out.append(f"### {server.name} under {server.kind} (1 worker)")
+        count = workers_of(server)
+        out.append(f"### {server.name} under {server.kind} ({count} worker{'s' * (count > 1)})")
         out.append("")
         out.append(
             f"| stack | req/s | p50 ms | p99 ms | req per server CPU-s | {clock} ratio vs bare |"
@@ -908,6 +917,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "generator on the others, so neither takes the other's core (Redis is left where the "
         "scheduler puts it); off: no pinning",
     )
+    parser.add_argument(
+        "--sync-workers",
+        type=positive(int),
+        default=1,
+        metavar="N",
+        help="gunicorn sync worker processes, all on the server's CPUs (default 1: per-worker "
+        "throughput, every Redis round trip waited out; gunicorn's docs advise 2 x cores + 1, "
+        "so that one worker runs while another waits)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run (about 1 s per stack)")
     parser.add_argument(
         "--json",
@@ -957,7 +975,8 @@ def main(argv: list[str] | None = None) -> int:
             give_up(f"needs {module}: pip install {module}")
     require_redis(args.redis_url)
     generator = pick_generator(args)
-    global SERVER_CPUS
+    global SERVER_CPUS, SYNC_WORKERS
+    SYNC_WORKERS = args.sync_workers
     plan = cpu_plan(args.pin)
     if plan is not None:
         SERVER_CPUS, others = plan
@@ -998,13 +1017,15 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "skipped_stacks": skipped,
         "server_cpus": sorted(plan[0]) if plan else None,
+        "gunicorn_sync_workers": SYNC_WORKERS,
         "load_generator_cpus": sorted(plan[1]) if plan else None,
     }
     lines = [
         config["versions"],
         f"{generator.describe()}, {args.duration:g} s per stack after a {args.warmup:g} s "
         f"warm-up, {args.rounds} round(s){MEDIANS if args.rounds > 1 else ''}; "
-        "one server at a time, 1 worker process, 127.0.0.1",
+        "one server at a time, 127.0.0.1; uvicorn: 1 worker process; gunicorn: "
+        f"{SYNC_WORKERS} sync worker process(es)",
         (
             f"server pinned to CPU {_cpus(plan[0])}, load generator to CPU {_cpus(plan[1])}, "
             "Redis where the scheduler puts it"
