@@ -93,9 +93,13 @@ class SyncScripts:
         #: How many times :meth:`close` ran: a call that sees it change while it holds
         #: a connection closes that connection when it gives it back.
         self._closings = 0
-        ref = weakref.ref(self)
         # A forked child must not share its parent's sockets: it connects for itself.
-        os.register_at_fork(after_in_child=lambda: _close_in_child(ref))
+        _LIVE.add(self)
+        # Dropped without close() (an engine a test or a reload let go): its sockets are
+        # closed then, not left to warn "unclosed socket" at exit. ``_holder`` is what
+        # the finalizer sees of it: close() swaps the free list, the holder stays.
+        self._holder = [self._free]
+        weakref.finalize(self, _disconnect_free, self._holder)
 
     def script(self, source: str) -> Call:
         """A callable ``(keys, args) -> answer`` that runs ``source``."""
@@ -119,25 +123,36 @@ class SyncScripts:
         would count once more against the pool's ``max_connections``.
         """
         free, self._free = self._free, []
+        self._holder[0] = self._free
         self._closings += 1  # after the swap: whatever was lent from ``free`` sees it
         for connection in free:
             connection.disconnect()
         self._free.extend(free)
 
 
-def _close_in_child(ref: weakref.ReferenceType[SyncScripts]) -> None:
-    """In a forked child: close this process's copies of the parent's sockets.
+#: Every SyncScripts alive, for the one fork hook (one hook per object would pile up).
+_LIVE: weakref.WeakSet[SyncScripts] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    """In a forked child: close this process's copies of the parents' sockets.
 
     redis-py shuts a socket down only in the process that made the connection, so
     the parent's keeps working; the child's connections connect afresh when lent.
     The same objects, not new ones: the child's pool inherits the parent's count of
     connections made, and new ones would count against its ``max_connections``.
     """
-    scripts = ref()
-    if scripts is not None:
-        for connection in scripts._free:
-            with contextlib.suppress(Exception):  # each one, whatever another does
-                connection.disconnect()
+    for scripts in list(_LIVE):
+        _disconnect_free([scripts._free])
+
+
+def _disconnect_free(holder: list[list[Any]]) -> None:
+    for connection in holder[0]:
+        with contextlib.suppress(Exception):  # each one, whatever another does
+            connection.disconnect()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class _Script:

@@ -17,6 +17,7 @@ script would stall every other test sharing the server).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import queue
 import re
@@ -732,6 +733,28 @@ def test_a_charge_after_close_reconnects_within_the_pools_max_connections(
     assert remaining(engine.check("GET", "/", None, key)) == 3
     engine.limiter.close()
     assert remaining(engine.check("GET", "/", None, key)) == 2
+
+
+@pytest.mark.parametrize("closed_first", [False, True])
+def test_scripts_dropped_without_close_close_their_connections(
+    redis_url: str, closed_first: bool
+) -> None:
+    # An engine a test or a reload lets go: its sockets close when it is collected,
+    # not at exit with an "unclosed socket" ResourceWarning; also after a close()
+    # (which swaps the free list) and a charge that connected again.
+    client = redis.Redis.from_url(redis_url)
+    scripts = SyncScripts(client)
+    run = scripts.script(ECHO_OR_FAIL)
+    assert run([], ["one"]) == b"one"
+    if closed_first:
+        scripts.close()
+        assert run([], ["two"]) == b"two"
+    (connection,) = scripts._free
+    assert connection.is_connected
+    del scripts, run
+    gc.collect()
+    assert not connection.is_connected
+    client.close()
 
 
 def test_close_closes_a_connection_lent_out_meanwhile_when_it_comes_back(
