@@ -259,6 +259,9 @@ class AsyncScripts:
         self._flusher: asyncio.Task[None] | None = None
         self._connection: Any = None
         self._scripts: dict[str, Call] = {}
+        #: Source -> the SCRIPT LOAD under way: the calls a batch got NOSCRIPT for (after
+        #: a restart or SCRIPT FLUSH) wait for one load, not one each.
+        self._loads: dict[str, asyncio.Task[Any]] = {}
 
     def script(self, source: str) -> Call:
         """A callable ``(keys, args) -> awaitable answer`` for ``source`` (made once)."""
@@ -372,6 +375,19 @@ class AsyncScripts:
         finally:
             connection.socket_timeout = self._timeout
 
+    async def load(self, source: str) -> None:
+        """Load ``source`` into Redis once for every call waiting on it right now."""
+        task = self._loads.get(source)
+        if task is None or task.done():
+            task = self._loads[source] = asyncio.get_running_loop().create_task(
+                self.client.script_load(source)
+            )
+            # Its failure reaches every waiter; none left (all cancelled): not logged
+            # as "never retrieved" either.
+            task.add_done_callback(_retrieve)
+        # shield: a caller cancelled while it waits does not cancel the others' load.
+        await asyncio.shield(task)
+
     async def aclose(self) -> None:
         """Close the connection (a later call opens it again)."""
         if self._connection is not None:
@@ -381,6 +397,11 @@ class AsyncScripts:
 async def _disconnect(connection: Any) -> None:
     with contextlib.suppress(Exception):  # closing a broken socket: nothing is left to tell
         await connection.disconnect(nowait=True)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stopped() -> RedisConnectionError:
@@ -405,5 +426,5 @@ class _AsyncScript(_Script):
             except RedisConnectionError:
                 return await send(command)  # once, at once, on a new connection
         except NoScriptError:
-            await self._scripts.client.script_load(self.source)
+            await self._scripts.load(self.source)
             return await send(command)

@@ -365,6 +365,9 @@ def test_a_pipelined_batch_after_script_flush_is_counted_once_each(
 
     assert sorted(asyncio.run(on_one_loop())) == list(range(91, 99))
     assert remaining(engine.check("GET", "/", None, key)) == 90
+    with redis.Redis.from_url(redis_server.url) as admin:
+        loads = admin.info("commandstats").get("cmdstat_script|load", {}).get("calls")
+    assert loads == 2  # at the first call, then once for the whole batch, not once each
 
 
 # -- Redis closed an idle connection ---------------------------------------------------------
