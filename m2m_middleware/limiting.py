@@ -325,6 +325,16 @@ for i = 1, #KEYS do
   local want = tonumber(ARGV[3 * i + 1])
   local leased, id = saved[i][1], saved[i][2]
   local granted = 0
+  if want > cost and id then
+    -- A lease is spent only until its window ends: from a window with a fraction of
+    -- its time left, lease that fraction of a lease. A whole lease taken in a
+    -- window's last milliseconds died unspent, and every request of every instance
+    -- that came then took another, until the limit was all leased and refused.
+    local left = redis.call('PTTL', KEYS[i])
+    if left >= 0 then
+      want = cost + math.ceil((want - cost) * math.min(left, window * 1000) / (window * 1000))
+    end
+  end
   if want > 0 then
     granted = math.min(want, amount - leased)
     leased = leased + granted
@@ -705,7 +715,10 @@ class Leases:
     (``rate_limit_lease``: a fraction of each limit, or a count) for every limit
     the leases held do not cover, or, when any one of them has not the cost left,
     leases nothing: the units the covered limits had set aside for the request
-    are put back, so a request takes from every limit's lease or from none.
+    are put back, so a request takes from every limit's lease or from none. A
+    lease taken from a window with a fraction of its time left is that fraction
+    of a lease (rounded up): one taken in a window's last milliseconds would die
+    unspent, and the requests after it would each take another.
 
     The bound. A unit is spent only after Redis has counted it, in the window it
     is spent in: a lease ends here (``deadline``) when the window's PTTL, counted

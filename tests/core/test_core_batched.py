@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from http_message_signatures import HTTPMessageSigner, MappingKeyResolver, algorithms
 
 from m2m_middleware import Allowed, ConfigError, Denied, Engine, KeyStore, Settings
+from m2m_middleware.keys import hash_key
 from m2m_middleware.limiting import Leases, Limiter, LimitPlan, _lease_keys
 from m2m_middleware.request_view import RequestView
 from m2m_middleware.stores import MemoryKeyStore
@@ -199,6 +200,33 @@ def one_clients_leases(redis_url: str, **fields: Any) -> tuple[Leases, Clock, Li
     clock = leases.clock = Clock()
     plan = engine.limiter.plan(None, ())
     return leases, clock, plan, _lease_keys(plan, "client")
+
+
+def test_a_lease_from_a_window_near_its_end_is_that_fraction_of_a_lease(redis_url: str) -> None:
+    # In a window's last milliseconds a whole lease died unspent, and under load each
+    # request of each instance took another (gunicorn, three workers, 1,000,000/second:
+    # 429s at 3,000 requests a second). Now a lease scales with the time left.
+    store = MemoryKeyStore()
+    engine = batched_engine(store, redis_url, default_limits="1000/minute", rate_limit_lease=100)
+    plan = engine.limiter.plan(None, ())
+    fresh, late = new_key(store), new_key(store)
+    late_client = store.find_by_hash(hash_key(late))
+    assert late_client is not None
+    (late_key,) = _lease_keys(plan, late_client.client_id)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Another instance opened this window 59 s ago: one second of sixty is left.
+        client.hset(late_key, mapping={"c": 0, "w": "another-instance"})
+        client.pexpire(late_key, 1000)
+        assert engine.check("GET", "/", None, fresh).allowed
+        assert engine.check("GET", "/", None, late).allowed
+        (fresh_key,) = _lease_keys(plan, store.find_by_hash(hash_key(fresh)).client_id)  # type: ignore[union-attr]
+        assert int(client.hget(fresh_key, "c")) == 1 + 100  # a new window: a whole lease
+        assert int(client.hget(late_key, "c")) <= 1 + 2  # 1/60 of a lease, rounded up
+    finally:
+        client.delete(late_key)
+        client.close()
+        engine.limiter.close()
 
 
 def test_a_fetch_that_brought_no_usable_lease_lets_the_next_miss_fetch_one(
