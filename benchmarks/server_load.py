@@ -310,6 +310,14 @@ def serving(server: Server, env: dict[str, str], workdir: Path) -> Iterator[tupl
             break
         try:
             yield port, process.pid
+        except SystemExit as exc:  # a refused answer, say: what the server logged says why
+            stop(process)
+            lines = log_path.read_text(errors="replace").splitlines()[-30:]
+            if not lines:
+                raise
+            log_tail = "\n".join(lines)
+            message = f"{exc.code}\n{server.name}: the server's last log lines:\n{log_tail}"
+            raise SystemExit(message) from None
         finally:
             stop(process)
         return
