@@ -1337,8 +1337,12 @@ class Limiter:
 
     async def aredis_script(self, source: str) -> Any:
         """The async twin of :meth:`redis_script`, on this event loop's client."""
-        await self._async_storage()
-        return self._aio[asyncio.get_running_loop()][3].script(source)
+        loop = asyncio.get_running_loop()
+        found = self._aio.get(loop)
+        if found is None:  # the loop's first use: its client is made once
+            await self._async_storage()
+            found = self._aio[loop]
+        return found[3].script(source)
 
     async def acharge(
         self,
@@ -1358,7 +1362,6 @@ class Limiter:
                 return self._leased_headers(plan, taken, sent_at)  # type: ignore[arg-type]
             args = None if covered else leases.wants(plan.limits, keys, taken, cost)
             try:
-                _, script = await self._async_storage()
                 if args is None:  # covered: only the nonce to remember
                     assert nonce is not None
                     only = await self.aredis_script(NONCE_ONLY)
@@ -1367,6 +1370,7 @@ class Limiter:
                     script = await self.aredis_script(self._nonce_source)
                     answer = await script([*keys, nonce[0]], [*args, nonce[1]])
                 else:
+                    _, script = await self._async_storage()
                     answer = await script(keys, args)
             except BaseException as exc:  # cancelled too: the fetch must end
                 leases.give_back(keys, taken, cost, args)
