@@ -213,6 +213,8 @@ class FakeRedis:
         #: EVALSHAs read, and the client of each, in order.
         self.evalshas: list[str] = []
         self.connections = 0
+        #: Seconds every answer waits before it is written: a Redis on another host.
+        self.delay = 0.0
         self._held: dict[int, Held] = {}
         self._changed = threading.Condition()
         self._sockets: list[socket.socket] = []
@@ -279,6 +281,8 @@ class FakeRedis:
             data, held = item
             if held is not None:
                 held.release.wait(10)
+            if self.delay:
+                time.sleep(self.delay)
             with suppress(OSError):  # the client may have closed it meanwhile
                 sock.sendall(data)
             if held is not None:
@@ -577,6 +581,114 @@ def test_a_sync_error_answer_fails_its_call_only_and_keeps_the_connection(redis_
             assert scripts._free == [connection] and connection._sock is sock
         finally:
             scripts.close()
+
+
+# -- waiting for a sync answer: polling first, blocking when Redis is far ------------------
+
+
+def count_yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often a sync call gave up the CPU while it polled for its answer, so far."""
+    from m2m_middleware import redis_scripts
+
+    yields = [0]
+
+    def counted() -> None:
+        yields[0] += 1
+        os.sched_yield()
+
+    monkeypatch.setattr(redis_scripts, "_sched_yield", counted)
+    return yields
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_yield"), reason="no sched_yield on this platform")
+def test_a_sync_call_to_a_far_redis_stops_polling_and_blocks_for_its_answer(
+    fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis a few milliseconds away costs its callers no CPU while they wait: after
+    a few calls they block for the answer instead of polling for it."""
+    from m2m_middleware import redis_scripts
+
+    yields = count_yields(monkeypatch)
+    fake_redis.delay = 0.005  # 5 ms a round trip, longer than any polling budget
+    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.002)
+    store = MemoryKeyStore()
+    key = new_key(store, "far")
+    engine = fake_engine(store, fake_redis, storage_timeout=2.0)
+    assert remaining(engine.check("GET", "/", None, key)) == 99
+    first = yields[0]
+    assert first > 0  # nothing known of the round trip yet: the first call polled
+    for _ in range(20):
+        engine.check("GET", "/", None, key)
+    assert sync_scripts(engine).round_trip > redis_scripts.SPIN_SECONDS
+    polled = yields[0]
+    for left in range(78, 68, -1):
+        assert remaining(engine.check("GET", "/", None, key)) == left
+    assert yields[0] == polled  # blocked at once, every one of the last ten
+
+
+def test_sync_calls_that_poll_for_their_answers_each_get_their_own_count(
+    redis_url: str,
+    clients: Callable[[KeyStore], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against the machine's Redis (loopback), with a budget no round trip outlasts so
+    that every call polls: each answer is still the call's own, the counts step down
+    one by one, from four threads at once."""
+    from m2m_middleware import redis_scripts
+
+    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.05)
+    store = MemoryKeyStore()
+    _, key = clients(store)
+    engine = redis_engine(store, redis_url, default_limits="200/minute")
+    seen: list[int] = []
+
+    def charge() -> None:
+        for _ in range(40):
+            seen.append(remaining(engine.check("GET", "/", None, key)))
+
+    threads = [threading.Thread(target=charge) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(seen) == list(range(40, 200))
+    assert sync_scripts(engine).round_trip < redis_scripts.SPIN_SECONDS
+
+
+def test_polling_is_off_with_a_budget_of_zero_and_on_a_green_socket(
+    fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SPIN_SECONDS = 0`` turns the polling off; a socket that is not the OS's own
+    (gevent's, eventlet's) is never polled in a busy loop, which would stall its hub."""
+    from m2m_middleware import redis_scripts
+
+    yields = count_yields(monkeypatch)
+    fake_redis.delay = 0.002
+    store = MemoryKeyStore()
+    key = new_key(store, "off")
+    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.0)
+    engine = fake_engine(store, fake_redis, storage_timeout=2.0)
+    assert remaining(engine.check("GET", "/", None, key)) == 99
+    assert yields[0] == 0
+
+    class GreenSocket:  # what gevent's socket is to this check: no _socket.socket
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def fileno(self) -> int:
+            return self._sock.fileno()
+
+    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.05)
+    left, right = socket.socketpair()
+    try:
+        started = time.monotonic()
+        redis_scripts._spin(GreenSocket(left))
+        assert yields[0] == 0 and time.monotonic() - started < 0.04
+        redis_scripts._spin(left)  # the OS's own socket, nothing to read: it polls
+        assert yields[0] > 0
+    finally:
+        left.close()
+        right.close()
 
 
 def test_an_async_error_answer_fails_its_call_only_even_inside_a_batch(
