@@ -95,7 +95,23 @@ def run_one_request_then_exit(url: str, key: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+class RoundTrips(list[int]):
+    """``[count]``, and ``writes``: the first words of each command written (what a
+    failed count shows, so that an extra round trip says what it was)."""
+
+    def __init__(self, items: list[int]) -> None:
+        super().__init__(items)
+        self.writes: list[str] = []
+
+
+def _first_words(packed: Any) -> str:
+    chunks = packed if isinstance(packed, (list, tuple)) else [packed]
+    data = b"".join(c if isinstance(c, bytes) else bytes(c) for c in chunks[:2])
+    words = [w for w in data.split(b"\r\n") if w and w[:1] not in (b"*", b"$")]
+    return " ".join(w.decode("latin-1") for w in words[:2])
+
+
+def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
     """Counts what redis-py sends to a server, sync and async: one count per write,
     so one per round trip (a pipelined batch is one, as benchmarks/redis_overhead.py
     counts). Only this thread's writes count: the background threads of engines
@@ -103,7 +119,7 @@ def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     import redis.asyncio.connection
     import redis.connection
 
-    sent = [0]
+    sent = RoundTrips([0])
     mine = threading.get_ident()
     for cls in (redis.connection.AbstractConnection, redis.asyncio.connection.AbstractConnection):
         original = cls.send_packed_command
@@ -111,6 +127,7 @@ def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         def counting(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
             if threading.get_ident() == mine:
                 sent[0] += 1
+                sent.writes.append(_first_words(args[0] if args else kwargs.get("command")))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "send_packed_command", counting)

@@ -559,18 +559,21 @@ def test_round_trips_per_request(
     address = "10." + ".".join(str(secrets.randbelow(256)) for _ in range(3))
     view = RequestView("GET", "/", headers={}, client_address=address)
 
+    writes: list[str] = []  # the last count's commands: an extra one says what it was
+
     def trips(request: Any, n: int = 10) -> int:
         request()  # connects, loads scripts, takes the first lease
         sent = count_round_trips(monkeypatch)
         for _ in range(n):
             request()
         monkeypatch.undo()
+        writes[:] = sent.writes
         return sent[0]
 
     lease = 0 if sync == "batched" else 1
-    assert trips(lambda: engine.check("GET", "/", None, plain, view=view)) == 10 * lease
-    assert trips(lambda: engine.check("GET", "/", None, limited, view=view)) == 10 * lease
-    assert trips(lambda: engine.check("GET", "/", None, "m2m_bogus", view=view)) == 10
+    assert trips(lambda: engine.check("GET", "/", None, plain, view=view)) == 10 * lease, writes
+    assert trips(lambda: engine.check("GET", "/", None, limited, view=view)) == 10 * lease, writes
+    assert trips(lambda: engine.check("GET", "/", None, "m2m_bogus", view=view)) == 10, writes
     assert (
         trips(
             lambda: engine.check(
@@ -582,7 +585,7 @@ def test_round_trips_per_request(
             )
         )
         == 10
-    )  # the nonce rides in the limit's script, or alone when a lease covers it
+    ), writes  # the nonce rides in the limit's script, or alone when a lease covers it
 
 
 def public_pem(private: ed25519.Ed25519PrivateKey) -> str:
