@@ -1081,7 +1081,9 @@ class Limiter:
         if self.redis:
             from .redis_scripts import SyncScripts
 
-            scripts = self._scripts = SyncScripts(self.storage.get_connection())
+            scripts = self._scripts = SyncScripts(
+                self.storage.get_connection(), poll=float(settings.storage_poll)
+            )
             self._script = scripts.script(self._script_source)
             if self.leases is not None:
                 self._return_script = scripts.script(REDIS_RETURN_LEASES)

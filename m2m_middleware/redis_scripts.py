@@ -24,9 +24,9 @@ lookup as configured) and run the script on it themselves:
 
 - :class:`SyncScripts` lends one connection per call from a free list of its
   own, with none of the pool's per-command bookkeeping, and waits for a near
-  Redis's answer polling for it before it blocks (:data:`SPIN_SECONDS`: a
-  worker that lets its CPU go idle for a loopback round trip pays more for
-  waking than for the wait);
+  Redis's answer polling for it before it blocks (``storage_poll``, see
+  :func:`_spin`: a worker that lets its CPU go idle for a loopback round trip
+  pays more for waking than for the wait);
 - :class:`AsyncScripts` (one per event loop) queues the calls made while the
   loop runs other requests and sends each queue in one write on one
   connection, reading the answers back in order: a pipeline, so under load
@@ -92,9 +92,12 @@ class SyncScripts:
     per-command bookkeeping.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, poll: float = 200e-6) -> None:
         self.client = client
         self._pool = _pool(client)
+        #: Seconds a call polls for its answer before it blocks (``storage_poll``; see
+        #: :func:`_spin`); 0: it blocks at once.
+        self.poll = poll
         self._free: list[Any] = []
         #: How many times :meth:`close` ran: a call that sees it change while it holds
         #: a connection closes that connection when it gives it back.
@@ -106,8 +109,8 @@ class SyncScripts:
         # the finalizer sees of it: close() swaps the free list, the holder stays.
         self._holder = [self._free]
         weakref.finalize(self, _disconnect_free, self._holder)
-        #: The recent round trips' length (seconds, a moving average): a call waits for
-        #: its answer polling (:func:`_spin`) only while it is below :data:`SPIN_SECONDS`.
+        #: The recent round trips' length (seconds, a moving average): a call polls for
+        #: its answer only while this is under half of :attr:`poll` (a near Redis).
         self.round_trip = 0.0
 
     def script(self, source: str) -> Call:
@@ -221,8 +224,8 @@ class _SyncScript(_Script):
         try:
             start = perf_counter()
             connection.send_packed_command(packed, check_health=False)
-            if scripts.round_trip < SPIN_SECONDS:
-                _spin(connection._sock)
+            if scripts.round_trip * 2 < scripts.poll:
+                _spin(connection._sock, scripts.poll)
             try:
                 answer = connection.read_response()
                 # An average over about the last eight calls: a Redis that moved
@@ -239,48 +242,50 @@ class _SyncScript(_Script):
             raise RedisError(f"connection lost after the command was sent: {exc}") from exc
 
 
-#: How long a sync call polls for its answer before it blocks on the socket (seconds).
-#:
-#: A sync worker (gunicorn's, a thread) that blocks for a loopback round trip lets its
-#: CPU go idle; waking it again costs far more than the wait. Measured on a 2-vCPU
-#: Firecracker VM (idle is a HLT exit there, no guest halt polling): one gunicorn sync
-#: worker on one CPU, Django and Flask, ours with Redis in exact mode, wrk over
-#: 127.0.0.1 (``benchmarks/server_load.py``). Blocking at once: 2,290 req/s, 300 us of
-#: the worker's user CPU a request. Polling first, up to 100, 200 or 400 us: 2,950,
-#: 3,000 and 2,990 req/s (+29 to +31%), 250 us of user CPU a request *including* the
-#: polling (the code after the wait no longer runs on a CPU cold from idle). Three
-#: workers on the one CPU: the same req/s either way (each poll yields the CPU to a
-#: worker that can run, so none is starved by another's wait).
-#:
-#: A Redis farther away than this (another host) costs nothing extra: once the
-#: average round trip (:attr:`SyncScripts.round_trip`) is longer, calls block at once.
-#: ``0`` turns the polling off.
-SPIN_SECONDS = 200e-6
-
-_POLL_IN = getattr(select, "POLLIN", 1)
-
-
-def _spin(sock: Any) -> None:
-    """Wait up to :data:`SPIN_SECONDS` for ``sock`` to have something to read, polling
+def _spin(sock: Any, budget: float) -> None:
+    """Wait up to ``budget`` seconds for ``sock`` to have something to read, polling
     without blocking and giving the CPU to any other thread or process that can run
     (``sched_yield``) between polls; the caller reads (and blocks, if need be) after.
 
-    Only on a socket of the OS's own (``_socket.socket``, TLS included): a green
-    socket (gevent, eventlet) waits in its hub, where a busy loop would stall every
+    Why (``storage_poll``, default 200 us): a sync worker (gunicorn's, a thread) that
+    blocks for a loopback round trip lets its CPU go idle, and waking it again costs
+    more than the wait. Measured on a 2-vCPU Firecracker VM (idle is a HLT exit there,
+    no guest halt polling), one gunicorn sync worker on one CPU, ours with Redis in
+    exact mode, wrk over 127.0.0.1 (``benchmarks/server_load.py``): blocking at once,
+    Flask 2,296 and Django 2,293 req/s and 300 us of the worker's user CPU a request;
+    polling first, 2,804 and 2,930 req/s (+22%, +28%) and 250 us of user CPU a request
+    *including* the polling, since the code after the wait no longer runs on a CPU
+    cold from idle. Django with budgets of 100, 200 and 400 us: 2,950, 3,000 and 2,990
+    req/s. Round trips averaged 60 us polling, 92 us blocking. Three workers on the one
+    CPU: the same req/s either way (the CPU is never idle, and each poll yields it to a
+    worker that can run).
+
+    The caller polls only while the recent round trips average under half the budget,
+    so a Redis 100 us away or more (another host, a loaded one) is waited for blocking,
+    at no CPU cost; a call waits at most ``storage_timeout`` plus the budget.
+
+    Only on the standard library's own sockets (``socket.socket``, ``ssl.SSLSocket``,
+    ``_socket.socket``): a green socket (gevent's, eventlet's, which subclasses
+    ``ssl.SSLSocket`` for TLS) waits in its hub, where a busy loop would stall every
     other greenlet. Not where ``poll`` or ``sched_yield`` is missing (Windows).
     """
-    if not isinstance(sock, _socket.socket) or _sched_yield is None or _new_poll is None:
+    if _sched_yield is None or _new_poll is None or type(sock).__module__ not in _NATIVE:
+        return
+    if not isinstance(sock, _socket.socket) or (fd := sock.fileno()) < 0:
         return
     poller = _new_poll()
-    poller.register(sock.fileno(), _POLL_IN)
+    poller.register(fd, _POLL_IN)
     poll = poller.poll
-    deadline = perf_counter() + SPIN_SECONDS
+    deadline = perf_counter() + budget
     while not poll(0):
+        _sched_yield()
         if perf_counter() >= deadline:
             return
-        _sched_yield()
 
 
+#: The modules of the socket classes :func:`_spin` polls (``type(sock).__module__``).
+_NATIVE = frozenset({"socket", "ssl", "_socket"})
+_POLL_IN = getattr(select, "POLLIN", 1)
 _sched_yield: Callable[[], None] | None = getattr(os, "sched_yield", None)
 _new_poll: Callable[[], Any] | None = getattr(select, "poll", None)
 

@@ -254,6 +254,7 @@ class Settings:
     public_paths: Sequence[str] = ()
     on_storage_error: str = "deny"
     storage_timeout: float = 1.0
+    storage_poll: float = 0.0002
     invalidation_url: str | None = None
     key_cache_ttl: float = 30.0
     key_cache_size: int = 10_000
@@ -407,6 +408,7 @@ class Settings:
                 "on_storage_error", f"{self.on_storage_error!r}; choose 'allow' or 'deny'"
             )
         _number("storage_timeout", self.storage_timeout, minimum=0.05, maximum=60)
+        _number("storage_poll", self.storage_poll, minimum=0, maximum=0.01)
         url = self.invalidation_url
         if url not in (None, "") and not (
             isinstance(url, str) and url.startswith(INVALIDATION_SCHEMES)

@@ -586,46 +586,53 @@ def test_a_sync_error_answer_fails_its_call_only_and_keeps_the_connection(redis_
 # -- waiting for a sync answer: polling first, blocking when Redis is far ------------------
 
 
-def count_yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How often a sync call gave up the CPU while it polled for its answer, so far."""
+def count_polls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many sync calls polled for their answer before reading it, so far."""
     from m2m_middleware import redis_scripts
 
-    yields = [0]
+    polls = [0]
+    new_poll = select.poll
 
-    def counted() -> None:
-        yields[0] += 1
-        os.sched_yield()
+    def counted() -> Any:
+        polls[0] += 1
+        return new_poll()
 
-    monkeypatch.setattr(redis_scripts, "_sched_yield", counted)
-    return yields
+    monkeypatch.setattr(redis_scripts, "_new_poll", counted)
+    return polls
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_yield"), reason="no sched_yield on this platform")
+needs_polling = pytest.mark.skipif(
+    not (hasattr(os, "sched_yield") and hasattr(select, "poll")),
+    reason="no sched_yield or poll on this platform: sync calls always block",
+)
+
+
+@needs_polling
 def test_a_sync_call_to_a_far_redis_stops_polling_and_blocks_for_its_answer(
     fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Redis a few milliseconds away costs its callers no CPU while they wait: after
     a few calls they block for the answer instead of polling for it."""
-    from m2m_middleware import redis_scripts
-
-    yields = count_yields(monkeypatch)
-    fake_redis.delay = 0.005  # 5 ms a round trip, longer than any polling budget
-    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.002)
+    polls = count_polls(monkeypatch)
+    fake_redis.delay = 0.005  # 5 ms a round trip, longer than the polling budget
     store = MemoryKeyStore()
     key = new_key(store, "far")
-    engine = fake_engine(store, fake_redis, storage_timeout=2.0)
+    engine = redis_engine(
+        store, fake_redis.url, default_limits="100/minute", storage_timeout=2.0, storage_poll=0.002
+    )
+    assert sync_scripts(engine).poll == 0.002
     assert remaining(engine.check("GET", "/", None, key)) == 99
-    first = yields[0]
-    assert first > 0  # nothing known of the round trip yet: the first call polled
+    assert polls[0] == 1  # nothing known of the round trips yet: the first call polled
     for _ in range(20):
         engine.check("GET", "/", None, key)
-    assert sync_scripts(engine).round_trip > redis_scripts.SPIN_SECONDS
-    polled = yields[0]
+    assert sync_scripts(engine).round_trip > 0.002
+    polled = polls[0]
     for left in range(78, 68, -1):
         assert remaining(engine.check("GET", "/", None, key)) == left
-    assert yields[0] == polled  # blocked at once, every one of the last ten
+    assert polls[0] == polled  # blocked at once, every one of the last ten
 
 
+@needs_polling
 def test_sync_calls_that_poll_for_their_answers_each_get_their_own_count(
     redis_url: str,
     clients: Callable[[KeyStore], tuple[str, str]],
@@ -634,12 +641,10 @@ def test_sync_calls_that_poll_for_their_answers_each_get_their_own_count(
     """Against the machine's Redis (loopback), with a budget no round trip outlasts so
     that every call polls: each answer is still the call's own, the counts step down
     one by one, from four threads at once."""
-    from m2m_middleware import redis_scripts
-
-    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.05)
+    polls = count_polls(monkeypatch)
     store = MemoryKeyStore()
     _, key = clients(store)
-    engine = redis_engine(store, redis_url, default_limits="200/minute")
+    engine = redis_engine(store, redis_url, default_limits="200/minute", storage_poll=0.01)
     seen: list[int] = []
 
     def charge() -> None:
@@ -651,44 +656,51 @@ def test_sync_calls_that_poll_for_their_answers_each_get_their_own_count(
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
     assert sorted(seen) == list(range(40, 200))
-    assert sync_scripts(engine).round_trip < redis_scripts.SPIN_SECONDS
+    assert polls[0] == 160  # every call polled: its round trips were well under 5 ms
 
 
 def test_polling_is_off_with_a_budget_of_zero_and_on_a_green_socket(
     fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``SPIN_SECONDS = 0`` turns the polling off; a socket that is not the OS's own
-    (gevent's, eventlet's) is never polled in a busy loop, which would stall its hub."""
+    """``storage_poll=0`` turns the polling off; a socket that is not the standard
+    library's own (gevent's; eventlet's, which subclasses ``ssl.SSLSocket``) is never
+    polled in a busy loop, which would stall its hub."""
     from m2m_middleware import redis_scripts
 
-    yields = count_yields(monkeypatch)
+    polls = count_polls(monkeypatch)
     fake_redis.delay = 0.002
     store = MemoryKeyStore()
     key = new_key(store, "off")
-    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.0)
-    engine = fake_engine(store, fake_redis, storage_timeout=2.0)
-    assert remaining(engine.check("GET", "/", None, key)) == 99
-    assert yields[0] == 0
+    engine = redis_engine(
+        store, fake_redis.url, default_limits="100/minute", storage_timeout=2.0, storage_poll=0
+    )
+    for left in (99, 98, 97):
+        assert remaining(engine.check("GET", "/", None, key)) == left
+    assert polls[0] == 0
 
-    class GreenSocket:  # what gevent's socket is to this check: no _socket.socket
-        def __init__(self, sock: socket.socket) -> None:
-            self._sock = sock
+    class GreenSocket(socket.socket):  # a subclass of another module's, as eventlet's
+        pass
 
-        def fileno(self) -> int:
-            return self._sock.fileno()
-
-    monkeypatch.setattr(redis_scripts, "SPIN_SECONDS", 0.05)
     left, right = socket.socketpair()
+    green = GreenSocket(fileno=os.dup(left.fileno()))
     try:
-        started = time.monotonic()
-        redis_scripts._spin(GreenSocket(left))
-        assert yields[0] == 0 and time.monotonic() - started < 0.04
-        redis_scripts._spin(left)  # the OS's own socket, nothing to read: it polls
-        assert yields[0] > 0
+        redis_scripts._spin(green, 0.05)
+        assert polls[0] == 0
+        redis_scripts._spin(left, 0.001)  # the standard library's socket: it polls
+        assert polls[0] == 1
     finally:
-        left.close()
-        right.close()
+        for sock in (green, left, right):
+            sock.close()
+
+
+@pytest.mark.parametrize("value", [-0.001, 0.5, "fast", True])
+def test_a_storage_poll_out_of_range_is_a_config_error(value: object) -> None:
+    from m2m_middleware import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="storage_poll"):
+        Settings(storage_poll=value)  # type: ignore[arg-type]
 
 
 def test_an_async_error_answer_fails_its_call_only_even_inside_a_batch(
