@@ -258,7 +258,10 @@ def _spin(sock: Any, budget: float) -> None:
     cold from idle. Django with budgets of 100, 200 and 400 us: 2,950, 3,000 and 2,990
     req/s. Round trips averaged 60 us polling, 92 us blocking. Three workers on the one
     CPU: the same req/s either way (the CPU is never idle, and each poll yields it to a
-    worker that can run).
+    worker that can run). In process, ``Engine.check`` one call at a time (no server,
+    nothing else to run): 97.6 us wall and 52.6 us CPU a call blocking, 62.2 us wall and
+    61.7 us CPU polling; so where nothing else would run, the polling costs about 9 us
+    of CPU a call.
 
     The caller polls only while the recent round trips average under half the budget,
     so a Redis 100 us away or more (another host, a loaded one) is waited for blocking,
