@@ -45,7 +45,6 @@ an answer can never reach another request. A cluster client
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import contextlib
 import hashlib
@@ -96,8 +95,9 @@ class SyncScripts:
         self.client = client
         self._pool = _pool(client)
         #: Seconds a call polls for its answer before it blocks (``storage_poll``; see
-        #: :func:`_spin`); 0: it blocks at once.
-        self.poll = poll
+        #: :func:`_spin`); 0, and always where ``poll`` or ``sched_yield`` is missing
+        #: (Windows): it blocks at once.
+        self.poll = poll if _sched_yield is not None and _new_poll is not None else 0.0
         self._free: list[Any] = []
         #: How many times :meth:`close` ran: a call that sees it change while it holds
         #: a connection closes that connection when it gives it back.
@@ -270,12 +270,12 @@ def _spin(sock: Any, budget: float) -> None:
     Only on the standard library's own sockets (``socket.socket``, ``ssl.SSLSocket``,
     ``_socket.socket``): a green socket (gevent's, eventlet's, which subclasses
     ``ssl.SSLSocket`` for TLS) waits in its hub, where a busy loop would stall every
-    other greenlet. Not where ``poll`` or ``sched_yield`` is missing (Windows).
+    other greenlet (nor is ``None``, a connection that lost its socket). Never called
+    where ``poll`` or ``sched_yield`` is missing: :attr:`SyncScripts.poll` is 0 there.
     """
-    if _sched_yield is None or _new_poll is None or type(sock).__module__ not in _NATIVE:
+    if type(sock).__module__ not in _NATIVE or (fd := sock.fileno()) < 0:
         return
-    if not isinstance(sock, _socket.socket) or (fd := sock.fileno()) < 0:
-        return
+    assert _new_poll is not None and _sched_yield is not None  # SyncScripts.poll is 0 else
     poller = _new_poll()
     poller.register(fd, _POLL_IN)
     poll = poller.poll
@@ -286,7 +286,10 @@ def _spin(sock: Any, budget: float) -> None:
             return
 
 
-#: The modules of the socket classes :func:`_spin` polls (``type(sock).__module__``).
+#: The modules of the socket classes :func:`_spin` polls (``type(sock).__module__``):
+#: the standard library's own. eventlet's and gevent's classes live in theirs, even
+#: where they subclass these, and under monkey-patching ``socket.socket`` itself is
+#: theirs, so the check is by module, not by class.
 _NATIVE = frozenset({"socket", "ssl", "_socket"})
 _POLL_IN = getattr(select, "POLLIN", 1)
 _sched_yield: Callable[[], None] | None = getattr(os, "sched_yield", None)

@@ -661,6 +661,7 @@ def test_sync_calls_that_poll_for_their_answers_each_get_their_own_count(
     assert polls[0] == 160  # every call polled: its round trips were well under 5 ms
 
 
+@needs_polling
 def test_polling_is_off_with_a_budget_of_zero_and_on_a_green_socket(
     fake_redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
